@@ -1,0 +1,1 @@
+//! Policy-optimisation algorithms (GRPO, DAPO, Dr. GRPO, GSPO, DGPO): advantages and losses.

@@ -1,0 +1,1 @@
+//! Theorem records: loading JSONL with line-numbered errors.

@@ -1,0 +1,15 @@
+//! lean-grpo: reinforcement learning for Lean 4 proofs with the Lean checker in the loop.
+//!
+//! The pipeline reads top to bottom in the module tree:
+//! [`data`] → [`model`] (sample) → [`lean`] (verify) → [`reward`] → [`algo`] (advantages, loss)
+//! → [`train`]; [`eval`] measures pass@k with the same sampling and checking.
+
+pub mod algo;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod lean;
+pub mod model;
+pub mod reward;
+pub mod train;

@@ -1,0 +1,1 @@
+//! The RL loop, metrics, checkpoints and resume.
