@@ -1,1 +1,320 @@
-//! Command-line types.
+//! Command-line types. Every flag that has a configuration key maps onto it in one place
+//! ([`ConfigArgs::overrides`] and friends), so precedence is always defaults < file < flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Override;
+use crate::lean::Backend;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lean-grpo",
+    version,
+    about = "Train language models to write Lean 4 proofs, with real Lean in the loop",
+    long_about = "Train language models to write Lean 4 proofs by reinforcement learning with the \
+Lean checker in the loop. A proof earns reward only when Lean accepts it: no error, no `sorry`, \
+and `#print axioms` lists only the standard axioms.",
+    after_help = "Examples:\n  lean-grpo train data/prelude.jsonl --algorithm dapo --model Qwen/Qwen2.5-0.5B-Instruct\n  \
+lean-grpo eval data/minif2f.jsonl --split test -n 32 --k 1,8,32\n  \
+lean-grpo check data/prelude.jsonl --lean-cmd \"lean --json\"\n  lean-grpo algorithms"
+)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors; no progress bars.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train LoRA adapters by RL on a theorem file.
+    #[command(
+        long_about = "Train LoRA adapters by reinforcement learning. Each step samples \
+`--num-generations` proofs for each of `--batch-size` theorems, checks every proof with Lean, \
+turns verdicts into rewards and updates the adapters with the chosen algorithm. The run directory \
+holds the effective config, per-step metrics, every sample with its verdict, and checkpoints.",
+        after_help = "Examples:\n  lean-grpo train data/prelude.jsonl --split train --algorithm dapo --model ./my-model\n  \
+lean-grpo train data/minif2f.jsonl --split valid --config configs/grpo.yaml --algo-config '{\"beta\": 0.04}'\n  \
+lean-grpo train data/prelude.jsonl --resume runs/dapo-20261122-101500"
+    )]
+    Train(TrainArgs),
+    /// Measure pass@k of a model (or an OpenAI-compatible endpoint) on a theorem file.
+    #[command(
+        long_about = "Measure pass@k: sample `-n` proofs per theorem from a local model (with an \
+optional adapter) or from an OpenAI-compatible endpoint such as vLLM, check each with Lean, and \
+report pass@k with the unbiased estimator 1 - C(n-c, k)/C(n, k). Writes the exact prompt, every \
+sample and its verdict per problem, and a summary.",
+        after_help = "Examples:\n  lean-grpo eval data/minif2f.jsonl --split test --model ./merged -n 32 --k 1,8,32\n  \
+lean-grpo eval data/minif2f.jsonl --endpoint http://localhost:8000 --served-model prover --api-key-env VLLM_KEY"
+    )]
+    Eval(EvalArgs),
+    /// Check proofs with Lean and report a verdict for each.
+    #[command(
+        long_about = "Check each record's `proof` (or, with `--completions`, model completions) \
+with Lean and print a verdict per proof. Writes one JSON line per proof to `--output`, prints \
+`N accepted, M rejected` with counts per kind, and exits with 1 if any proof was rejected.",
+        after_help = "Examples:\n  lean-grpo check data/prelude.jsonl --lean-cmd \"/opt/lean/bin/lean --json\"\n  \
+lean-grpo check data/minif2f.jsonl --completions samples.jsonl --output verdicts.jsonl --jobs 8\n  \
+lean-grpo check --explain-screening"
+    )]
+    Check(CheckArgs),
+    /// List the policy-optimisation algorithms and their defaults.
+    #[command(
+        long_about = "List the algorithms `--algorithm` accepts (GRPO, DAPO, Dr. GRPO, GSPO, DGPO): \
+what each is, its advantage, importance ratio, clipping, loss reduction, and the defaults that \
+differ from GRPO. Any key can be overridden with `--algo-config`.",
+        after_help = "Examples:\n  lean-grpo algorithms\n  lean-grpo algorithms --json | jq '.[].name'"
+    )]
+    Algorithms(AlgorithmsArgs),
+}
+
+/// `--config`, `--print-config` and the model/sampling flags shared by `train` and `eval`.
+#[derive(Debug, Args, Default)]
+pub struct ConfigArgs {
+    /// Configuration file (YAML or JSON, by extension); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// Where the policy comes from.
+#[derive(Debug, Args, Default)]
+pub struct ModelArgs {
+    /// Hugging Face hub id or local directory in HF layout.
+    #[arg(long, value_name = "ID_OR_DIR")]
+    pub model: Option<String>,
+    /// PEFT adapter directory to start from.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<String>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+}
+
+impl ModelArgs {
+    fn overrides(&self, out: &mut Vec<Override>) {
+        push(out, "model", "model", &self.model);
+        push(out, "model", "adapter", &self.adapter);
+        push(out, "model", "device", &self.device);
+        push(out, "model", "dtype", &self.dtype);
+    }
+}
+
+/// How Lean is run; shared by `check`, `train` and `eval`.
+#[derive(Debug, Args, Default)]
+pub struct CheckerArgs {
+    /// lean (one process per proof), repl (persistent workers) or kimina (HTTP).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Wall-clock limit per proof, in seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<f64>,
+    /// Proofs checked in parallel (default: one per core).
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+    /// Command that checks one file, the path appended (default `lake env lean --json`).
+    #[arg(long, value_name = "CMD")]
+    pub lean_cmd: Option<String>,
+    /// The Lake project Lean runs in (default `lean_env`).
+    #[arg(long, value_name = "DIR")]
+    pub project: Option<PathBuf>,
+    /// kimina-lean-server URL (with `--backend kimina`).
+    #[arg(long, value_name = "URL")]
+    pub kimina_url: Option<String>,
+}
+
+impl CheckerArgs {
+    fn overrides(&self, out: &mut Vec<Override>) {
+        push(out, "checker", "backend", &self.backend);
+        push(out, "checker", "timeout", &self.timeout);
+        push(out, "checker", "jobs", &self.jobs);
+        push(out, "checker", "lean_cmd", &self.lean_cmd);
+        push(out, "checker", "project", &self.project);
+        push(out, "checker", "kimina_url", &self.kimina_url);
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Theorem file (JSONL, one record per line).
+    pub theorems: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub checker: CheckerArgs,
+    /// grpo, dapo, drgrpo, gspo or dgpo.
+    #[arg(long)]
+    pub algorithm: Option<String>,
+    /// JSON object overriding keys of the algorithm's preset, e.g. '{"beta": 0.04}'.
+    #[arg(long, value_name = "JSON")]
+    pub algo_config: Option<String>,
+    /// Completions per theorem (G).
+    #[arg(long)]
+    pub num_generations: Option<usize>,
+    /// Theorems per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    #[arg(long)]
+    pub max_completion_length: Option<usize>,
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Train only on records of this split.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Run directory.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Continue a run from its latest checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub resume: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// The flags that set configuration keys.
+    pub fn overrides(&self) -> Vec<Override> {
+        let mut out = Vec::new();
+        self.model.overrides(&mut out);
+        self.checker.overrides(&mut out);
+        push(&mut out, "train", "algorithm", &self.algorithm);
+        push(&mut out, "train", "num_generations", &self.num_generations);
+        push(&mut out, "train", "batch_size", &self.batch_size);
+        push(&mut out, "train", "max_steps", &self.max_steps);
+        push(&mut out, "train", "num_train_epochs", &self.epochs);
+        push(&mut out, "train", "learning_rate", &self.learning_rate);
+        push(&mut out, "lora", "r", &self.lora_rank);
+        push(&mut out, "sampling", "max_completion_length", &self.max_completion_length);
+        push(&mut out, "sampling", "temperature", &self.temperature);
+        push(&mut out, "train", "seed", &self.seed);
+        push(&mut out, "train", "split", &self.split);
+        push(&mut out, "train", "output_dir", &self.output);
+        out
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Theorem file (JSONL).
+    pub theorems: PathBuf,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub checker: CheckerArgs,
+    /// OpenAI-compatible server to sample from instead of a local model.
+    #[arg(long, value_name = "URL", conflicts_with = "model")]
+    pub endpoint: Option<String>,
+    /// Model name the endpoint serves.
+    #[arg(long, value_name = "NAME", requires = "endpoint")]
+    pub served_model: Option<String>,
+    /// Environment variable holding the endpoint's API key.
+    #[arg(long, value_name = "VAR", requires = "endpoint")]
+    pub api_key_env: Option<String>,
+    /// Samples per problem.
+    #[arg(short = 'n', long = "num-samples", value_name = "SAMPLES")]
+    pub num_samples: Option<usize>,
+    /// k values of pass@k, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "K,K,...")]
+    pub k: Option<Vec<usize>>,
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub max_completion_length: Option<usize>,
+    /// Evaluate only records of this split.
+    #[arg(long)]
+    pub split: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Output directory for per-problem results and the summary.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: Option<PathBuf>,
+}
+
+impl EvalArgs {
+    pub fn overrides(&self) -> Vec<Override> {
+        let mut out = Vec::new();
+        self.model.overrides(&mut out);
+        self.checker.overrides(&mut out);
+        push(&mut out, "eval", "num_samples", &self.num_samples);
+        push(&mut out, "eval", "k", &self.k);
+        push(&mut out, "sampling", "temperature", &self.temperature);
+        push(&mut out, "sampling", "max_completion_length", &self.max_completion_length);
+        push(&mut out, "eval", "split", &self.split);
+        push(&mut out, "eval", "seed", &self.seed);
+        push(&mut out, "eval", "output_dir", &self.output);
+        out
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Theorem file (JSONL); each record's `proof` is checked unless `--completions` is given.
+    #[arg(required_unless_present = "explain_screening")]
+    pub theorems: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[command(flatten)]
+    pub checker: CheckerArgs,
+    /// JSONL of {"name", "completion"}: model completions to check against the theorems.
+    #[arg(long, value_name = "FILE")]
+    pub completions: Option<PathBuf>,
+    /// Write one JSON line per proof here.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Check only records of this split.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Print what screening rejects before Lean runs, and exit.
+    #[arg(long)]
+    pub explain_screening: bool,
+}
+
+impl CheckArgs {
+    pub fn overrides(&self) -> Vec<Override> {
+        let mut out = Vec::new();
+        self.checker.overrides(&mut out);
+        out
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct AlgorithmsArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn push<T: serde::Serialize>(
+    out: &mut Vec<Override>,
+    section: &'static str,
+    key: &'static str,
+    value: &Option<T>,
+) {
+    if let Some(value) = value {
+        out.push(Override::new(section, key, value));
+    }
+}

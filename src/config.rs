@@ -1,1 +1,319 @@
-//! Configuration: defaults < file < flags.
+//! Configuration: built-in defaults < a config file (YAML or JSON) < command-line flags.
+//!
+//! A file has up to seven sections, each a mapping of keys (TRL's names where the meaning is the
+//! same): `model`, `lora`, `sampling`, `train`, `algorithm_config`, `checker`, `eval`. An unknown
+//! section or key is an error that lists the valid ones, because a misspelt key that silently
+//! keeps its default is the worst kind of wrong run.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::lean::CheckerOptions;
+use crate::model::{LoraOptions, ModelOptions, SamplingOptions};
+
+/// The effective configuration of one run: what `--print-config` prints and what a run directory
+/// keeps as `config.yaml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelOptions,
+    pub lora: LoraOptions,
+    pub sampling: SamplingOptions,
+    pub train: TrainOptions,
+    /// Overrides of the chosen algorithm's preset (keys of the algorithms spec §5), validated by
+    /// [`crate::algo`] when the run starts.
+    pub algorithm_config: Map<String, Value>,
+    pub checker: CheckerOptions,
+    pub eval: EvalOptions,
+}
+
+/// The `train` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    /// `grpo`, `dapo`, `drgrpo`, `gspo` or `dgpo` (see `lean-grpo algorithms`).
+    pub algorithm: String,
+    /// Completions sampled per theorem (G).
+    pub num_generations: usize,
+    /// Theorems per generation batch; each step trains on `batch_size × num_generations` proofs.
+    pub batch_size: usize,
+    /// Stop after this many steps; `None` = run `num_train_epochs` over the theorems.
+    pub max_steps: Option<usize>,
+    pub num_train_epochs: usize,
+    pub learning_rate: f64,
+    /// `constant`, `constant_with_warmup` or `cosine`.
+    pub lr_scheduler_type: String,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    /// Micro-batches per optimizer step (memory only: the gradient is the same).
+    pub gradient_accumulation_steps: usize,
+    pub seed: u64,
+    /// Run directory; `None` = `runs/<algorithm>-<time>`.
+    pub output_dir: Option<PathBuf>,
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub save_steps: usize,
+    /// Keep this many checkpoints (the oldest are deleted).
+    pub save_total_limit: usize,
+    /// Reward preset: `binary` (1 accepted, 0 otherwise) or `partial`.
+    pub reward: String,
+    /// Cap of partial credit for a rejected proof (`reward: partial`).
+    pub partial_credit_cap: f64,
+    /// Reward subtracted per completion token (0 = off).
+    pub length_penalty: f64,
+    /// Train only on records of this split (`None` = all records).
+    pub split: Option<String>,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            algorithm: "grpo".into(),
+            num_generations: 8,
+            batch_size: 4,
+            max_steps: None,
+            num_train_epochs: 1,
+            learning_rate: 1e-5,
+            lr_scheduler_type: "constant".into(),
+            warmup_ratio: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.99,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            gradient_accumulation_steps: 1,
+            seed: 42,
+            output_dir: None,
+            save_steps: 50,
+            save_total_limit: 3,
+            reward: "binary".into(),
+            partial_credit_cap: 0.3,
+            length_penalty: 0.0,
+            split: None,
+        }
+    }
+}
+
+/// The `eval` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalOptions {
+    /// Samples per problem (n of pass@k).
+    pub num_samples: usize,
+    /// The k values to report.
+    pub k: Vec<usize>,
+    /// Evaluate only records of this split.
+    pub split: Option<String>,
+    /// Directory for the per-problem results and the summary; `None` = `evals/<time>`.
+    pub output_dir: Option<PathBuf>,
+    /// Requests in flight at once against an endpoint.
+    pub concurrency: usize,
+    pub seed: u64,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            num_samples: 8,
+            k: vec![1, 8],
+            split: None,
+            output_dir: None,
+            concurrency: 8,
+            seed: 0,
+        }
+    }
+}
+
+/// A configuration that cannot be used. Always an input error (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    origin: String,
+    message: String,
+}
+
+impl ConfigError {
+    fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            origin: origin.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One value set on the command line: `section.key = value`.
+#[derive(Debug, Clone)]
+pub struct Override {
+    pub section: &'static str,
+    pub key: &'static str,
+    pub value: Value,
+}
+
+impl Override {
+    pub fn new(section: &'static str, key: &'static str, value: impl Serialize) -> Self {
+        Self {
+            section,
+            key,
+            value: serde_json::to_value(value).unwrap_or(Value::Null),
+        }
+    }
+}
+
+const SECTIONS: [&str; 7] = [
+    "model",
+    "lora",
+    "sampling",
+    "train",
+    "algorithm_config",
+    "checker",
+    "eval",
+];
+
+impl Config {
+    /// Builds the effective configuration: defaults, then `file` (if any), then `flags`, then
+    /// `algo_config` (the JSON of `--algo-config`) over the `algorithm_config` section.
+    pub fn load(
+        file: Option<&Path>,
+        flags: &[Override],
+        algo_config: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let mut merged = match serde_json::to_value(Config::default()) {
+            Ok(Value::Object(map)) => map,
+            _ => Map::new(),
+        };
+        let origin = match file {
+            Some(path) => {
+                merge_file(&mut merged, path)?;
+                path.display().to_string()
+            }
+            None => "configuration".to_string(),
+        };
+        for flag in flags {
+            if let Some(Value::Object(section)) = merged.get_mut(flag.section) {
+                section.insert(flag.key.to_string(), flag.value.clone());
+            }
+        }
+        if let Some(json) = algo_config {
+            let overrides: Value = serde_json::from_str(json).map_err(|e| {
+                ConfigError::new("--algo-config", format!("invalid JSON: {e}"))
+            })?;
+            let Value::Object(overrides) = overrides else {
+                return Err(ConfigError::new(
+                    "--algo-config",
+                    "expected a JSON object such as '{\"epsilon_high\": 0.28}'",
+                ));
+            };
+            if let Some(Value::Object(section)) = merged.get_mut("algorithm_config") {
+                section.extend(overrides);
+            }
+        }
+        Ok(Config {
+            model: section(&merged, "model", &origin)?,
+            lora: section(&merged, "lora", &origin)?,
+            sampling: section(&merged, "sampling", &origin)?,
+            train: section(&merged, "train", &origin)?,
+            algorithm_config: section(&merged, "algorithm_config", &origin)?,
+            checker: section(&merged, "checker", &origin)?,
+            eval: section(&merged, "eval", &origin)?,
+        })
+    }
+
+    /// The configuration as YAML, in the shape `--config` reads back.
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+fn merge_file(merged: &mut Map<String, Value>, path: &Path) -> Result<(), ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(&origin, format!("cannot read: {e}")))?;
+    let extension = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let value: Value = match extension.as_str() {
+        "yaml" | "yml" => serde_yaml_ng::from_str(&text)
+            .map_err(|e| ConfigError::new(&origin, format!("invalid YAML: {e}")))?,
+        "json" => serde_json::from_str(&text)
+            .map_err(|e| ConfigError::new(&origin, format!("invalid JSON: {e}")))?,
+        _ => {
+            return Err(ConfigError::new(
+                &origin,
+                "unknown config format; name the file *.yaml, *.yml or *.json",
+            ))
+        }
+    };
+    let file = match value {
+        Value::Object(map) => map,
+        Value::Null => Map::new(),
+        other => {
+            return Err(ConfigError::new(
+                &origin,
+                format!("expected a mapping of sections, found {}", kind(&other)),
+            ))
+        }
+    };
+    for (name, content) in file {
+        if !SECTIONS.contains(&name.as_str()) {
+            return Err(ConfigError::new(
+                &origin,
+                format!(
+                    "unknown section `{name}`; valid sections: {}",
+                    SECTIONS.join(", ")
+                ),
+            ));
+        }
+        let Value::Object(content) = content else {
+            if content.is_null() {
+                continue;
+            }
+            return Err(ConfigError::new(
+                &origin,
+                format!(
+                    "section `{name}` must be a mapping of keys, found {}",
+                    kind(&content)
+                ),
+            ));
+        };
+        if let Some(Value::Object(target)) = merged.get_mut(&name) {
+            target.extend(content);
+        }
+    }
+    Ok(())
+}
+
+fn section<T: DeserializeOwned>(
+    merged: &Map<String, Value>,
+    name: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    let value = merged.get(name).cloned().unwrap_or(Value::Null);
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." {
+            format!("section `{name}`")
+        } else {
+            format!("`{name}.{path}`")
+        };
+        ConfigError::new(origin, format!("{key}: {}", e.into_inner()))
+    })
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod algo;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod eval;
