@@ -11,5 +11,6 @@ pub mod data;
 pub mod eval;
 pub mod lean;
 pub mod model;
+pub mod passk;
 pub mod reward;
 pub mod train;
