@@ -8,6 +8,7 @@ pub mod algo;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod endpoint;
 pub mod eval;
 pub mod lean;
 pub mod model;
