@@ -13,5 +13,6 @@ pub mod eval;
 pub mod lean;
 pub mod model;
 pub mod passk;
+pub mod plot;
 pub mod reward;
 pub mod train;
