@@ -6,7 +6,9 @@
 //! the caller.
 //!
 //! Servers under load answer 429 or 5xx and connections drop, so every request is retried with
-//! exponential backoff and jitter (honouring `Retry-After`) up to a bounded number of attempts.
+//! exponential backoff and jitter up to a bounded number of attempts. A `Retry-After` given in
+//! seconds (what vLLM, SGLang and OpenAI send) replaces the backoff; the rarer HTTP-date form
+//! falls back to the backoff.
 //! Requests run on a fixed pool of worker threads so a large eval cannot open hundreds of
 //! connections at once. Servers cap `n` (samples per prompt), so a request may be split into
 //! several smaller ones whose choices are concatenated.

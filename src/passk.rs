@@ -118,9 +118,9 @@ pub fn summarize(problems: &[ProblemCounts], ks: &[usize]) -> PassAtKSummary {
 ///
 /// ```text
 /// pass@k over 3 problems, 10 samples each, 2 solved
-///   k   pass@k
-///   1   36.67%
-///  16   n/a (needs 16 samples per problem, fewest drawn was 10)
+///    k   pass@k
+///    1    36.67%
+///   16   n/a (needs 16 samples per problem, fewest drawn was 10)
 /// ```
 pub fn render_table(summary: &PassAtKSummary) -> String {
     let samples = if summary.min_samples_per_problem == summary.max_samples_per_problem {
