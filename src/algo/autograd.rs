@@ -63,3 +63,92 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
     let tail = ((n - &p)?.exp()? + 1.0)?.log()?;
     p + tail
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Value and gradient of `f` at each point of `xs` (f32).
+    fn value_and_grad(xs: &[f32], f: impl Fn(&Tensor) -> Result<Tensor>) -> (Vec<f32>, Vec<f32>) {
+        let x = Var::new(xs, &Device::Cpu).unwrap();
+        let y = f(x.as_tensor()).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        (y.to_vec1().unwrap(), g)
+    }
+
+    #[test]
+    fn clamp_passes_gradient_on_the_closed_interval() {
+        let (y, g) = value_and_grad(&[0.5, 0.8, 1.0, 1.25, 1.5], |x| clamp_closed(x, 0.8, 1.25));
+        assert_eq!(y, [0.8, 0.8, 1.0, 1.25, 1.25]);
+        assert_eq!(g, [0.0, 1.0, 1.0, 1.0, 0.0]);
+        // candle's own clamp halves the gradient at the bounds: the reason this helper exists.
+        let (_, g) = value_and_grad(&[0.8, 1.25], |x| x.clamp(0.8f32, 1.25f32));
+        assert_eq!(g, [0.5, 0.5]);
+    }
+
+    #[test]
+    fn cap_passes_gradient_up_to_and_including_the_cap() {
+        let (y, g) = value_and_grad(&[1.0, 2.0, 3.0], |x| cap_above(x, 2.0));
+        assert_eq!(y, [1.0, 2.0, 2.0]);
+        assert_eq!(g, [1.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn minimum_splits_ties_equally() {
+        let (_, g) = value_and_grad(&[1.0, 2.0, 3.0], |x| {
+            x.minimum(&Tensor::new(&[2f32; 3], x.device())?)
+        });
+        assert_eq!(g, [1.0, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn abs_has_zero_gradient_at_zero() {
+        let (y, g) = value_and_grad(&[-2.0, 0.0, 3.0], abs);
+        assert_eq!(y, [2.0, 0.0, 3.0]);
+        assert_eq!(g, [-1.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn softplus_is_stable_with_sigmoid_gradient() {
+        let xs = [-100.0f32, -3.0, 0.0, 2.0, 100.0];
+        let (y, g) = value_and_grad(&xs, softplus);
+        for ((&x, &y), &g) in xs.iter().zip(&y).zip(&g) {
+            let x = x as f64;
+            let want = x.max(0.0) + (-x.abs()).exp().ln_1p();
+            let sigmoid = 1.0 / (1.0 + (-x).exp());
+            assert!(
+                (y as f64 - want).abs() < 1e-5,
+                "softplus({x}) = {y}, want {want}"
+            );
+            assert!(
+                (g as f64 - sigmoid).abs() < 1e-6,
+                "softplus'({x}) = {g}, want {sigmoid}"
+            );
+        }
+    }
+
+    #[test]
+    fn expm1_minus_x_is_accurate_near_zero_and_far() {
+        let xs: Vec<f32> = [
+            -20.0, -3.0, -0.5, -0.1, -0.0999, -1e-3, -1e-6, 0.0, 1e-6, 1e-3, 0.0999, 0.1, 0.7, 5.0,
+            20.0,
+        ]
+        .to_vec();
+        let (y, g) = value_and_grad(&xs, expm1_minus_x);
+        for ((&x, &y), &g) in xs.iter().zip(&y).zip(&g) {
+            let x = x as f64;
+            let want = x.exp_m1() - x;
+            let dwant = x.exp_m1();
+            assert!(
+                (y as f64 - want).abs() <= 2e-5 * want.abs() + 1e-30,
+                "k3({x}) = {y}, want {want}"
+            );
+            assert!(
+                (g as f64 - dwant).abs() <= 2e-5 * dwant.abs() + 1e-30,
+                "k3'({x}) = {g}, want {dwant}"
+            );
+        }
+    }
+}

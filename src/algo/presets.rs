@@ -31,7 +31,7 @@ impl PresetValue {
 
     fn describe(self) -> String {
         match self {
-            Self::FifthOfMaxCompletionLength => "⌊max_completion_length/5⌋".into(),
+            Self::FifthOfMaxCompletionLength => "⌊L_max/5⌋".into(),
             Self::Str(s) => s.into(),
             other => other.to_json(0).to_string(),
         }
@@ -191,7 +191,7 @@ fn ratio_text(c: &AlgoConfig) -> &'static str {
 }
 
 fn clip_text(c: &AlgoConfig) -> String {
-    let mut s = format!("{}, {}", c.epsilon, c.epsilon_high());
+    let mut s = format!("{} / {}", c.epsilon, c.epsilon_high());
     if let Some(d) = c.delta {
         s.push_str(&format!(", delta {d}"));
     }
@@ -217,12 +217,12 @@ pub fn table() -> String {
         "what it is",
         "advantage",
         "ratio",
-        "clip (lo, hi)",
+        "clip lo/hi",
         "reduction",
         "differs from grpo",
         "best for",
     ];
-    let widths = [8, 18, 16, 13, 12, 13, 20, 18];
+    let widths = [9, 17, 15, 13, 10, 12, 20, 17];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     rows.push(widths.iter().map(|w| "-".repeat(*w)).collect());
     for p in PRESETS {
@@ -243,7 +243,11 @@ pub fn table() -> String {
         ]);
     }
     let mut out = String::new();
-    for row in &rows {
+    for (r, row) in rows.iter().enumerate() {
+        // A blank line between algorithms keeps wrapped cells readable.
+        if r > 2 {
+            out.push('\n');
+        }
         let cells: Vec<Vec<String>> = row
             .iter()
             .zip(widths)

@@ -177,3 +177,37 @@ pub fn run(
     }
     out
 }
+
+/// Deterministic log-probs [b, t]: `old` in [−4, −0.05], `new` and `reference` within ±`spread`
+/// of it, and junk (−17.25) in cells at or past each row's length.
+pub fn synthetic_logps(
+    lengths: &[usize],
+    t: usize,
+    spread: f64,
+    seed: u64,
+) -> (Tensor, Tensor, Tensor) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let b = lengths.len();
+    let mut grids = [
+        vec![vec![0.0; t]; b],
+        vec![vec![0.0; t]; b],
+        vec![vec![0.0; t]; b],
+    ];
+    for (i, &len) in lengths.iter().enumerate() {
+        for j in 0..t {
+            if j >= len {
+                for g in grids.iter_mut() {
+                    g[i][j] = -17.25;
+                }
+                continue;
+            }
+            let old: f64 = rng.random_range(-4.0..-0.05);
+            grids[1][i][j] = old;
+            grids[0][i][j] = old + rng.random_range(-spread..=spread);
+            grids[2][i][j] = old + rng.random_range(-spread..=spread);
+        }
+    }
+    let [new, old, reference] = grids;
+    (tensor2(&new), tensor2(&old), tensor2(&reference))
+}
