@@ -1,1 +1,82 @@
 //! Policy-optimisation algorithms (GRPO, DAPO, Dr. GRPO, GSPO, DGPO): advantages and losses.
+//!
+//! One code path implements all five (the algorithms spec, `algorithms.md`): every difference
+//! between them is a key of [`AlgoConfig`], and an algorithm is a named preset of keys
+//! ([`presets::PRESETS`]). A training step uses this module in four calls:
+//!
+//! 1. [`AlgoConfig::resolve`] once per run (preset + `algorithm_config` overrides, validated);
+//!    [`AlgoConfig::needs_reference`] says whether to compute LoRA-off log-probs.
+//! 2. [`prepare`] on each generation batch's rewards: shaped rewards, which groups dynamic
+//!    sampling keeps, advantages. [`Prepared::kept_rows`] gives the rows to train on.
+//! 3. [`StepBatch::split`] into `num_minibatches` optimizer-step batches (and again into memory
+//!    micro-batches); [`Denominators::new`] on each optimizer-step batch.
+//! 4. [`loss`] on each micro-batch with the step's denominators; `backward` on
+//!    [`LossOutput::loss`] accumulates exactly the step-batch gradient.
+
+mod advantage;
+mod autograd;
+mod batch;
+mod config;
+mod dgpo;
+mod loss;
+pub mod presets;
+mod seed_keys;
+
+pub use advantage::{overlong_penalty, prepare, Prepared};
+pub use batch::{Denominators, Row, StepBatch};
+pub use config::{
+    AdvantageNorm, AlgoConfig, ImportanceLevel, KlEstimator, LossAgg, ScaleRewards, KEYS,
+};
+pub use loss::{loss, Diagnostics, LogProbs, LossOutput};
+pub use presets::{catalog_json, table};
+
+use std::fmt::Display;
+
+/// Everything that can go wrong in this module; messages name the key or input and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum AlgoError {
+    #[error("unknown algorithm `{name}`; valid algorithms: {valid} (see `lean-grpo algorithms`)")]
+    UnknownAlgorithm { name: String, valid: String },
+    #[error("unknown algorithm_config key `{key}`; valid keys: {valid}")]
+    UnknownKey { key: String, valid: String },
+    #[error("algorithm_config {what} is not accepted: {advice} (see algorithms spec §6)")]
+    Rejected { what: String, advice: String },
+    #[error("algorithm_config key `{key}` must be {expected}, got {got}")]
+    Invalid {
+        key: String,
+        expected: String,
+        got: String,
+    },
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl AlgoError {
+    pub(crate) fn invalid(key: &str, expected: impl Display, got: impl Display) -> Self {
+        Self::Invalid {
+            key: key.to_string(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+
+    pub(crate) fn unknown_key(key: &str) -> Self {
+        Self::UnknownKey {
+            key: key.to_string(),
+            valid: KEYS.join(", "),
+        }
+    }
+
+    pub(crate) fn rejected(key: &str, value: Option<&serde_json::Value>, advice: &str) -> Self {
+        let what = match value {
+            Some(v) => format!("`{key}: {v}`"),
+            None => format!("key `{key}`"),
+        };
+        Self::Rejected {
+            what,
+            advice: advice.to_string(),
+        }
+    }
+}

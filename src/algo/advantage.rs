@@ -1,0 +1,243 @@
+//! From rewards to advantages (spec §3.1–§3.3): overlong shaping, the dynamic-sampling decision
+//! and group-relative advantages. All statistics are computed in f64 from f64 rewards.
+
+use serde::Serialize;
+
+use super::batch::{Row, StepBatch};
+use super::config::{AdvantageNorm, AlgoConfig, ScaleRewards};
+use super::AlgoError;
+
+/// A group is zero-variance when its shaped rewards span at most this much (spec §3.2).
+pub const ZERO_VARIANCE_SPAN: f64 = 1e-9;
+
+/// A generation batch after §3.1–§3.3: what the training loop needs before any forward pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prepared {
+    pub group_size: usize,
+    /// r'_i = r_i + overlong penalty.
+    pub shaped_rewards: Vec<f64>,
+    /// False for rows of groups dropped by dynamic sampling.
+    pub kept: Vec<bool>,
+    /// Final advantages (after clip and sign scales); 0 for dropped rows and zero-variance groups.
+    pub advantages: Vec<f32>,
+    pub lengths: Vec<usize>,
+    pub truncated: Vec<bool>,
+    /// Groups whose shaped rewards are all equal (dropped or not).
+    pub zero_variance_groups: usize,
+}
+
+impl Prepared {
+    /// Number of groups (prompts) in the generation batch.
+    pub fn groups(&self) -> usize {
+        self.shaped_rewards.len() / self.group_size.max(1)
+    }
+
+    /// Fraction of zero-variance groups, logged every step (spec §3.2); 0 for an empty batch.
+    pub fn zero_variance_fraction(&self) -> f64 {
+        match self.groups() {
+            0 => 0.0,
+            n => self.zero_variance_groups as f64 / n as f64,
+        }
+    }
+
+    /// Indices of the groups that stay in the batch. With dynamic sampling the loop refills
+    /// from fresh prompts when this is short, then calls [`prepare`] again on all kept groups
+    /// (so batch-level statistics see the final batch).
+    pub fn kept_groups(&self) -> Vec<usize> {
+        (0..self.groups())
+            .filter(|g| self.kept[g * self.group_size])
+            .collect()
+    }
+
+    /// Every row, dropped ones included (they have zero loss mask and count nowhere).
+    pub fn all_rows(&self) -> StepBatch {
+        self.batch(|_| true)
+    }
+
+    /// Only the kept rows, in order; `Row::index` points back into this generation batch.
+    pub fn kept_rows(&self) -> StepBatch {
+        self.batch(|i| self.kept[i])
+    }
+
+    fn batch(&self, take: impl Fn(usize) -> bool) -> StepBatch {
+        let rows = (0..self.shaped_rewards.len())
+            .filter(|&i| take(i))
+            .map(|i| Row {
+                index: i,
+                shaped_reward: self.shaped_rewards[i],
+                advantage: self.advantages[i],
+                kept: self.kept[i],
+                length: self.lengths[i],
+                truncated: self.truncated[i],
+            })
+            .collect();
+        StepBatch {
+            group_size: self.group_size,
+            rows,
+        }
+    }
+}
+
+/// Shapes rewards, decides which groups to keep and computes advantages for one generation
+/// batch of `rewards.len()` completions in groups of `cfg.group_size` (contiguous).
+///
+/// `lengths` count generated tokens including the first EOS; `truncated` marks completions that
+/// hit `max_completion_length` without EOS. Errors on mismatched lengths, a batch that is not a
+/// whole number of groups, or a non-finite reward (a bug upstream, never silently zeroed).
+pub fn prepare(
+    cfg: &AlgoConfig,
+    rewards: &[f64],
+    lengths: &[usize],
+    truncated: &[bool],
+) -> Result<Prepared, AlgoError> {
+    let b = rewards.len();
+    let g = cfg.group_size;
+    if lengths.len() != b || truncated.len() != b {
+        return Err(AlgoError::Batch(format!(
+            "{b} rewards but {} lengths and {} truncation flags; give one of each per completion",
+            lengths.len(),
+            truncated.len()
+        )));
+    }
+    if g == 0 || b % g != 0 {
+        return Err(AlgoError::Batch(format!(
+            "batch of {b} completions is not a multiple of group_size {g}; completions of one \
+             prompt must be contiguous and complete"
+        )));
+    }
+    if let Some(i) = rewards.iter().position(|r| !r.is_finite()) {
+        return Err(AlgoError::Batch(format!(
+            "reward of completion {i} (group {}) is {}; rewards must be finite, this is a bug in \
+             the reward function",
+            i / g,
+            rewards[i]
+        )));
+    }
+
+    let shaped: Vec<f64> = rewards
+        .iter()
+        .zip(lengths)
+        .map(|(r, &len)| r + overlong_penalty(cfg, len))
+        .collect();
+    let zero_var: Vec<bool> = shaped.chunks(g).map(is_zero_variance).collect();
+    let kept: Vec<bool> = (0..b)
+        .map(|i| !(cfg.dynamic_sampling && zero_var[i / g]))
+        .collect();
+    let advantages = advantages(cfg, &shaped, &kept, &zero_var);
+    Ok(Prepared {
+        group_size: g,
+        shaped_rewards: shaped,
+        kept,
+        advantages,
+        lengths: lengths.to_vec(),
+        truncated: truncated.to_vec(),
+        zero_variance_groups: zero_var.iter().filter(|z| **z).count(),
+    })
+}
+
+/// DAPO's soft overlong punishment (spec §3.1); 0 when `overlong_cache` is 0.
+pub fn overlong_penalty(cfg: &AlgoConfig, len: usize) -> f64 {
+    let c = cfg.overlong_cache;
+    let l = cfg.max_completion_length;
+    let f = cfg.overlong_penalty_factor;
+    if c == 0 || len + c <= l {
+        0.0
+    } else if len <= l {
+        f * ((l - c) as f64 - len as f64) / c as f64
+    } else {
+        -f
+    }
+}
+
+/// max − min of a group's shaped rewards ≤ 1e-9.
+pub fn is_zero_variance(group: &[f64]) -> bool {
+    let max = group.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = group.iter().copied().fold(f64::INFINITY, f64::min);
+    group.is_empty() || max - min <= ZERO_VARIANCE_SPAN
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// Sample standard deviation (Bessel); 0 for fewer than two values.
+fn sample_std(xs: &[f64]) -> f64 {
+    if xs.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(xs);
+    let ss: f64 = xs.iter().map(|x| (x - m) * (x - m)).sum();
+    (ss / (xs.len() - 1) as f64).sqrt()
+}
+
+/// 0-based ranks inside a group; ties share the mean of the ranks they span.
+fn ranks(xs: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..xs.len()).collect();
+    order.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
+    let mut out = vec![0.0; xs.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        while end < order.len() && xs[order[end]] == xs[order[start]] {
+            end += 1;
+        }
+        let shared = (start + end - 1) as f64 / 2.0;
+        for &i in &order[start..end] {
+            out[i] = shared;
+        }
+        start = end;
+    }
+    out
+}
+
+/// Advantages of spec §3.3 for kept rows (0 for dropped rows and zero-variance groups).
+fn advantages(cfg: &AlgoConfig, shaped: &[f64], kept: &[bool], zero_var: &[bool]) -> Vec<f32> {
+    let g = cfg.group_size;
+    let kept_rewards: Vec<f64> = shaped
+        .iter()
+        .zip(kept)
+        .filter(|(_, k)| **k)
+        .map(|(r, _)| *r)
+        .collect();
+    let batch_std = sample_std(&kept_rewards);
+
+    let mut out = vec![0f32; shaped.len()];
+    for (gi, group) in shaped.chunks(g).enumerate() {
+        if zero_var[gi] || !kept[gi * g] {
+            continue;
+        }
+        let raw: Vec<f64> = match cfg.advantage_norm {
+            AdvantageNorm::Rank => ranks(group)
+                .iter()
+                .map(|r| 2.0 * r / (g - 1) as f64 - 1.0)
+                .collect(),
+            AdvantageNorm::Zscore => {
+                let mu = mean(group);
+                let scale = match cfg.scale_rewards {
+                    ScaleRewards::Group => sample_std(group) + cfg.std_eps,
+                    ScaleRewards::Batch => batch_std + cfg.std_eps,
+                    ScaleRewards::None => 1.0,
+                };
+                group.iter().map(|r| (r - mu) / scale).collect()
+            }
+        };
+        for (j, a) in raw.into_iter().enumerate() {
+            out[gi * g + j] = post_process(cfg, a) as f32;
+        }
+    }
+    out
+}
+
+/// Optional clip, then sign-dependent scaling (spec §3.3, in that order).
+fn post_process(cfg: &AlgoConfig, mut a: f64) -> f64 {
+    if let Some(c) = cfg.advantage_clip {
+        a = a.clamp(-c, c);
+    }
+    if a > 0.0 {
+        a * cfg.positive_advantage_scale
+    } else if a < 0.0 {
+        a * cfg.negative_advantage_scale
+    } else {
+        a
+    }
+}

@@ -1,0 +1,139 @@
+//! Optimizer-step batches of whole groups, their split into minibatches and micro-batches, and the
+//! step-batch denominators every micro-batch loss divides by (spec §2, §3.7).
+
+use std::ops::Range;
+
+use serde::Serialize;
+
+use super::config::AlgoConfig;
+use super::dgpo;
+use super::AlgoError;
+
+/// Per-completion facts the loss needs besides log-probs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    /// Position in the generation batch (to gather this row's tokens and log-probs).
+    pub index: usize,
+    pub shaped_reward: f64,
+    pub advantage: f32,
+    /// False for a row of a group dropped by dynamic sampling: it counts nowhere.
+    pub kept: bool,
+    /// Generated tokens, first EOS included; the completion mask is `t < length`.
+    pub length: usize,
+    pub truncated: bool,
+}
+
+/// A batch of whole groups (rows of one group contiguous, in order). Built by
+/// [`super::Prepared::kept_rows`] and split with [`StepBatch::split`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepBatch {
+    pub group_size: usize,
+    pub rows: Vec<Row>,
+}
+
+impl StepBatch {
+    /// Number of completions (kept or not).
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        self.rows.len() / self.group_size.max(1)
+    }
+
+    /// The groups in `groups`, as a batch of their own.
+    pub fn slice_groups(&self, groups: Range<usize>) -> StepBatch {
+        let g = self.group_size;
+        let end = (groups.end * g).min(self.rows.len());
+        let start = (groups.start * g).min(end);
+        StepBatch {
+            group_size: g,
+            rows: self.rows[start..end].to_vec(),
+        }
+    }
+
+    /// Splits into `parts` consecutive batches of whole groups, as even as possible (earlier
+    /// parts get the extra group). Never more parts than groups: this is how both
+    /// `num_minibatches` and memory micro-batches are formed.
+    pub fn split(&self, parts: usize) -> Vec<StepBatch> {
+        let groups = self.groups();
+        let parts = parts.clamp(1, groups.max(1));
+        let (per, extra) = (groups / parts, groups % parts);
+        let mut start = 0;
+        (0..parts)
+            .map(|p| {
+                let n = per + usize::from(p < extra);
+                let part = self.slice_groups(start..start + n);
+                start += n;
+                part
+            })
+            .collect()
+    }
+
+    /// Loss tokens of row `i`: its length, or 0 when dropped or a masked truncated completion.
+    pub(crate) fn loss_len(&self, cfg: &AlgoConfig, i: usize) -> usize {
+        let r = &self.rows[i];
+        if !r.kept || (r.truncated && cfg.mask_truncated_completions) {
+            0
+        } else {
+            r.length
+        }
+    }
+
+    /// Checks the batch is whole groups, as every per-group computation assumes.
+    pub(crate) fn check_groups(&self, cfg: &AlgoConfig) -> Result<(), AlgoError> {
+        let g = self.group_size;
+        if g != cfg.group_size || g == 0 || self.rows.len() % g != 0 {
+            return Err(AlgoError::Batch(format!(
+                "a step batch of {} rows with group_size {g} is not whole groups of the \
+                 configured group_size {}; split batches with StepBatch::split",
+                self.rows.len(),
+                cfg.group_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The normalisers of spec §3.7 over a whole optimizer-step batch. Compute them once per step
+/// with [`Denominators::new`] and pass them to every micro-batch loss, so the micro-batch losses
+/// (and gradients) sum to those of the step batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Denominators {
+    /// B: kept completions (rows masked for truncation included).
+    pub sequences: usize,
+    /// Σ M over the step batch.
+    pub loss_tokens: usize,
+    /// DGPO pairs of the step batch (0 when the pairwise term is off).
+    pub pairs: usize,
+    /// L_max, Dr. GRPO's constant.
+    pub max_completion_length: usize,
+}
+
+impl Denominators {
+    pub fn new(cfg: &AlgoConfig, step: &StepBatch) -> Result<Self, AlgoError> {
+        step.check_groups(cfg)?;
+        let pairs = if cfg.dpo_enabled() {
+            dgpo::pairs(cfg, step).len()
+        } else {
+            0
+        };
+        Ok(Self {
+            sequences: step.rows.iter().filter(|r| r.kept).count(),
+            loss_tokens: (0..step.len()).map(|i| step.loss_len(cfg, i)).sum(),
+            pairs,
+            max_completion_length: cfg.max_completion_length,
+        })
+    }
+
+    /// True when the step has nothing to learn from (no sequences or no loss tokens): the loss
+    /// is 0 and the optimizer step must be skipped, since AdamW would still decay and move.
+    pub fn is_empty(&self) -> bool {
+        self.sequences == 0 || self.loss_tokens == 0
+    }
+}

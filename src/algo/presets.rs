@@ -1,0 +1,355 @@
+//! The registry: an algorithm is a named preset of [`AlgoConfig`] keys (spec §0, §4, §5), plus the
+//! words `lean-grpo algorithms` shows for it. Every column of the table that describes behaviour
+//! is derived from the resolved preset, so the table cannot drift from the code.
+
+use serde_json::{json, Map, Value};
+
+use super::config::{AdvantageNorm, AlgoConfig, ImportanceLevel, ScaleRewards};
+use super::AlgoError;
+
+/// A preset override value. `FifthOfMaxCompletionLength` is DAPO's overlong window ⌊L_max/5⌋.
+#[derive(Debug, Clone, Copy)]
+pub enum PresetValue {
+    Bool(bool),
+    Float(f64),
+    Int(usize),
+    Str(&'static str),
+    FifthOfMaxCompletionLength,
+}
+
+impl PresetValue {
+    /// The JSON value this override sets for a run with the given L_max.
+    pub fn to_json(self, max_completion_length: usize) -> Value {
+        match self {
+            Self::Bool(b) => Value::from(b),
+            Self::Float(x) => Value::from(x),
+            Self::Int(n) => Value::from(n),
+            Self::Str(s) => Value::from(s),
+            Self::FifthOfMaxCompletionLength => Value::from(max_completion_length / 5),
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Self::FifthOfMaxCompletionLength => "⌊L_max/5⌋".into(),
+            Self::Str(s) => s.into(),
+            other => other.to_json(0).to_string(),
+        }
+    }
+}
+
+/// One named algorithm.
+#[derive(Debug)]
+pub struct Preset {
+    /// Canonical `--algorithm` name.
+    pub name: &'static str,
+    /// Other accepted spellings.
+    pub aliases: &'static [&'static str],
+    /// Full name and origin.
+    pub title: &'static str,
+    /// One paragraph: what it changes and why.
+    pub description: &'static str,
+    /// When to choose it.
+    pub best_for: &'static str,
+    /// The keys that differ from the base (GRPO) defaults.
+    pub overrides: &'static [(&'static str, PresetValue)],
+}
+
+/// The five algorithms, in the order `lean-grpo algorithms` lists them.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "grpo",
+        aliases: &[],
+        title: "GRPO (DeepSeekMath, 2024)",
+        description: "Group mean as baseline instead of a value network, advantages scaled by the \
+            group std, PPO-clipped token ratios, token mean per completion then mean over \
+            completions; optional k3 KL to the LoRA-off base model (beta).",
+        best_for: "the reference baseline; short proofs of similar length",
+        overrides: &[],
+    },
+    Preset {
+        name: "dapo",
+        aliases: &[],
+        title: "DAPO: Decoupled Clip and Dynamic sAmpling PO (2025)",
+        description:
+            "GRPO plus clip-higher (eps_high 0.28), dynamic sampling (groups that are all \
+            right or all wrong are dropped and refilled), a token-level loss over the whole batch, \
+            and overlong shaping (truncated completions leave the loss, a soft length penalty \
+            near max_completion_length).",
+        best_for: "sparse success (most groups all-fail), long proofs, entropy collapse",
+        overrides: &[
+            ("epsilon_high", PresetValue::Float(0.28)),
+            ("loss_agg", PresetValue::Str("token_mean")),
+            ("dynamic_sampling", PresetValue::Bool(true)),
+            ("mask_truncated_completions", PresetValue::Bool(true)),
+            ("overlong_cache", PresetValue::FifthOfMaxCompletionLength),
+        ],
+    },
+    Preset {
+        name: "drgrpo",
+        aliases: &["dr_grpo"],
+        title: "Dr. GRPO: GRPO done right (2025)",
+        description: "Removes GRPO's two biases: no division by the group std (over-weights \
+            nearly-solved or nearly-failed prompts) and no division by each completion's length \
+            (rewards short right and long wrong answers); token losses are summed and divided by \
+            B * max_completion_length.",
+        best_for: "unbiased updates; keeping wrong proofs from growing long; rewards in [0, 1]",
+        overrides: &[
+            ("scale_rewards", PresetValue::Str("none")),
+            ("loss_agg", PresetValue::Str("seq_mean_token_sum_norm")),
+        ],
+    },
+    Preset {
+        name: "gspo",
+        aliases: &[],
+        title: "GSPO: Group Sequence PO (Qwen, 2025)",
+        description: "One importance ratio per completion (the geometric mean of its token \
+            ratios) clipped to a very tight range, averaged over sequences; matches the unit of \
+            optimisation to the unit of reward. Differs from GRPO only off-policy, hence 4 \
+            minibatches per generation batch.",
+        best_for: "long proofs and several updates per batch (off-policy stability)",
+        overrides: &[
+            ("importance_sampling_level", PresetValue::Str("sequence")),
+            ("epsilon", PresetValue::Float(3e-4)),
+            ("epsilon_high", PresetValue::Float(4e-4)),
+            ("num_minibatches", PresetValue::Int(4)),
+        ],
+    },
+    Preset {
+        name: "dgpo",
+        aliases: &[],
+        title: "DGPO: Direct GRPO (seed project's design)",
+        description: "GRPO mixed with a DPO-style pairwise term from the same groups: every \
+            in-group pair (better, worse) contributes softplus(-z) with z the dpo_beta-scaled \
+            log-likelihood margin against the reference; loss = 0.7 GRPO + 0.3 DPO.",
+        best_for: "graded rewards with many distinct values per group (partial credit)",
+        overrides: &[
+            ("use_dpo_loss", PresetValue::Bool(true)),
+            ("dpo_coef", PresetValue::Float(0.3)),
+        ],
+    },
+];
+
+/// The preset named `name` (canonical name or alias, case-insensitive).
+pub fn find(name: &str) -> Result<&'static Preset, AlgoError> {
+    let wanted = name.trim().to_ascii_lowercase();
+    PRESETS
+        .iter()
+        .find(|p| p.name == wanted || p.aliases.contains(&wanted.as_str()))
+        .ok_or_else(|| AlgoError::UnknownAlgorithm {
+            name: name.to_string(),
+            valid: valid_names(),
+        })
+}
+
+/// "grpo, dapo, drgrpo (alias dr_grpo), gspo, dgpo".
+fn valid_names() -> String {
+    let names: Vec<String> = PRESETS
+        .iter()
+        .map(|p| match p.aliases {
+            [] => p.name.to_string(),
+            aliases => format!("{} (alias {})", p.name, aliases.join(", ")),
+        })
+        .collect();
+    names.join(", ")
+}
+
+/// L_max used to show concrete numbers in the catalog (the trainer's default).
+const CATALOG_MAX_COMPLETION_LENGTH: usize = 512;
+const CATALOG_GROUP_SIZE: usize = 8;
+
+fn resolved(p: &Preset) -> AlgoConfig {
+    // Presets are static and valid; a failure here is a bug in this file, caught by the tests.
+    AlgoConfig::resolve(
+        p.name,
+        &Map::new(),
+        CATALOG_GROUP_SIZE,
+        CATALOG_MAX_COMPLETION_LENGTH,
+    )
+    .unwrap_or_else(|e| panic!("built-in preset `{}` is invalid: {e}", p.name))
+}
+
+fn advantage_text(c: &AlgoConfig) -> String {
+    let base = match (c.advantage_norm, c.scale_rewards) {
+        (AdvantageNorm::Rank, _) => "group rank in [-1, 1]",
+        (AdvantageNorm::Zscore, ScaleRewards::Group) => "group z-score",
+        (AdvantageNorm::Zscore, ScaleRewards::Batch) => "(r - group mean) / batch std",
+        (AdvantageNorm::Zscore, ScaleRewards::None) => "r - group mean",
+    };
+    if c.dynamic_sampling {
+        format!("{base}, zero-variance groups dropped")
+    } else {
+        base.to_string()
+    }
+}
+
+fn ratio_text(c: &AlgoConfig) -> &'static str {
+    match c.importance_sampling_level {
+        ImportanceLevel::Token => "per token",
+        ImportanceLevel::Sequence => "per sequence (geometric mean)",
+    }
+}
+
+fn clip_text(c: &AlgoConfig) -> String {
+    let mut s = format!("{} / {}", c.epsilon, c.epsilon_high());
+    if let Some(d) = c.delta {
+        s.push_str(&format!(", delta {d}"));
+    }
+    s
+}
+
+fn overrides_text(p: &Preset) -> String {
+    if p.overrides.is_empty() {
+        return "-".into();
+    }
+    let items: Vec<String> = p
+        .overrides
+        .iter()
+        .map(|(k, v)| format!("{k} {}", v.describe()))
+        .collect();
+    items.join(", ")
+}
+
+/// The `lean-grpo algorithms` table: one row per algorithm, cells wrapped to fit ~120 columns.
+pub fn table() -> String {
+    let header = [
+        "name",
+        "what it is",
+        "advantage",
+        "ratio",
+        "clip lo/hi",
+        "reduction",
+        "differs from grpo",
+        "best for",
+    ];
+    let widths = [9, 17, 15, 13, 10, 12, 20, 17];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    rows.push(widths.iter().map(|w| "-".repeat(*w)).collect());
+    for p in PRESETS {
+        let c = resolved(p);
+        let name = match p.aliases {
+            [] => p.name.to_string(),
+            aliases => format!("{} ({})", p.name, aliases.join(", ")),
+        };
+        rows.push(vec![
+            name,
+            p.title.to_string(),
+            advantage_text(&c),
+            ratio_text(&c).to_string(),
+            clip_text(&c),
+            c.loss_agg.to_string(),
+            overrides_text(p),
+            p.best_for.to_string(),
+        ]);
+    }
+    let mut out = String::new();
+    for (r, row) in rows.iter().enumerate() {
+        // A blank line between algorithms keeps wrapped cells readable.
+        if r > 2 {
+            out.push('\n');
+        }
+        let cells: Vec<Vec<String>> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| wrap(cell, w))
+            .collect();
+        let height = cells.iter().map(Vec::len).max().unwrap_or(1);
+        for line in 0..height {
+            let parts: Vec<String> = cells
+                .iter()
+                .zip(widths)
+                .map(|(c, w)| format!("{:<w$}", c.get(line).map_or("", String::as_str)))
+                .collect();
+            out.push_str(parts.join(" ").trim_end());
+            out.push('\n');
+        }
+    }
+    out.push_str(
+        "\nEvery column is a key of algorithm_config; `--algo-config` overrides any of them.\n\
+         max_completion_length is L_max; `lean-grpo algorithms --json` gives the full presets.\n",
+    );
+    out
+}
+
+/// Greedy word wrap to `width` columns; a word longer than the width is split (`seq_mean_...`
+/// names are split at underscores first).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        for piece in split_long(word, width) {
+            let len = line.chars().count();
+            let plen = piece.chars().count();
+            if len > 0 && len + 1 + plen > width {
+                lines.push(std::mem::take(&mut line));
+            }
+            if !line.is_empty() && !line.ends_with('_') {
+                line.push(' ');
+            }
+            line.push_str(&piece);
+        }
+    }
+    if !line.is_empty() || lines.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// Splits a word wider than `width` after underscores where possible, else anywhere.
+fn split_long(word: &str, width: usize) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut rest: Vec<char> = word.chars().collect();
+    while rest.len() > width {
+        let cut = rest[..width]
+            .iter()
+            .rposition(|c| *c == '_')
+            .map_or(width, |i| i + 1);
+        pieces.push(rest.drain(..cut).collect());
+    }
+    pieces.push(rest.into_iter().collect());
+    pieces
+}
+
+/// `lean-grpo algorithms --json`: every preset with its description, its overrides of the base
+/// defaults, and its fully resolved configuration for L_max = 512, G = 8.
+pub fn catalog_json() -> Value {
+    let algorithms: Vec<Value> = PRESETS
+        .iter()
+        .map(|p| {
+            let c = resolved(p);
+            let overrides: Map<String, Value> = p
+                .overrides
+                .iter()
+                .map(|(k, v)| {
+                    let value = match v {
+                        PresetValue::FifthOfMaxCompletionLength => {
+                            Value::from("floor(max_completion_length / 5)")
+                        }
+                        other => other.to_json(0),
+                    };
+                    (k.to_string(), value)
+                })
+                .collect();
+            json!({
+                "name": p.name,
+                "aliases": p.aliases,
+                "title": p.title,
+                "description": p.description,
+                "best_for": p.best_for,
+                "advantage": advantage_text(&c),
+                "ratio": ratio_text(&c),
+                "clip": { "epsilon": c.epsilon, "epsilon_high": c.epsilon_high(), "delta": c.delta },
+                "loss_agg": c.loss_agg,
+                "overrides": overrides,
+                "resolved": c,
+            })
+        })
+        .collect();
+    json!({
+        "resolved_for": {
+            "group_size": CATALOG_GROUP_SIZE,
+            "max_completion_length": CATALOG_MAX_COMPLETION_LENGTH,
+        },
+        "algorithms": algorithms,
+    })
+}

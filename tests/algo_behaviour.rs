@@ -1,0 +1,352 @@
+//! Behaviour of `prepare` and `loss` beyond the vectors: the spec's worked examples, edge cases
+//! of §8 and the properties the spec states in prose.
+
+mod algo_support;
+
+use algo_support::{run, synthetic_logps, tensor2};
+use candle_core::{Device, Tensor, Var};
+use lean_grpo::algo::{loss, prepare, AlgoConfig, Denominators, LogProbs, Prepared};
+use serde_json::{json, Map, Value};
+
+fn config(algorithm: &str, overrides: Value, g: usize, l: usize) -> AlgoConfig {
+    let map: Map<String, Value> = serde_json::from_value(overrides).unwrap();
+    AlgoConfig::resolve(algorithm, &map, g, l).unwrap()
+}
+
+fn prep(cfg: &AlgoConfig, rewards: &[f64], lengths: &[usize]) -> Prepared {
+    prepare(cfg, rewards, lengths, &vec![false; rewards.len()]).unwrap()
+}
+
+fn assert_close(got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((*g as f64 - w).abs() < 1e-6, "got {got:?}, want {want:?}");
+    }
+}
+
+#[test]
+fn soft_overlong_punishment_makes_a_failed_group_non_constant() {
+    // Spec §3.1: four failed proofs of lengths 9, 10, 5, 4 with L = 10, C = 2.
+    let cfg = config("dapo", json!({}), 4, 10);
+    assert_eq!(cfg.overlong_cache, 2);
+    let p = prep(&cfg, &[0.0; 4], &[9, 10, 5, 4]);
+    assert_eq!(p.shaped_rewards, [-0.5, -1.0, 0.0, 0.0]);
+    assert_eq!(p.kept, [true; 4]);
+    assert_eq!(p.zero_variance_groups, 0);
+    // Longer than L_max gets the full penalty, scaled by the factor.
+    let cfg = config("dapo", json!({"overlong_penalty_factor": 0.5}), 4, 10);
+    assert_eq!(lean_grpo::algo::overlong_penalty(&cfg, 11), -0.5);
+    assert_eq!(lean_grpo::algo::overlong_penalty(&cfg, 8), 0.0);
+}
+
+#[test]
+fn dynamic_sampling_drops_zero_variance_groups_and_reports_the_fraction() {
+    let cfg = config("dapo", json!({"overlong_cache": 0}), 2, 16);
+    let p = prep(&cfg, &[1.0, 1.0, 0.0, 1.0, 0.0, 0.0], &[3; 6]);
+    assert_eq!(p.kept, [false, false, true, true, false, false]);
+    assert_eq!(p.kept_groups(), [1]);
+    assert!((p.zero_variance_fraction() - 2.0 / 3.0).abs() < 1e-12);
+    assert_close(&p.advantages, &[0.0, 0.0, -0.7070068, 0.7070068, 0.0, 0.0]);
+    let kept = p.kept_rows();
+    assert_eq!(
+        kept.rows.iter().map(|r| r.index).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    // Without dynamic sampling the group stays with advantages exactly 0.
+    let cfg = config("grpo", json!({}), 2, 16);
+    let p = prep(&cfg, &[0.3, 0.3, 0.0, 1.0], &[3; 4]);
+    assert_eq!(p.kept, [true; 4]);
+    assert_eq!(&p.advantages[..2], [0.0, 0.0]);
+}
+
+#[test]
+fn nothing_kept_means_nothing_to_learn() {
+    let cfg = config("dapo", json!({}), 2, 16);
+    let p = prep(&cfg, &[1.0, 1.0, 0.0, 0.0], &[3; 4]);
+    assert!(p.kept_rows().is_empty());
+    let step = p.all_rows();
+    let denom = Denominators::new(&cfg, &step).unwrap();
+    assert!(denom.is_empty());
+    let (new, old, _) = synthetic_logps(&[3; 4], 4, 0.1, 1);
+    let logp = LogProbs {
+        new: &new,
+        old: &old,
+        reference: None,
+        entropy: None,
+    };
+    let out = loss(&cfg, &step, &logp, &denom).unwrap();
+    assert_eq!(out.value, 0.0);
+    assert_eq!(out.loss.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn bad_batches_are_reported() {
+    let cfg = config("grpo", json!({}), 4, 16);
+    let e = prepare(&cfg, &[0.0, 1.0, f64::NAN, 0.0], &[1; 4], &[false; 4]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("reward of completion 2 (group 0) is NaN"),
+        "{e}"
+    );
+    let e = prepare(&cfg, &[0.0, f64::INFINITY, 0.0, 0.0], &[1; 4], &[false; 4]).unwrap_err();
+    assert!(e.to_string().contains("must be finite"), "{e}");
+    let e = prepare(&cfg, &[0.0; 6], &[1; 6], &[false; 6]).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("batch of 6 completions is not a multiple of group_size 4"),
+        "{e}"
+    );
+    let e = prepare(&cfg, &[0.0; 4], &[1; 3], &[false; 4]).unwrap_err();
+    assert!(e.to_string().contains("4 rewards but 3 lengths"), "{e}");
+}
+
+#[test]
+fn advantage_modes() {
+    // G = 1: sigma = 0 and A = 0.
+    let p = prep(&config("grpo", json!({}), 1, 8), &[1.0, 0.0], &[1, 1]);
+    assert_eq!(p.advantages, [0.0, 0.0]);
+    assert_eq!(p.zero_variance_fraction(), 1.0);
+    // Rank with ties sharing the mean rank.
+    let cfg = config("grpo", json!({"advantage_norm": "rank"}), 4, 8);
+    let p = prep(&cfg, &[1.0, 0.0, 1.0, 0.5], &[1; 4]);
+    assert_close(&p.advantages, &[2.0 / 3.0, -1.0, 2.0 / 3.0, -1.0 / 3.0]);
+    // Batch std: mean per group, std over all kept rewards.
+    let cfg = config("grpo", json!({"scale_rewards": "batch"}), 2, 8);
+    let p = prep(&cfg, &[0.0, 1.0, 0.0, 0.5], &[1; 4]);
+    let rs = [0.0, 1.0, 0.0, 0.5];
+    let m = rs.iter().sum::<f64>() / 4.0;
+    let sd = (rs.iter().map(|r| (r - m) * (r - m)).sum::<f64>() / 3.0).sqrt() + 1e-4;
+    assert_close(&p.advantages, &[-0.5 / sd, 0.5 / sd, -0.25 / sd, 0.25 / sd]);
+    // Clip first, then sign scales.
+    let cfg = config(
+        "drgrpo",
+        json!({"advantage_clip": 0.3, "positive_advantage_scale": 2.0, "negative_advantage_scale": 0.5}),
+        2,
+        8,
+    );
+    let p = prep(&cfg, &[0.0, 1.0, 0.0, 0.2], &[1; 4]);
+    assert_close(&p.advantages, &[-0.15, 0.6, -0.05, 0.2]);
+}
+
+#[test]
+fn split_makes_even_parts_of_whole_groups() {
+    let cfg = config("grpo", json!({}), 2, 8);
+    let p = prep(&cfg, &[0.0, 1.0].repeat(7), &[1; 14]);
+    let sizes: Vec<usize> = p.kept_rows().split(3).iter().map(|b| b.groups()).collect();
+    assert_eq!(sizes, [3, 2, 2]);
+    let parts = p.kept_rows().split(3);
+    assert_eq!(parts[1].rows[0].index, 6);
+    assert_eq!(
+        p.kept_rows().split(20).len(),
+        7,
+        "never more parts than groups"
+    );
+    assert_eq!(p.kept_rows().split(0).len(), 1);
+}
+
+#[test]
+fn on_policy_loss_is_minus_the_mean_advantage_and_gspo_matches_grpo() {
+    let g = 4;
+    let rewards = [0.0, 1.0, 1.0, 0.0, 0.25, 0.5, 1.0, 0.0];
+    let lengths = [3, 5, 1, 6, 2, 6, 4, 5];
+    let (new, _, _) = synthetic_logps(&lengths, 6, 0.0, 3);
+    let mut grads = Vec::new();
+    for algorithm in ["grpo", "gspo"] {
+        let cfg = config(algorithm, json!({}), g, 8);
+        let p = prep(&cfg, &rewards, &lengths);
+        let r = run(&cfg, &p.all_rows(), &new, &new, None, 1);
+        let mean_a: f64 = p.advantages.iter().map(|&a| a as f64).sum::<f64>() / 8.0;
+        assert!(
+            (r.pg_loss + mean_a).abs() < 1e-6,
+            "{algorithm}: {} vs {}",
+            r.pg_loss,
+            -mean_a
+        );
+        grads.push(r.grad);
+    }
+    for (a, b) in grads[0].iter().flatten().zip(grads[1].iter().flatten()) {
+        assert!((a - b).abs() < 1e-6, "grpo {a} vs gspo {b}");
+    }
+}
+
+#[test]
+fn junk_in_padding_never_reaches_the_loss_or_gradient() {
+    for algorithm in ["grpo", "dapo", "drgrpo", "gspo", "dgpo"] {
+        let cfg = config(algorithm, json!({"beta": 0.0}), 2, 4);
+        let p = prep(&cfg, &[0.0, 1.0, 1.0, 0.5], &[2, 0, 4, 1]);
+        let mut rows = vec![vec![-0.5f64; 4]; 4];
+        let mut old_rows = vec![vec![-0.6f64; 4]; 4];
+        for (i, &len) in [2usize, 0, 4, 1].iter().enumerate() {
+            for t in len..4 {
+                rows[i][t] = f64::NEG_INFINITY;
+                old_rows[i][t] = f64::NAN;
+            }
+        }
+        let (new, old) = (tensor2(&rows), tensor2(&old_rows));
+        let reference = tensor2(&old_rows);
+        let r = run(&cfg, &p.all_rows(), &new, &old, Some(&reference), 2);
+        assert!(r.loss.is_finite(), "{algorithm}: loss {}", r.loss);
+        for (i, row) in r.grad.iter().enumerate() {
+            for (t, &x) in row.iter().enumerate() {
+                assert!(x.is_finite(), "{algorithm}: grad[{i}][{t}] = {x}");
+            }
+        }
+        assert_eq!(r.grad[1], [0.0; 4], "{algorithm}: empty completion");
+        assert_eq!(&r.grad[0][2..], [0.0; 2], "{algorithm}: padding");
+    }
+}
+
+#[test]
+fn two_sided_clip_caps_negative_advantages_with_large_ratios() {
+    let cfg = config(
+        "grpo",
+        json!({"delta": 1.5, "loss_agg": "token_mean"}),
+        2,
+        4,
+    );
+    let p = prep(&cfg, &[0.0, 1.0], &[1, 1]);
+    let a0 = p.advantages[0] as f64;
+    assert!(a0 < 0.0);
+    // Row 0: rho = e^1 > delta with A < 0: loss −delta·A, no gradient. Row 1: rho = 1.
+    let new = tensor2(&[vec![-1.0], vec![-1.0]]);
+    let old = tensor2(&[vec![-2.0], vec![-1.0]]);
+    let r = run(&cfg, &p.all_rows(), &new, &old, None, 1);
+    let a1 = p.advantages[1] as f64;
+    let want = (-1.5 * a0 - a1) / 2.0;
+    assert!((r.pg_loss - want).abs() < 1e-6, "{} vs {want}", r.pg_loss);
+    assert_eq!(r.grad[0][0], 0.0);
+    // Without delta the unclipped branch is active: gradient −A·rho/2.
+    let cfg = config("grpo", json!({"loss_agg": "token_mean"}), 2, 4);
+    let r = run(&cfg, &p.all_rows(), &new, &old, None, 1);
+    let want = -a0 * 1f64.exp() / 2.0;
+    assert!(
+        (r.grad[0][0] as f64 - want).abs() < 1e-5,
+        "{} vs {want}",
+        r.grad[0][0]
+    );
+}
+
+#[test]
+fn dgpo_pairs_top_k_by_gap_and_ln2_at_the_reference() {
+    let rewards = [0.0, 1.0, 0.5, 1.0];
+    let lengths = [2, 3, 3, 2];
+    let (new, old, _) = synthetic_logps(&lengths, 3, 0.2, 5);
+    // Policy = reference: every z is 0 and L_DPO = ln 2.
+    for (overrides, pairs) in [
+        (json!({}), 5),
+        (json!({"dpo_max_pairs_per_group": 2}), 2),
+        (json!({"pairwise_margin": 0.5}), 2),
+    ] {
+        let cfg = config("dgpo", overrides.clone(), 4, 8);
+        let p = prep(&cfg, &rewards, &lengths);
+        let r = run(&cfg, &p.all_rows(), &new, &old, Some(&new), 1);
+        assert_eq!(r.diagnostics.n_pairs, pairs, "{overrides}");
+        let dpo = r.dpo_loss.unwrap();
+        assert!(
+            (dpo - std::f64::consts::LN_2).abs() < 1e-6,
+            "{overrides}: {dpo}"
+        );
+    }
+    // Top-2 by gap are (1, 0) and (3, 0) (gap 1, index order), so row 2 gets no DPO gradient:
+    // with the policy pushed away from the reference on row 2 only, the loss is unchanged.
+    let cfg = config(
+        "dgpo",
+        json!({"dpo_max_pairs_per_group": 2, "dpo_coef": 1.0}),
+        4,
+        8,
+    );
+    let p = prep(&cfg, &rewards, &lengths);
+    let base = run(&cfg, &p.all_rows(), &new, &old, Some(&new), 1);
+    assert_eq!(base.grad[2], [0.0; 3]);
+    assert!(
+        base.grad[1][0] < 0.0 && base.grad[0][0] > 0.0,
+        "winner up, loser down"
+    );
+}
+
+#[test]
+fn entropy_bonus_subtracts_the_mean_loss_token_entropy() {
+    let cfg = config("grpo", json!({"entropy_coef": 0.1}), 2, 4);
+    let p = prep(&cfg, &[0.0, 1.0], &[2, 3]);
+    let (new, old, _) = synthetic_logps(&[2, 3], 4, 0.1, 9);
+    let h = Var::from_tensor(
+        &Tensor::new(
+            &[[1f32, 2.0, 99.0, 99.0], [3.0, 4.0, 5.0, f32::NAN]],
+            &Device::Cpu,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let step = p.all_rows();
+    let denom = Denominators::new(&cfg, &step).unwrap();
+    let with = |entropy: Option<&Tensor>, cfg: &AlgoConfig| {
+        let logp = LogProbs {
+            new: &new,
+            old: &old,
+            reference: None,
+            entropy,
+        };
+        loss(cfg, &step, &logp, &denom).unwrap()
+    };
+    let out = with(Some(h.as_tensor()), &cfg);
+    let plain = with(None, &config("grpo", json!({}), 2, 4));
+    assert!((out.value - (plain.value - 0.1 * 15.0 / 5.0)).abs() < 1e-6);
+    let g = out.loss.backward().unwrap();
+    let gh: Vec<Vec<f32>> = g.get(h.as_tensor()).unwrap().to_vec2().unwrap();
+    let want = [[-0.02, -0.02, 0.0, 0.0], [-0.02, -0.02, -0.02, 0.0]];
+    for (g, w) in gh.iter().flatten().zip(want.iter().flatten()) {
+        assert!(
+            (*g as f64 - w).abs() < 1e-7,
+            "entropy gradient {gh:?}, want {want:?}"
+        );
+    }
+    let logp = LogProbs {
+        new: &new,
+        old: &old,
+        reference: None,
+        entropy: None,
+    };
+    let e = loss(&cfg, &step, &logp, &denom).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("entropy_coef = 0.1 needs per-token entropies"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_reference_and_shape_errors() {
+    let cfg = config("grpo", json!({"beta": 0.04}), 2, 4);
+    let p = prep(&cfg, &[0.0, 1.0], &[2, 3]);
+    let (new, old, _) = synthetic_logps(&[2, 3], 3, 0.1, 9);
+    let step = p.all_rows();
+    let denom = Denominators::new(&cfg, &step).unwrap();
+    let logp = LogProbs {
+        new: &new,
+        old: &old,
+        reference: None,
+        entropy: None,
+    };
+    let e = loss(&cfg, &step, &logp, &denom).unwrap_err().to_string();
+    assert!(e.contains("beta = 0.04 needs reference log-probs"), "{e}");
+    let short = new.narrow(1, 0, 2).unwrap();
+    let logp = LogProbs {
+        new: &short,
+        old: &short,
+        reference: Some(&short),
+        entropy: None,
+    };
+    let e = loss(&cfg, &step, &logp, &denom).unwrap_err().to_string();
+    assert!(
+        e.contains("completion 1 has 3 tokens but the log-probs are only 2 wide"),
+        "{e}"
+    );
+    let logp = LogProbs {
+        new: &new,
+        old: &short,
+        reference: Some(&new),
+        entropy: None,
+    };
+    let e = loss(&cfg, &step, &logp, &denom).unwrap_err().to_string();
+    assert!(e.contains("`old` has shape [2, 2]"), "{e}");
+}
