@@ -28,4 +28,6 @@ pub use extract::{extract_proof, last_code_block, Extracted};
 pub use options::{Backend, CheckerOptions};
 pub use screen::{explain_screening, screen, ScreenPolicy, Screened};
 pub use source::Source;
-pub use verdict::{progress_before, Evidence, ProofMessage, Verdict, VerdictKind};
+pub use verdict::{
+    judge, progress_before, Evidence, LeanRun, ProofMessage, RunEnd, Verdict, VerdictKind,
+};

@@ -225,11 +225,10 @@ fn allowed_option(
 pub fn explain_screening() -> String {
     let defaults = super::CheckerOptions::default();
     let mut out = String::from(
-        "Screening rejects a proof before Lean runs (verdict `forbidden`, naming the rule, the token \
-         and its line) when it contains any of the following. Words match whole (`sorry_free` is \
-         fine); comments and string contents are ignored for matching only (`-- sorry` is fine), \
-         and an unterminated block comment or string is itself forbidden, since it would hide \
-         what follows.\n\n",
+        "Screening rejects a proof before Lean runs (verdict `forbidden`, naming the rule, the\n\
+         token and its line) when it contains any of the following. Words match whole\n\
+         (`sorry_free` is fine); comments and string contents are ignored for matching only\n\
+         (`-- sorry` is fine); what Lean checks is always the proof as written.\n\n",
     );
     for rule in RULES {
         let matches = match &rule.matcher {
@@ -246,10 +245,19 @@ pub fn explain_screening() -> String {
             rule.what, "", rule.why
         ));
     }
+    for (what, shape) in [
+        ("unterminated comment", "/- with no -/"),
+        ("unterminated string", "\" with no closing \""),
+    ] {
+        out.push_str(&format!(
+            "  {what:<24} {shape}\n  {:<24} would hide the rest of the proof from screening\n",
+            ""
+        ));
+    }
     out.push_str(&format!(
-        "\nset_option caps (checker section): heartbeats_cap = {} (default), rec_depth_cap = {} \
-         (default); 0 is never allowed. native_decide rules are lifted by allow_native_decide \
-         (default false), which also admits the compiler-trust axioms in the axiom audit.\n",
+        "\nset_option caps (checker section): heartbeats_cap (default {}), rec_depth_cap\n\
+         (default {}); 0 is never allowed. The native_decide and compiler-trust rules are lifted\n\
+         by allow_native_decide (default false), which also admits their axioms in the audit.\n",
         defaults.heartbeats_cap, defaults.rec_depth_cap
     ));
     out

@@ -297,13 +297,22 @@ pub fn judge(run: &LeanRun, source: &Source, allow_native_decide: bool) -> Verdi
             evidence,
         );
     }
-    let first_error = run
+    // The first error inside the proof; else the first anywhere (the statement: no progress).
+    // Lean also reports some errors on the whole declaration (in `prelude` mode every error is
+    // followed by `internal exception #3` at the statement), which must not hide the proof's.
+    let error_positions: Vec<(i64, i64)> = run
         .messages
         .iter()
         .filter(|m| m.is_error())
         .filter_map(|m| m.pos)
+        .map(|(l, c)| source.relative(l, c))
+        .collect();
+    let first_error = error_positions
+        .iter()
+        .filter(|pos| **pos >= (1, 0))
         .min()
-        .map(|(l, c)| source.relative(l, c));
+        .or_else(|| error_positions.iter().min())
+        .copied();
     evidence.progress = first_error.map(|(l, c)| progress_before(source.proof(), l, c));
     if run.messages.iter().any(Message::is_deterministic_timeout) {
         return reject(
