@@ -21,6 +21,15 @@ fn check_with(opts: &CheckerOptions, completion: &str) -> Checked {
         .expect("check")
 }
 
+/// The verdict's detail text (timeouts and crashes always have one).
+fn detail(c: &Checked) -> String {
+    c.verdict
+        .evidence
+        .detail
+        .clone()
+        .unwrap_or_else(|| panic!("no detail: {:?}", c.verdict))
+}
+
 fn check(completion: &str) -> Checked {
     check_with(&opts(), completion)
 }
@@ -211,13 +220,7 @@ fn an_audit_answer_printed_elsewhere_does_not_count() {
 fn missing_audit_answer_is_never_accepted() {
     let c = check("by\n  -- fake:no-audit\n  trivial");
     assert_eq!(c.verdict.kind, VerdictKind::Crashed);
-    assert!(c
-        .verdict
-        .evidence
-        .detail
-        .as_deref()
-        .unwrap()
-        .contains("#print axioms"));
+    assert!(detail(&c).contains("#print axioms"));
 }
 
 #[test]
@@ -225,13 +228,7 @@ fn lean_heartbeat_limits_are_timeouts() {
     for directive in ["heartbeats", "kernel-heartbeats"] {
         let c = check(&format!("by\n  -- fake:{directive}\n  trivial"));
         assert_eq!(c.verdict.kind, VerdictKind::Timeout, "{directive}");
-        assert!(c
-            .verdict
-            .evidence
-            .detail
-            .as_deref()
-            .unwrap()
-            .contains("heartbeat"));
+        assert!(detail(&c).contains("heartbeat"));
     }
 }
 
@@ -239,31 +236,21 @@ fn lean_heartbeat_limits_are_timeouts() {
 fn odd_exits_are_crashes_with_the_reason() {
     let c = check("by\n  -- fake:exit 3\n  trivial");
     assert_eq!(c.verdict.kind, VerdictKind::Crashed);
-    let detail = c.verdict.evidence.detail.unwrap();
+    let detail = detail(&c);
     assert!(
         detail.contains("exited with code 3") && detail.contains("lake: error: build failed"),
         "{detail}"
     );
     let c = check("by\n  -- fake:exit 1\n  trivial");
     assert_eq!(c.verdict.kind, VerdictKind::Crashed);
-    assert!(c
-        .verdict
-        .evidence
-        .detail
-        .unwrap()
-        .contains("without an error message"));
+    assert!(detail(&c).contains("without an error message"));
 }
 
 #[test]
 fn killed_by_a_signal_is_crashed() {
     let c = check("by\n  -- fake:crash\n  trivial");
     assert_eq!(c.verdict.kind, VerdictKind::Crashed);
-    assert!(c
-        .verdict
-        .evidence
-        .detail
-        .unwrap()
-        .contains("signal 11 (SIGSEGV)"));
+    assert!(detail(&c).contains("signal 11 (SIGSEGV)"));
 }
 
 #[test]
@@ -377,12 +364,7 @@ fn output_flood_is_capped_and_killed() {
     // Through the checker: 50 MB of output against the default 8 MiB cap.
     let c = check("by\n  -- fake:flood 50\n  trivial");
     assert_eq!(c.verdict.kind, VerdictKind::Crashed);
-    assert!(c
-        .verdict
-        .evidence
-        .detail
-        .unwrap()
-        .contains("printing more than 8388608 bytes"));
+    assert!(detail(&c).contains("printing more than 8388608 bytes"));
 
     // And the capture itself stays within the cap.
     let dir = tempfile::tempdir().unwrap();

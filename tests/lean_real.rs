@@ -125,6 +125,17 @@ fn error_positions_are_relative_to_the_proof() {
     assert!(progress > 0.0 && progress < 1.0, "{progress}");
 }
 
+/// A proof that makes Lean unfold the products in full (the recursion limit raised).
+const UNFOLD: &str = "set_option maxRecDepth 100000 in MyEq.refl _";
+
+/// 9, 81 and 729 as products of `N.three`.
+fn products() -> (String, String, String) {
+    let t9 = "(N.mul N.three N.three)".to_string();
+    let t81 = format!("(N.mul {t9} {t9})");
+    let t729 = format!("(N.mul {t81} {t9})");
+    (t9, t81, t729)
+}
+
 /// The prelude header with `extra` declarations appended.
 fn with_header(extra: &str, name: &str, statement: &str) -> Theorem {
     let (base, _) = prelude().into_iter().next().unwrap();
@@ -144,22 +155,18 @@ fn a_proof_that_needs_longer_than_the_timeout_is_a_timeout() {
     let Some(lean) = real_lean("a_proof_that_needs_longer_than_the_timeout_is_a_timeout") else {
         return;
     };
-    let t9 = "(N.mul N.three N.three)";
-    let t81 = format!("(N.mul {t9} {t9})");
-    let t729 = format!("(N.mul {t81} {t9})");
-    let statement = format!("theorem slow : MyEq (N.mul {t81} {t81}) (N.mul {t9} {t729}) :=");
-    let t = with_header("", "slow", &statement);
+    let (t9, t81, t729) = products();
+    let t = with_header(
+        "",
+        "slow",
+        &format!("theorem slow : MyEq (N.mul {t81} {t81}) (N.mul {t9} {t729}) :="),
+    );
     let mut o = real_options(&lean);
     o.timeout = 2.0;
     let checker = Checker::new(&o).unwrap();
     // Unfolding the products (6561 unary steps) with a raised recursion limit takes ~17 s.
     let started = Instant::now();
-    let r = checker
-        .check_one(&Job::new(
-            &t,
-            "set_option maxRecDepth 100000 in MyEq.refl _",
-        ))
-        .unwrap();
+    let r = checker.check_one(&Job::new(&t, UNFOLD)).unwrap();
     assert_eq!(r.verdict.kind, VerdictKind::Timeout, "{:?}", r.verdict);
     assert!(
         started.elapsed().as_secs_f64() < 3.0,
@@ -173,21 +180,14 @@ fn a_proof_that_outgrows_the_memory_limit_is_memory() {
     let Some(lean) = real_lean("a_proof_that_outgrows_the_memory_limit_is_memory") else {
         return;
     };
-    let t9 = "(N.mul N.three N.three)";
-    let t81 = format!("(N.mul {t9} {t9})");
-    let t729 = format!("(N.mul {t81} {t9})");
+    let (_, t81, t729) = products();
     let statement =
         format!("theorem big : MyEq (N.mul {t729} {t729}) (N.mul {t81} (N.mul {t81} {t81})) :=");
     let t = with_header("", "big", &statement);
     let mut o = real_options(&lean);
     o.memory_mb = 60; // Lean starts at ~35 MiB of private memory and grows ~15 MiB/s here.
     let checker = Checker::new(&o).unwrap();
-    let r = checker
-        .check_one(&Job::new(
-            &t,
-            "set_option maxRecDepth 100000 in MyEq.refl _",
-        ))
-        .unwrap();
+    let r = checker.check_one(&Job::new(&t, UNFOLD)).unwrap();
     assert_eq!(r.verdict.kind, VerdictKind::Memory, "{:?}", r.verdict);
 }
 

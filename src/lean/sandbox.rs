@@ -68,7 +68,7 @@ pub fn run_limited(mut command: Command, limits: &Limits) -> anyhow::Result<Proc
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    lead_own_group(&mut command);
+    lead_own_group(&mut command, true);
     let started = Instant::now();
     let mut child = command
         .spawn()
@@ -168,15 +168,19 @@ pub fn run_limited(mut command: Command, limits: &Limits) -> anyhow::Result<Proc
 }
 
 /// Make the child of `command` the leader of a new process group (so the whole group can be
-/// killed), and have it killed if the thread that started it dies.
-pub fn lead_own_group(command: &mut Command) {
+/// killed). With `die_with_thread`, the kernel also kills it when the thread that started it
+/// ends (`PR_SET_PDEATHSIG`), which covers the checker being killed mid-proof; long-lived
+/// workers started from short-lived threads must not use it (they end on stdin EOF instead).
+pub fn lead_own_group(command: &mut Command, die_with_thread: bool) {
     // SAFETY: `setpgid` and `prctl` are async-signal-safe and touch no memory of the parent.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if die_with_thread {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            }
             Ok(())
         });
     }

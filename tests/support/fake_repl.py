@@ -9,7 +9,7 @@ being `{"severity": "info"|"warning"|"error", "pos", "endPos", "data"}`.
 
 With no directive the command is accepted: the checker's `#print axioms NAME` line gets
 "'NAME' does not depend on any axioms". Directives in comments, `-- fake:WHAT ARGS`:
-error, sorry, axiom NAME, hang, die, die-once MARKER, memory MB. Options: `--pidfile PATH`
+error, sorry, axiom NAME, hang, sleep SECONDS, die, die-once MARKER, memory MB. Options: `--pidfile PATH`
 appends this worker's pid (one line per started worker); `--log PATH` appends one line per
 request ("header" or "proof").
 """
@@ -80,6 +80,8 @@ def check(cmd):
     elif what == "hang":
         while True:
             time.sleep(1000)
+    elif what == "sleep":
+        time.sleep(float(wargs[0]))
     elif what == "die":
         os._exit(1)
     elif what == "die-once":

@@ -192,7 +192,7 @@ impl ReplPool {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        lead_own_group(&mut command);
+        lead_own_group(&mut command, false);
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start the REPL ({})", self.command.program))?;
