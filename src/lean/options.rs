@@ -15,6 +15,16 @@ pub enum Backend {
     Kimina,
 }
 
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Lean => "lean",
+            Backend::Repl => "repl",
+            Backend::Kimina => "kimina",
+        }
+    }
+}
+
 /// The `checker` section of a configuration file; flags of `check`, `train` and `eval`
 /// override it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +45,24 @@ pub struct CheckerOptions {
     pub kimina_url: Option<String>,
     /// Allow `native_decide` / `decide +native` (they add a compiler-trust axiom).
     pub allow_native_decide: bool,
+    /// Largest `N` a proof may give in `set_option maxHeartbeats N` (0 is never allowed: it
+    /// switches Lean's own timeout off).
+    pub heartbeats_cap: u64,
+    /// Largest `N` a proof may give in `set_option maxRecDepth N`.
+    pub rec_depth_cap: u64,
+    /// Output a Lean process may print before it is killed, in MiB (stdout and stderr each).
+    pub output_cap_mb: u64,
+    /// Run each Lean process without network (`unshare --net`) where the OS allows it.
+    pub isolate_network: bool,
+    /// Remember verdicts by (backend, Lean, preamble, statement, proof) for the checker's
+    /// lifetime, so a proof sampled twice is checked once.
+    pub cache: bool,
+    /// REPL worker command (backend `repl`); `None` = `lake env repl` in the project.
+    pub repl_cmd: Option<String>,
+    /// A REPL worker is restarted after this many proofs (its environments pile up).
+    pub repl_recycle_after: usize,
+    /// A REPL worker whose private memory exceeds this (MiB) after a proof is restarted.
+    pub repl_recycle_mb: u64,
 }
 
 impl Default for CheckerOptions {
@@ -48,6 +76,24 @@ impl Default for CheckerOptions {
             memory_mb: 8192,
             kimina_url: None,
             allow_native_decide: false,
+            heartbeats_cap: 1_000_000,
+            rec_depth_cap: 100_000,
+            output_cap_mb: 8,
+            isolate_network: true,
+            cache: true,
+            repl_cmd: None,
+            repl_recycle_after: 1000,
+            repl_recycle_mb: 6144,
+        }
+    }
+}
+
+impl CheckerOptions {
+    /// `jobs`, with 0 resolved to the number of cores.
+    pub fn effective_jobs(&self) -> usize {
+        match self.jobs {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         }
     }
 }

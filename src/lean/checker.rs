@@ -1,0 +1,382 @@
+//! The checker: from (theorem, completion) jobs to verdicts, in parallel, in input order.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::backend::{KiminaClient, ProcessBackend, ReplPool, ReplSettings, Runner};
+use super::cache::{self, VerdictCache};
+use super::command::{network_isolation, CommandLine};
+use super::extract::{extract_proof, Extracted};
+use super::options::{Backend, CheckerOptions};
+use super::sandbox::Limits;
+use super::screen::{screen, ScreenPolicy};
+use super::source::Source;
+use super::verdict::{judge, without_run, Verdict, VerdictKind};
+use crate::data::Theorem;
+
+const DEFAULT_LEAN_CMD: &str = "lake env lean --json";
+const DEFAULT_REPL_CMD: &str = "lake env repl";
+
+/// One proof to check: a theorem from the data set and what the model wrote for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// The record's name (used for `#print axioms` when the statement declares none).
+    pub name: String,
+    pub preamble: String,
+    /// From the data set, never from the model.
+    pub statement: String,
+    /// The model's completion (fenced block, restated theorem or bare proof) or a proof.
+    pub completion: String,
+}
+
+impl Job {
+    pub fn new(theorem: &Theorem, completion: impl Into<String>) -> Job {
+        Job {
+            name: theorem.name.clone(),
+            preamble: theorem.preamble(),
+            statement: theorem.statement.clone(),
+            completion: completion.into(),
+        }
+    }
+}
+
+/// The verdict on one job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checked {
+    pub verdict: Verdict,
+    /// Wall-clock seconds Lean took (0 when no process ran).
+    pub seconds: f64,
+    /// The verdict came from the cache or from an identical job of the same batch.
+    pub cached: bool,
+    /// The proof extracted from the completion, as checked (`None` when there was none).
+    pub proof: Option<String>,
+}
+
+/// Checks proofs with the configured backend. `Send + Sync`: one checker can serve a training
+/// loop from another thread while the model samples.
+pub struct Checker {
+    options: CheckerOptions,
+    runner: Runner,
+    identity: String,
+    policy: ScreenPolicy,
+    cache: Option<VerdictCache>,
+}
+
+enum Prepared {
+    Done(Verdict, Option<String>),
+    Run { source: Source, key: cache::Key },
+}
+
+impl Checker {
+    /// Validate the options and set the backend up (no Lean process starts here).
+    pub fn new(options: &CheckerOptions) -> anyhow::Result<Checker> {
+        if !(options.timeout.is_finite() && options.timeout > 0.0) {
+            bail!(
+                "checker timeout must be a positive number of seconds, got {}",
+                options.timeout
+            );
+        }
+        if options.memory_mb == 0 || options.output_cap_mb == 0 {
+            bail!("checker memory_mb and output_cap_mb must be positive");
+        }
+        let timeout = Duration::from_secs_f64(options.timeout);
+        let memory_bytes = options.memory_mb << 20;
+        let output_cap = (options.output_cap_mb << 20) as usize;
+        let (runner, identity) = match options.backend {
+            Backend::Lean => {
+                let command = local_command(
+                    options,
+                    options.lean_cmd.as_deref(),
+                    DEFAULT_LEAN_CMD,
+                    "lean",
+                )?;
+                let identity = command.identity();
+                let limits = Limits {
+                    timeout,
+                    memory_bytes: Some(memory_bytes),
+                    output_cap,
+                };
+                (
+                    Runner::Process(ProcessBackend { command, limits }),
+                    identity,
+                )
+            }
+            Backend::Repl => {
+                let command = local_command(
+                    options,
+                    options.repl_cmd.as_deref(),
+                    DEFAULT_REPL_CMD,
+                    "repl",
+                )?;
+                let identity = command.identity();
+                let settings = ReplSettings {
+                    capacity: options.effective_jobs(),
+                    timeout,
+                    header_timeout: Duration::from_secs(600),
+                    memory_bytes,
+                    recycle_after: options.repl_recycle_after.max(1),
+                    recycle_bytes: options.repl_recycle_mb << 20,
+                    output_cap,
+                };
+                (Runner::Repl(ReplPool::new(command, settings)), identity)
+            }
+            Backend::Kimina => {
+                let url = options
+                    .kimina_url
+                    .as_deref()
+                    .filter(|u| !u.trim().is_empty())
+                    .context("backend kimina needs the server URL: --kimina-url URL (or kimina_url in the checker section)")?;
+                let client = KiminaClient::new(url, options.timeout);
+                let identity = client.identity();
+                (Runner::Kimina(client), identity)
+            }
+        };
+        let identity = format!(
+            "{} | {identity} | timeout {} memory {} native {} caps {}/{}",
+            options.backend.name(),
+            options.timeout,
+            options.memory_mb,
+            options.allow_native_decide,
+            options.heartbeats_cap,
+            options.rec_depth_cap
+        );
+        let policy = ScreenPolicy {
+            heartbeats_cap: options.heartbeats_cap,
+            rec_depth_cap: options.rec_depth_cap,
+            allow_native_decide: options.allow_native_decide,
+        };
+        let cache = options.cache.then(VerdictCache::default);
+        Ok(Checker {
+            options: options.clone(),
+            runner,
+            identity,
+            policy,
+            cache,
+        })
+    }
+
+    pub fn options(&self) -> &CheckerOptions {
+        &self.options
+    }
+
+    /// Check every job; results come back in input order. Identical jobs (same theorem and
+    /// proof) are checked once. Errors only when the checker itself fails (Lean cannot start,
+    /// the kimina server is unreachable): a proof's failure is always a verdict.
+    pub fn check(
+        &self,
+        jobs: &[Job],
+        progress: Option<&ProgressBar>,
+    ) -> anyhow::Result<Vec<Checked>> {
+        let tick = || {
+            if let Some(bar) = progress {
+                bar.inc(1);
+            }
+        };
+        let mut results: Vec<Option<Checked>> = vec![None; jobs.len()];
+        let mut first_of: HashMap<cache::Key, usize> = HashMap::new();
+        let mut duplicates: Vec<(usize, usize)> = Vec::new();
+        let mut todo: Vec<(usize, Source)> = Vec::new();
+        let mut keys: Vec<Option<cache::Key>> = vec![None; jobs.len()];
+        for (i, job) in jobs.iter().enumerate() {
+            match self.prepare(job) {
+                Prepared::Done(verdict, proof) => {
+                    results[i] = Some(Checked {
+                        verdict,
+                        seconds: 0.0,
+                        cached: false,
+                        proof,
+                    });
+                    tick();
+                }
+                Prepared::Run { source, key } => {
+                    keys[i] = Some(key);
+                    if let Some(&first) = first_of.get(&key) {
+                        duplicates.push((i, first));
+                        continue;
+                    }
+                    first_of.insert(key, i);
+                    let proof = Some(source.proof().to_string());
+                    if let Some(verdict) = self.cache.as_ref().and_then(|c| c.get(&key)) {
+                        results[i] = Some(Checked {
+                            verdict,
+                            seconds: 0.0,
+                            cached: true,
+                            proof,
+                        });
+                        tick();
+                    } else {
+                        todo.push((i, source));
+                    }
+                }
+            }
+        }
+        let ran = self.run_all(&todo, &tick)?;
+        for ((i, _), checked) in todo.iter().zip(ran) {
+            if let (Some(cache), Some(key)) = (&self.cache, keys[*i]) {
+                cache.insert(key, &checked.verdict);
+            }
+            results[*i] = Some(checked);
+        }
+        for (i, first) in duplicates {
+            let mut checked = results[first]
+                .clone()
+                .context("a duplicate job's original has no verdict")?;
+            checked.cached = true;
+            checked.seconds = 0.0;
+            results[i] = Some(checked);
+            tick();
+        }
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.with_context(|| format!("job {i} got no verdict")))
+            .collect()
+    }
+
+    /// Check one job (no progress bar).
+    pub fn check_one(&self, job: &Job) -> anyhow::Result<Checked> {
+        let mut all = self.check(std::slice::from_ref(job), None)?;
+        all.pop().context("no verdict")
+    }
+
+    /// Extraction, statement comparison and screening: everything decided without Lean.
+    fn prepare(&self, job: &Job) -> Prepared {
+        let proof = match extract_proof(&job.completion, &job.statement) {
+            Extracted::Proof(proof) => proof,
+            Extracted::NoProof => {
+                return Prepared::Done(
+                    without_run(VerdictKind::NoProof, "the completion has no proof text"),
+                    None,
+                )
+            }
+            Extracted::StatementChanged { restated } => {
+                let mut verdict = without_run(
+                    VerdictKind::StatementChanged,
+                    "the completion restates a different statement",
+                );
+                verdict.evidence.restated = Some(restated);
+                return Prepared::Done(verdict, None);
+            }
+        };
+        if let Err(screened) = screen(&proof, &self.policy) {
+            return Prepared::Done(Verdict::forbidden(screened), Some(proof));
+        }
+        let key = cache::key(&self.identity, &job.preamble, &job.statement, &proof);
+        Prepared::Run {
+            source: Source::new(&job.preamble, &job.statement, &proof, &job.name),
+            key,
+        }
+    }
+
+    /// Run the sources on `jobs` threads (each mostly waits on Lean), in input order.
+    fn run_all(
+        &self,
+        todo: &[(usize, Source)],
+        tick: &(dyn Fn() + Sync),
+    ) -> anyhow::Result<Vec<Checked>> {
+        let slots: Vec<Mutex<Option<Checked>>> = todo.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+        let threads = self.options.effective_jobs().min(todo.len());
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    if k >= todo.len() || failed.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let (index, source) = &todo[k];
+                    let started = Instant::now();
+                    match self.runner.run(source, &index.to_string()) {
+                        Ok(run) => {
+                            let verdict = judge(&run, source, self.options.allow_native_decide);
+                            let seconds = started.elapsed().as_secs_f64();
+                            let proof = Some(source.proof().to_string());
+                            *slots[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(Checked {
+                                verdict,
+                                seconds,
+                                cached: false,
+                                proof,
+                            });
+                            tick();
+                        }
+                        Err(e) => {
+                            failed.store(true, Ordering::SeqCst);
+                            error
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_or_insert(e);
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            return Err(e.context("the checker failed"));
+        }
+        slots
+            .into_iter()
+            .map(|slot| {
+                slot.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .context("a job was not run")
+            })
+            .collect()
+    }
+}
+
+/// The command of a local backend, wrapped for network isolation when configured.
+fn local_command(
+    options: &CheckerOptions,
+    configured: Option<&str>,
+    default: &str,
+    what: &str,
+) -> anyhow::Result<CommandLine> {
+    let line = configured.unwrap_or(default);
+    let mut command = CommandLine::new(line, &options.project, configured.is_none(), what)?;
+    if options.isolate_network {
+        match network_isolation() {
+            Ok(prefix) => command.wrapper = prefix,
+            Err(why) => tracing::warn!(
+                "Lean will run WITH network access: `unshare --net` is not available here ({why}). \
+                 Set `isolate_network: false` in the checker section to silence this warning."
+            ),
+        }
+    }
+    Ok(command)
+}
+
+/// A progress bar for `len` jobs on stderr; hidden when `show` is false or stderr is not a
+/// terminal.
+pub fn progress_bar(len: u64, show: bool) -> ProgressBar {
+    if !show || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(
+        "{spinner} checking {pos}/{len} [{bar:30}] {per_sec} eta {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checker_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Checker>();
+    }
+}
