@@ -2,4 +2,8 @@
 
 mod options;
 
+// Policy tools (branch `mtools`): tokenizer and chat template, sampling, optimiser, PEFT adapters.
+pub mod sampler;
+pub mod tokenizer;
+
 pub use options::{LoraOptions, ModelOptions, SamplingOptions};
