@@ -3,6 +3,8 @@
 mod options;
 
 // Policy tools (branch `mtools`): tokenizer and chat template, sampling, optimiser, PEFT adapters.
+pub mod adapter;
+pub mod optim;
 pub mod sampler;
 pub mod tokenizer;
 
