@@ -2,4 +2,10 @@
 
 mod options;
 
+// Policy tools (branch `mtools`): tokenizer and chat template, sampling, optimiser, PEFT adapters.
+pub mod adapter;
+pub mod optim;
+pub mod sampler;
+pub mod tokenizer;
+
 pub use options::{LoraOptions, ModelOptions, SamplingOptions};
