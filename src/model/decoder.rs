@@ -115,7 +115,7 @@ impl Decoder {
             };
             let adapter = match lora.as_mut() {
                 Some(l) if l.targets.iter().any(|t| t == name) => {
-                    Some(Adapter::new(i, o, l.r, l.alpha, l.dropout, l.rng, device)?)
+                    Some(Adapter::for_weight(&w, l.r, l.alpha, l.dropout, l.rng)?)
                 }
                 _ => None,
             };

@@ -3,7 +3,8 @@
 //! `y = x·Wᵀ + b + (dropout(x)·Aᵀ)·Bᵀ · alpha/r`, with `A` `[r, in]` drawn like PEFT
 //! (kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in)) and `B` `[out, r]` zero, so a fresh
 //! adapter leaves the model unchanged. `A` and `B` are the only [`Var`]s of the model; they are
-//! kept in f32 whatever the model dtype so that optimizer updates are not rounded away.
+//! kept in f32 when the model runs in f32/bf16/f16 so that optimizer updates are not rounded
+//! away (f64 models, used by gradient checks, get f64 adapters).
 
 use super::ops::frozen_matmul;
 use candle_core::{DType, Result, Tensor, Var};
@@ -46,22 +47,28 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// A fresh adapter: `A` as PEFT initialises it, `B = 0`.
-    pub fn new(
-        in_dim: usize,
-        out_dim: usize,
+    /// A fresh adapter for the frozen `weight` (`[out, in]`): `A` as PEFT initialises it,
+    /// `B = 0`, on the weight's device.
+    pub fn for_weight(
+        weight: &Tensor,
         r: usize,
         alpha: f64,
         dropout: f64,
         rng: &mut ChaCha8Rng,
-        device: &candle_core::Device,
     ) -> Result<Self> {
+        let (out_dim, in_dim) = weight.dims2()?;
+        let device = weight.device();
+        let dtype = if weight.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let bound = 1.0 / (in_dim as f64).sqrt();
         let a: Vec<f32> = (0..r * in_dim)
             .map(|_| rng.random_range(-bound..bound) as f32)
             .collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?)?;
-        let b = Var::zeros((out_dim, r), DType::F32, device)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_dim), device)?.to_dtype(dtype)?)?;
+        let b = Var::zeros((out_dim, r), dtype, device)?;
         Ok(Self {
             a,
             b,
@@ -118,7 +125,7 @@ impl LoraLinear {
         } else {
             (ad.a.as_tensor().detach(), ad.b.as_tensor().detach())
         };
-        let mut xin = x.to_dtype(DType::F32)?;
+        let mut xin = x.to_dtype(a.dtype())?;
         if let (Some(rng), true) = (pass.dropout_rng, ad.dropout > 0.0) {
             xin = dropout(&xin, ad.dropout, &mut rng.borrow_mut())?;
         }
@@ -141,6 +148,6 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
             }
         })
         .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x.mul(&mask)
 }

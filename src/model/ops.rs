@@ -104,7 +104,7 @@ pub fn selective_log_softmax(
     temperature: f64,
 ) -> Result<Tensor> {
     check_temperature(temperature)?;
-    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    let logits = logits.to_dtype(logp_dtype(logits.dtype()))?.contiguous()?;
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     let logp = logp_forward(&logits.detach(), &targets, temperature)?;
     if !logits.track_op() {
@@ -138,7 +138,7 @@ pub fn lm_head_logprobs(
         let logits = h
             .narrow(0, start, len)?
             .matmul(&weight.t()?)?
-            .to_dtype(DType::F32)?;
+            .to_dtype(logp_dtype(weight.dtype()))?;
         parts.push(logp_forward(
             &logits,
             &targets.narrow(0, start, len)?,
@@ -146,7 +146,7 @@ pub fn lm_head_logprobs(
         )?);
     }
     let logp = if parts.is_empty() {
-        Tensor::zeros(0, DType::F32, hidden.device())?
+        Tensor::zeros(0, logp_dtype(weight.dtype()), hidden.device())?
     } else {
         Tensor::cat(&parts, 0)?
     };
@@ -159,6 +159,16 @@ pub fn lm_head_logprobs(
         lm_head: Some(weight.detach()),
     };
     hidden.apply_op2(&logp, op)
+}
+
+/// Log-probs are computed in f32 whatever the model dtype (bf16/f16 are upcast), except for
+/// f64 models (used by gradient checks), which keep f64.
+pub fn logp_dtype(model: DType) -> DType {
+    if model == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
 
 fn check_temperature(t: f64) -> Result<()> {
@@ -231,7 +241,7 @@ impl CustomOp2 for LogProbGrad {
             let logits = arg
                 .narrow(0, start, len)?
                 .matmul(&wt)?
-                .to_dtype(DType::F32)?;
+                .to_dtype(logp_dtype(weight.dtype()))?;
             let g_logits = logp_backward(
                 &logits,
                 &self.targets.narrow(0, start, len)?,
@@ -247,7 +257,7 @@ impl CustomOp2 for LogProbGrad {
 
 /// Forward value, no graph: a single pass per row on the CPU, tensor ops elsewhere.
 fn logp_forward(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    if matches!(logits.device(), Device::Cpu) {
+    if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
         let logits = logits.contiguous()?;
         let targets = targets.contiguous()?;
         return logits.apply_op2_no_bwd(
@@ -276,9 +286,9 @@ fn logp_backward(
     grad: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
-    let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-    if matches!(logits.device(), Device::Cpu) {
+    let logits = logits.to_dtype(logp_dtype(logits.dtype()))?.contiguous()?;
+    let grad = grad.to_dtype(logits.dtype())?.contiguous()?;
+    if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
         let targets = targets.contiguous()?;
         let op = LogpGradCpu {
             inv_t: (1.0 / temperature) as f32,
@@ -293,7 +303,7 @@ fn logp_backward(
         .eq(&Tensor::arange(0u32, v as u32, logits.device())?
             .unsqueeze(0)?
             .broadcast_as((targets.dim(0)?, v))?)?
-        .to_dtype(DType::F32)?;
+        .to_dtype(logits.dtype())?;
     (onehot - probs)?.broadcast_mul(&(grad / temperature)?.unsqueeze(1)?)
 }
 

@@ -7,7 +7,7 @@ use super::decoder::{Decoder, LoraSpec, WeightSource, LORA_MODULES};
 use super::device::{parse_device, parse_dtype};
 use super::load::{load_model, HubSettings, ModelFiles};
 use super::lora::Pass;
-use super::ops::lm_head_logprobs;
+use super::ops::{lm_head_logprobs, logp_dtype};
 use super::options::{LoraOptions, ModelOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -181,14 +181,15 @@ impl Policy {
                         v.dims()
                     );
                 }
-                v.set(&t.to_dtype(DType::F32)?.to_device(v.device())?)?;
+                // `copy`: `Var::set` refuses a tensor sharing the variable's own storage.
+                v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?.copy()?)?;
             }
         }
         Ok(())
     }
 
     /// Per-token log-probs of `completions[i]` after `prompts[i]`: `[B, max completion len]`
-    /// f32, zero beyond each completion. `log_softmax(logits / temperature)` at the sampled
+    /// f32 (f64 for an f64 model), zero beyond each completion. `log_softmax(logits / temperature)` at the sampled
     /// token (algorithms.md §1). With `grad` the result carries gradient to the adapters;
     /// `adapters = false` gives the reference policy.
     ///
@@ -262,13 +263,13 @@ impl Policy {
         }
         let dev = self.device();
         let logp = if n_total == 0 {
-            Tensor::zeros(0, DType::F32, dev)?
+            Tensor::zeros(0, logp_dtype(self.decoder.dtype()), dev)?
         } else {
             let sel = hidden.index_select(&Tensor::new(pick.as_slice(), dev)?, 0)?;
             let targets = Tensor::new(targets.as_slice(), dev)?;
             lm_head_logprobs(&sel, self.decoder.lm_head(), &targets, temperature)?
         };
-        let padded = Tensor::cat(&[&logp, &Tensor::zeros(1, DType::F32, dev)?], 0)?;
+        let padded = Tensor::cat(&[&logp, &Tensor::zeros(1, logp.dtype(), dev)?], 0)?;
         Ok(padded
             .index_select(&Tensor::new(place.as_slice(), dev)?, 0)?
             .reshape((b, width))?)
