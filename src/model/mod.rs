@@ -1,11 +1,24 @@
 //! The policy: a Llama/Qwen2/Qwen3 decoder with LoRA adapters, sampling and log-probs.
+//!
+//! Read in this order: [`device`] (where it runs), [`config`] and [`load`] (what is loaded),
+//! [`decoder`] with [`lora`] and [`ops`] (the maths), [`policy`] (what the trainer calls).
 
+pub mod config;
+pub mod decoder;
+pub mod device;
+pub mod gguf;
+pub mod load;
+pub mod lora;
+pub mod ops;
 mod options;
+pub mod policy;
 
-// Policy tools (branch `mtools`): tokenizer and chat template, sampling, optimiser, PEFT adapters.
+// Around the decoder: tokenizer and chat template, sampling, optimiser, PEFT adapters.
 pub mod adapter;
 pub mod optim;
 pub mod sampler;
 pub mod tokenizer;
 
+pub use config::{Arch, Config};
 pub use options::{LoraOptions, ModelOptions, SamplingOptions};
+pub use policy::{argmax, GenerateOptions, Generation, Policy};

@@ -1,0 +1,554 @@
+//! The Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3) with LoRA built in.
+//!
+//! One file with switches, in the style of candle-transformers' model files: attention biases
+//! (Qwen2), per-head q/k RMS-norm (Qwen3), tied embeddings, RoPE theta and Llama-3 scaling, GQA.
+//!
+//! There are two forwards, because candle's fused kernels have no backward (see
+//! `shared/spec/model.md`):
+//! * [`Decoder::forward_train`]: differentiable ops only (`rms_norm_slow`, `rope_slow`,
+//!   `softmax`, matmul), all positions, for log-probs with or without gradient. Batches are
+//!   right-padded: with a causal mask, padding at the end of a row is never attended to by the
+//!   real tokens before it, and every row keeps its true positions 0, 1, ...
+//! * [`Decoder::forward_step`]: sampling, with fused kernels, per-row positions (prompts are
+//!   left-padded), a key-padding mask and a preallocated [`KvCache`].
+//!
+//! Grouped-query attention never materialises repeated keys: the `n_rep` query heads that share
+//! a key head are folded into the row dimension of one matmul.
+
+use super::config::Config;
+use super::lora::{Adapter, LoraLinear, Pass};
+use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
+use candle_nn::ops::{rms_norm, rms_norm_slow, softmax, softmax_last_dim};
+use candle_nn::rotary_emb::{rope, rope_slow};
+
+/// Source of the frozen weights by HF tensor name (`model.layers.0.self_attn.q_proj.weight`).
+pub trait WeightSource {
+    fn get(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// Which linear layers get an adapter, and how big.
+pub struct LoraSpec<'a> {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names as in PEFT's `target_modules` (`q_proj`, ..., `down_proj`).
+    pub targets: &'a [String],
+    pub rng: &'a mut rand_chacha::ChaCha8Rng,
+}
+
+/// The module names an adapter can target.
+pub const LORA_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+struct Attention {
+    q_proj: LoraLinear,
+    k_proj: LoraLinear,
+    v_proj: LoraLinear,
+    o_proj: LoraLinear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+}
+
+struct Mlp {
+    gate_proj: LoraLinear,
+    up_proj: LoraLinear,
+    down_proj: LoraLinear,
+}
+
+struct Layer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// The whole model: frozen weights, adapters, rotary tables.
+pub struct Decoder {
+    cfg: Config,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `[vocab, hidden]`; the embedding matrix itself when tied.
+    lm_head: Tensor,
+    /// `[max_positions, head_dim / 2]` in the model dtype.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+    dtype: DType,
+}
+
+/// Rotary tables are built for at most this many positions (memory: 2 × 128k × head_dim/2).
+const MAX_ROPE_POSITIONS: usize = 131_072;
+
+impl Decoder {
+    /// Builds the model from frozen weights; `lora` adds fresh adapters to the target modules.
+    pub fn new(
+        cfg: &Config,
+        weights: &dyn WeightSource,
+        device: &Device,
+        dtype: DType,
+        mut lora: Option<LoraSpec>,
+    ) -> anyhow::Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let embed_tokens = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            embed_tokens.clone()
+        } else {
+            weights.get("lm_head.weight", &[cfg.vocab_size, h])?
+        };
+        let mut linear = |prefix: &str, name: &str, i: usize, o: usize, bias: bool| {
+            let p = format!("{prefix}.{name}");
+            let w = weights.get(&format!("{p}.weight"), &[o, i])?;
+            let b = if bias {
+                Some(weights.get(&format!("{p}.bias"), &[o])?)
+            } else {
+                None
+            };
+            let adapter = match lora.as_mut() {
+                Some(l) if l.targets.iter().any(|t| t == name) => {
+                    Some(Adapter::for_weight(&w, l.r, l.alpha, l.dropout, l.rng)?)
+                }
+                _ => None,
+            };
+            anyhow::Ok(LoraLinear::new(w, b, adapter))
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let a = format!("model.layers.{l}.self_attn");
+            let m = format!("model.layers.{l}.mlp");
+            let self_attn = Attention {
+                q_proj: linear(&a, "q_proj", h, nh * hd, cfg.qkv_bias)?,
+                k_proj: linear(&a, "k_proj", h, nkv * hd, cfg.qkv_bias)?,
+                v_proj: linear(&a, "v_proj", h, nkv * hd, cfg.qkv_bias)?,
+                o_proj: linear(&a, "o_proj", nh * hd, h, cfg.o_bias)?,
+                q_norm: cfg
+                    .qk_norm
+                    .then(|| weights.get(&format!("{a}.q_norm.weight"), &[hd]))
+                    .transpose()?,
+                k_norm: cfg
+                    .qk_norm
+                    .then(|| weights.get(&format!("{a}.k_norm.weight"), &[hd]))
+                    .transpose()?,
+            };
+            let mlp = Mlp {
+                gate_proj: linear(&m, "gate_proj", h, cfg.intermediate_size, false)?,
+                up_proj: linear(&m, "up_proj", h, cfg.intermediate_size, false)?,
+                down_proj: linear(&m, "down_proj", cfg.intermediate_size, h, false)?,
+            };
+            let p = format!("model.layers.{l}");
+            layers.push(Layer {
+                input_layernorm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn,
+                post_attention_layernorm: weights
+                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp,
+            });
+        }
+        let norm = weights.get("model.norm.weight", &[h])?;
+        let positions = cfg.max_position_embeddings.min(MAX_ROPE_POSITIONS);
+        let inv_freq = cfg.rope_inv_freq();
+        let mut cos = Vec::with_capacity(positions * inv_freq.len());
+        let mut sin = Vec::with_capacity(positions * inv_freq.len());
+        for p in 0..positions {
+            for f in &inv_freq {
+                // f32 product like transformers, so long positions round the same way.
+                let angle = (p as f32 * *f as f32) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let table =
+            |v: Vec<f32>| Tensor::from_vec(v, (positions, inv_freq.len()), device)?.to_dtype(dtype);
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos: table(cos)?,
+            sin: table(sin)?,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `[vocab, hidden]`.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Longest sequence the rotary tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    /// Every adapted linear layer by HF module path (`model.layers.0.self_attn.q_proj`).
+    pub fn linears(&self) -> Vec<(String, &LoraLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            let named = [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ];
+            out.extend(
+                named
+                    .into_iter()
+                    .map(|(n, lin)| (format!("model.layers.{i}.{n}"), lin)),
+            );
+        }
+        out
+    }
+
+    /// Final hidden states `[B, T, hidden]` of a right-padded batch `tokens` `[B, T]`,
+    /// differentiable w.r.t. the adapters when `pass.grad`.
+    pub fn forward_train(&self, tokens: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if t > self.max_positions() {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds the {} positions of the model",
+                self.max_positions()
+            );
+        }
+        let mut x = self.embed(tokens)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = causal_mask(t, &self.device, self.dtype)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let rope_t = |x: &Tensor| rope_slow(&x.contiguous()?, &cos, &sin);
+        for layer in &self.layers {
+            let h = rms_norm_slow(&x, &layer.input_layernorm, eps)?;
+            let (q, k, v) = self.qkv(&layer.self_attn, &h, b, t, pass, false)?;
+            let (q, k) = (rope_t(&q)?, rope_t(&k)?);
+            let o = self.attend(&q, &k, &v.contiguous()?, Some(&mask), false)?;
+            x = (x + layer.self_attn.o_proj.forward(&o, pass)?)?;
+            let h = rms_norm_slow(&x, &layer.post_attention_layernorm, eps)?;
+            x = (&x + self.mlp(&layer.mlp, &h, pass)?)?;
+        }
+        rms_norm_slow(&x, &self.norm, eps)
+    }
+
+    /// Logits `[..., vocab]` of hidden states (no gradient to the LM head).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        super::ops::frozen_matmul(hidden, &self.lm_head)
+    }
+
+    /// One sampling step: `tokens` `[N, t]` at `positions` `[N, t]` (u32, per row), appended to
+    /// `cache` at its current length. `key_pad` gives, per row, how many leading cache columns
+    /// are padding (left-padded prompts). Returns the logits of the last position, `[N, vocab]`.
+    pub fn forward_step(
+        &self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        key_pad: &[usize],
+        cache: &mut KvCache,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let (n, t) = tokens.dims2()?;
+        if cache.rows != n || key_pad.len() != n {
+            candle_core::bail!(
+                "cache has {} rows, step has {n} tokens rows and {} pads",
+                cache.rows,
+                key_pad.len()
+            );
+        }
+        let start = cache.len;
+        if start + t > cache.max_len {
+            candle_core::bail!("KV cache full: {start} + {t} > {}", cache.max_len);
+        }
+        let pass = Pass::inference(adapters);
+        let hd2 = self.cfg.head_dim / 2;
+        let flat = positions.flatten_all()?;
+        let cos = self.cos.index_select(&flat, 0)?.reshape((n, t, hd2))?;
+        let sin = self.sin.index_select(&flat, 0)?.reshape((n, t, hd2))?;
+        let total = start + t;
+        let mask = step_mask(key_pad, start, t, &self.device, self.dtype)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = self.embed(tokens)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x.contiguous()?, &layer.input_layernorm, eps)?;
+            let (q, k, v) = self.qkv(&layer.self_attn, &h, n, t, &pass, true)?;
+            let q = rope(&q.contiguous()?, &cos, &sin)?;
+            let k = rope(&k.contiguous()?, &cos, &sin)?;
+            let (ck, cv) = &cache.layers[li];
+            let (ck, cv) = (ck.narrow(0, 0, n)?, cv.narrow(0, 0, n)?);
+            ck.slice_set(&k, 2, start)?;
+            cv.slice_set(&v.contiguous()?, 2, start)?;
+            let k_all = ck.narrow(2, 0, total)?;
+            let v_all = cv.narrow(2, 0, total)?;
+            let o = self.attend(&q, &k_all, &v_all, mask.as_ref(), true)?;
+            x = (x + layer.self_attn.o_proj.forward(&o, &pass)?)?;
+            let h = rms_norm(&x.contiguous()?, &layer.post_attention_layernorm, eps)?;
+            x = (&x + self.mlp(&layer.mlp, &h, &pass)?)?;
+        }
+        cache.len = total;
+        let last = x.i((.., t - 1, ..))?.contiguous()?;
+        let last = rms_norm(&last, &self.norm, eps)?;
+        self.logits(&last)?.to_dtype(DType::F32)
+    }
+
+    fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let ids = tokens.flatten_all()?;
+        self.embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Projections to `[b, heads, t, head_dim]`, with Qwen3's q/k norm.
+    fn qkv(
+        &self,
+        a: &Attention,
+        h: &Tensor,
+        b: usize,
+        t: usize,
+        pass: &Pass,
+        fused: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let hd = self.cfg.head_dim;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let split = |x: Tensor, heads: usize| x.reshape((b, t, heads, hd))?.transpose(1, 2);
+        let mut q = split(a.q_proj.forward(h, pass)?, self.cfg.num_attention_heads)?;
+        let mut k = split(a.k_proj.forward(h, pass)?, self.cfg.num_key_value_heads)?;
+        let v = split(a.v_proj.forward(h, pass)?, self.cfg.num_key_value_heads)?;
+        let norm = |x: &Tensor, w: &Tensor| {
+            if fused {
+                rms_norm(&x.contiguous()?, w, eps)
+            } else {
+                rms_norm_slow(x, w, eps)
+            }
+        };
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            q = norm(&q, qn)?;
+            k = norm(&k, kn)?;
+        }
+        Ok((q, k, v))
+    }
+
+    /// Scaled dot-product attention with GQA folding. `q` `[b, H, t, d]`, `k`/`v`
+    /// `[b, KV, L, d]`, `mask` broadcastable to `[b, H, t, L]`. Returns `[b, t, H·d]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (_, nkv, l, _) = k.dims4()?;
+        let rep = nh / nkv;
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let mut scores = scores.reshape((b, nh, t, l))?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let p = if fused {
+            softmax_last_dim(&scores)?
+        } else {
+            softmax(&scores, D::Minus1)?
+        };
+        let o = p.reshape((b, nkv, rep * t, l))?.matmul(v)?;
+        o.reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))
+    }
+
+    fn mlp(&self, m: &Mlp, h: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let gate = m.gate_proj.forward(h, pass)?.silu()?;
+        let up = m.up_proj.forward(h, pass)?;
+        m.down_proj.forward(&(gate * up)?, pass)
+    }
+
+    /// An empty cache for `rows` sequences of up to `max_len` tokens.
+    pub fn new_cache(&self, rows: usize, max_len: usize) -> Result<KvCache> {
+        let shape = (
+            rows,
+            self.cfg.num_key_value_heads,
+            max_len,
+            self.cfg.head_dim,
+        );
+        let layers = (0..self.layers.len())
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            rows,
+            len: 0,
+            max_len,
+        })
+    }
+}
+
+/// `[t, t]`: 0 on and below the diagonal, −∞ above.
+fn causal_mask(t: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (t, t), device)?.to_dtype(dtype)
+}
+
+/// `[n, 1, t, start + t]` mask for a cached step, or `None` when nothing is masked. Key column
+/// `j` is hidden from row `r`, query `i` when it is padding (`j < pad[r]`) or in the future
+/// (`j > start + i`). A padding query keeps its own column so its softmax stays finite.
+fn step_mask(
+    pad: &[usize],
+    start: usize,
+    t: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let total = start + t;
+    if t == 1 && pad.iter().all(|&p| p == 0) {
+        return Ok(None);
+    }
+    let mut m = Vec::with_capacity(pad.len() * t * total);
+    for &p in pad {
+        for i in 0..t {
+            let q = start + i;
+            m.extend((0..total).map(|j| {
+                let hidden = j > q || (j < p && j != q);
+                if hidden {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            }));
+        }
+    }
+    Ok(Some(
+        Tensor::from_vec(m, (pad.len(), 1, t, total), device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Preallocated keys and values, `[rows, kv_heads, max_len, head_dim]` per layer. All rows
+/// share the write column `len`; rows whose sequence finished are dropped with [`Self::retain`].
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    rows: usize,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns written so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// A new cache of `max_len` columns whose row `i` is a copy of row `from[i]` of `self`:
+    /// this is how the G completions of a prompt share its prefill.
+    pub fn expand(&self, from: &[usize], max_len: usize) -> Result<KvCache> {
+        if max_len < self.len {
+            candle_core::bail!(
+                "cannot shrink a KV cache from {} to {max_len} columns",
+                self.len
+            );
+        }
+        let Some((k0, _)) = self.layers.first() else {
+            return Ok(KvCache {
+                layers: Vec::new(),
+                rows: from.len(),
+                len: self.len,
+                max_len,
+            });
+        };
+        let idx = Tensor::from_vec(
+            from.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            from.len(),
+            k0.device(),
+        )?;
+        let (_, kv, _, hd) = k0.dims4()?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                let grow = |src: &Tensor| -> Result<Tensor> {
+                    let used = src
+                        .narrow(0, 0, self.rows)?
+                        .narrow(2, 0, self.len)?
+                        .index_select(&idx, 0)?;
+                    let dst =
+                        Tensor::zeros((from.len(), kv, max_len, hd), src.dtype(), src.device())?;
+                    dst.slice_set(&used.contiguous()?, 2, 0)?;
+                    Ok(dst)
+                };
+                Ok((grow(k)?, grow(v)?))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            rows: from.len(),
+            len: self.len,
+            max_len,
+        })
+    }
+
+    /// Keeps the rows `keep` (ascending) in that order, moving them down in place.
+    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        if keep.windows(2).any(|w| w[0] >= w[1]) || keep.last().is_some_and(|&r| r >= self.rows) {
+            candle_core::bail!(
+                "retain: rows {keep:?} are not ascending rows of {}",
+                self.rows
+            );
+        }
+        for (new, &old) in keep.iter().enumerate() {
+            if new == old {
+                continue;
+            }
+            for (k, v) in &self.layers {
+                for t in [k, v] {
+                    let row = t.narrow(0, old, 1)?.copy()?;
+                    t.slice_set(&row, 0, new)?;
+                }
+            }
+        }
+        self.rows = keep.len();
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! GGUF checkpoints (llama.cpp's format): metadata to [`Config`], tensors dequantised and
+//! renamed to their Hugging Face names, so the decoder never knows where weights came from.
+//!
+//! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` of the `llama` architecture to
+//! suit its interleaved RoPE; we undo that so the rotate-half RoPE of the decoder applies.
+//! Qwen2/Qwen3 GGUFs are stored unpermuted.
+
+use super::config::{Arch, Config};
+use super::load::{ModelFiles, TensorMap};
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Loads a `.gguf` file; quantised tensors are dequantised to f32 then cast to `dtype`.
+pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<ModelFiles> {
+    let origin = path.display().to_string();
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {origin}"))?;
+    let content =
+        Content::read(&mut file).with_context(|| format!("{origin} is not a GGUF file"))?;
+    let config = config_from_metadata(&content.metadata)
+        .with_context(|| format!("reading the metadata of {origin}"))?;
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        bail!(
+            "{origin} stores Llama-3.1-style RoPE frequency factors, which the GGUF loader does \
+             not map; load the Hugging Face safetensors checkpoint of this model instead"
+        );
+    }
+    let mut tensors = HashMap::new();
+    for name in content.tensor_infos.keys() {
+        let Some(hf) = hf_name(name) else { continue };
+        let t = content
+            .tensor(&mut file, name, device)
+            .with_context(|| format!("reading tensor {name} of {origin}"))?
+            .dequantize(device)?;
+        let t = match (config.arch, hf.rsplit('.').nth(1)) {
+            (Arch::Llama, Some("q_proj")) if hf.ends_with(".weight") => {
+                unpermute(&t, config.num_attention_heads)?
+            }
+            (Arch::Llama, Some("k_proj")) if hf.ends_with(".weight") => {
+                unpermute(&t, config.num_key_value_heads)?
+            }
+            _ => t,
+        };
+        tensors.insert(hf, t);
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let weights = TensorMap {
+        tensors,
+        dtype,
+        origin,
+    };
+    Ok(ModelFiles {
+        config,
+        weights: Box::new(weights),
+        dir,
+    })
+}
+
+/// llama.cpp tensor name → HF tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Inverse of llama.cpp's `permute(w, n_head)`:
+/// `w.reshape(n_head, head_dim / 2, 2, in).swapaxes(1, 2).reshape(out, in)`.
+pub fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, half, 2, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+/// llama.cpp's `permute(w, n_head)`: `w.reshape(n_head, 2, head_dim / 2, in).swapaxes(1, 2)`.
+/// Public so tests can write GGUFs the way llama.cpp's converter does.
+pub fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
+    let (out, inp) = w.dims2()?;
+    let half = out / heads / 2;
+    Ok(w.reshape((heads, 2, half, inp))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((out, inp))?)
+}
+
+fn config_from_metadata(md: &HashMap<String, Value>) -> Result<Config> {
+    let arch_name = md
+        .get("general.architecture")
+        .context("no general.architecture")?
+        .to_string()?
+        .clone();
+    let get = |key: &str| -> Result<&Value> {
+        md.get(&format!("{arch_name}.{key}"))
+            .with_context(|| format!("missing metadata {arch_name}.{key}"))
+    };
+    let int = |key: &str| -> Result<usize> {
+        let v = get(key)?;
+        let n = match v {
+            Value::U8(x) => u64::from(*x),
+            Value::U16(x) => u64::from(*x),
+            Value::U32(x) => u64::from(*x),
+            Value::U64(x) => *x,
+            Value::I32(x) if *x >= 0 => *x as u64,
+            Value::I64(x) if *x >= 0 => *x as u64,
+            other => bail!("metadata {arch_name}.{key} = {other:?} is not a count"),
+        };
+        Ok(n as usize)
+    };
+    let opt_f = |key: &str| -> Option<f64> {
+        get(key)
+            .ok()
+            .and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
+    };
+    let hidden = int("embedding_length")?;
+    let heads = int("attention.head_count")?;
+    let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
+    let vocab = match int("vocab_size") {
+        Ok(v) => v,
+        Err(_) => md
+            .get("tokenizer.ggml.tokens")
+            .context("neither vocab_size nor tokenizer.ggml.tokens in the metadata")?
+            .to_vec()?
+            .len(),
+    };
+    let token = |key: &str| md.get(key).and_then(|v| v.to_u32().ok());
+    let json = serde_json::json!({
+        "model_type": arch_name,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int("feed_forward_length")?,
+        "num_hidden_layers": int("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": int("attention.key_length").ok(),
+        "rms_norm_eps": opt_f("attention.layer_norm_rms_epsilon"),
+        "rope_theta": opt_f("rope.freq_base"),
+        "max_position_embeddings": int("context_length").ok(),
+        "tie_word_embeddings": false,
+        "bos_token_id": token("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": token("tokenizer.ggml.eos_token_id"),
+    });
+    Config::from_json(&json.to_string())
+}

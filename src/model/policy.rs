@@ -1,0 +1,424 @@
+//! The policy the trainer drives: one decoder with LoRA adapters that serves as the current
+//! policy (adapters on), the old policy (adapters on, no gradient) and the reference policy
+//! (adapters off), without a second copy of the weights.
+
+use super::config::Config;
+use super::decoder::{Decoder, LoraSpec, WeightSource, LORA_MODULES};
+use super::device::{parse_device, parse_dtype};
+use super::load::{load_model, HubSettings, ModelFiles};
+use super::lora::Pass;
+use super::ops::{lm_head_logprobs, logp_dtype};
+use super::options::{LoraOptions, ModelOptions};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+/// Rows per forward when log-probs are computed without gradient (bounds the attention
+/// scores, which grow as rows × heads × length²).
+const NO_GRAD_ROWS: usize = 8;
+
+/// One sampled completion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// Generated tokens, including the EOS token that ended it, if any.
+    pub tokens: Vec<u32>,
+    /// Ended by one of the EOS ids.
+    pub finished_by_eos: bool,
+    /// Reached `max_new_tokens` without EOS or stop.
+    pub truncated: bool,
+}
+
+/// What [`Policy::generate`] needs besides the prompts and the sampler.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// A completion ends after emitting any of these.
+    pub eos_ids: Vec<u32>,
+    /// Sample from the adapted policy (`false`: the base model).
+    pub adapters: bool,
+}
+
+/// A LoRA-adapted Llama/Qwen2/Qwen3 model.
+pub struct Policy {
+    decoder: Decoder,
+    dir: PathBuf,
+    dropout_rng: RefCell<ChaCha8Rng>,
+}
+
+impl Policy {
+    /// Loads the model named by `model` (hub id, HF directory or `.gguf`) on its device and
+    /// adds fresh adapters per `lora`, drawn from `seed`.
+    pub fn load(model: &ModelOptions, lora: &LoraOptions, seed: u64) -> Result<Policy> {
+        let device = parse_device(&model.device)?;
+        let dtype = parse_dtype(model.dtype.as_deref(), &device)?;
+        let files = load_model(
+            &model.model,
+            &model.revision,
+            &HubSettings::from_env(),
+            &device,
+            dtype,
+        )
+        .with_context(|| format!("loading model {}", model.model))?;
+        Self::from_files(files, lora, &device, dtype, seed)
+    }
+
+    /// Builds the policy from already loaded files.
+    pub fn from_files(
+        files: ModelFiles,
+        lora: &LoraOptions,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Policy> {
+        Self::from_weights(
+            &files.config,
+            files.weights.as_ref(),
+            &files.dir,
+            lora,
+            device,
+            dtype,
+            seed,
+        )
+    }
+
+    /// Builds the policy from any weight source (e.g. generated weights in benchmarks).
+    pub fn from_weights(
+        config: &Config,
+        weights: &dyn WeightSource,
+        dir: &Path,
+        lora: &LoraOptions,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<Policy> {
+        if let Some(bad) = lora
+            .target_modules
+            .iter()
+            .find(|m| !LORA_MODULES.contains(&m.as_str()))
+        {
+            bail!(
+                "lora.target_modules: unknown module `{bad}` (expected some of {LORA_MODULES:?})"
+            );
+        }
+        if lora.r == 0 && !lora.target_modules.is_empty() {
+            bail!("lora.r must be at least 1");
+        }
+        if !(0.0..1.0).contains(&lora.lora_dropout) {
+            bail!(
+                "lora.lora_dropout must be in [0, 1), got {}",
+                lora.lora_dropout
+            );
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let spec = LoraSpec {
+            r: lora.r,
+            alpha: lora.lora_alpha,
+            dropout: lora.lora_dropout,
+            targets: &lora.target_modules,
+            rng: &mut rng,
+        };
+        let decoder = Decoder::new(config, weights, device, dtype, Some(spec))?;
+        // A separate stream for dropout, so changing the dropout rate does not move A's init.
+        let dropout_rng = RefCell::new(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d20f));
+        Ok(Policy {
+            decoder,
+            dir: dir.to_path_buf(),
+            dropout_rng,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        self.decoder.config()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.decoder.device()
+    }
+
+    /// Directory with the checkpoint's tokenizer files.
+    pub fn model_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    /// The adapters by HF module path (`model.layers.0.self_attn.q_proj`): `A` `[r, in]` and
+    /// `B` `[out, r]`, in layer order. These are the only trainable tensors.
+    pub fn lora_vars(&self) -> Vec<(String, Var, Var)> {
+        self.decoder
+            .linears()
+            .into_iter()
+            .filter_map(|(name, lin)| lin.adapter().map(|a| (name, a.a.clone(), a.b.clone())))
+            .collect()
+    }
+
+    /// All trainable variables (`A` then `B` of each adapter), for the optimizer.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        self.lora_vars()
+            .into_iter()
+            .flat_map(|(_, a, b)| [a, b])
+            .collect()
+    }
+
+    /// Overwrites adapter weights (e.g. from a saved adapter): `(module path, A, B)`. Every
+    /// name must be an adapted module and shapes must match.
+    pub fn set_lora_weights(&self, weights: &[(String, Tensor, Tensor)]) -> Result<()> {
+        let vars = self.lora_vars();
+        for (name, a, b) in weights {
+            let Some((_, va, vb)) = vars.iter().find(|(n, _, _)| n == name) else {
+                bail!("adapter weight for `{name}`, which has no LoRA adapter in this model");
+            };
+            for (what, v, t) in [("A", va, a), ("B", vb, b)] {
+                if v.dims() != t.dims() {
+                    bail!(
+                        "adapter {what} of `{name}`: shape {:?}, expected {:?} (different rank?)",
+                        t.dims(),
+                        v.dims()
+                    );
+                }
+                // `copy`: `Var::set` refuses a tensor sharing the variable's own storage.
+                v.set(&t.to_dtype(v.dtype())?.to_device(v.device())?.copy()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-token log-probs of `completions[i]` after `prompts[i]`: `[B, max completion len]`
+    /// f32 (f64 for an f64 model), zero beyond each completion. `log_softmax(logits / temperature)` at the sampled
+    /// token (algorithms.md §1). With `grad` the result carries gradient to the adapters;
+    /// `adapters = false` gives the reference policy.
+    ///
+    /// Memory: a gradient pass keeps, per layer, attention scores of B × heads × T² floats;
+    /// the trainer should bound B·T² with micro-batches. Without gradient, rows are processed
+    /// a few at a time.
+    pub fn logprobs(
+        &self,
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        temperature: f64,
+        grad: bool,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        if prompts.len() != completions.len() {
+            bail!(
+                "{} prompts for {} completions",
+                prompts.len(),
+                completions.len()
+            );
+        }
+        let width = completions.iter().map(Vec::len).max().unwrap_or(0);
+        if grad || prompts.len() <= NO_GRAD_ROWS {
+            return self.logprobs_rows(prompts, completions, width, temperature, grad, adapters);
+        }
+        let parts = prompts
+            .chunks(NO_GRAD_ROWS)
+            .zip(completions.chunks(NO_GRAD_ROWS))
+            .map(|(p, c)| self.logprobs_rows(p, c, width, temperature, false, adapters))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    fn logprobs_rows(
+        &self,
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        width: usize,
+        temperature: f64,
+        grad: bool,
+        adapters: bool,
+    ) -> Result<Tensor> {
+        let b = prompts.len();
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            bail!("prompt {i} is empty: a completion needs at least one prompt token before it");
+        }
+        let rows: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(completions)
+            .map(|(p, c)| [p.as_slice(), c].concat())
+            .collect();
+        let (tokens, t) = self.right_padded(&rows)?;
+        let pass = Pass {
+            adapters,
+            grad,
+            dropout_rng: grad.then_some(&self.dropout_rng),
+        };
+        let hidden = self.decoder.forward_train(&tokens, &pass)?;
+        let hidden = hidden.reshape((b * t, self.config().hidden_size))?;
+        // Row of `hidden` predicting each completion token, and where it goes in the output.
+        let mut pick = Vec::new();
+        let mut targets = Vec::new();
+        let n_total: usize = completions.iter().map(Vec::len).sum();
+        let mut place = vec![n_total as u32; b * width];
+        for (i, (p, c)) in prompts.iter().zip(completions).enumerate() {
+            for (j, &tok) in c.iter().enumerate() {
+                place[i * width + j] = pick.len() as u32;
+                pick.push((i * t + p.len() - 1 + j) as u32);
+                targets.push(tok);
+            }
+        }
+        let dev = self.device();
+        let logp = if n_total == 0 {
+            Tensor::zeros(0, logp_dtype(self.decoder.dtype()), dev)?
+        } else {
+            let sel = hidden.index_select(&Tensor::new(pick.as_slice(), dev)?, 0)?;
+            let targets = Tensor::new(targets.as_slice(), dev)?;
+            lm_head_logprobs(&sel, self.decoder.lm_head(), &targets, temperature)?
+        };
+        let padded = Tensor::cat(&[&logp, &Tensor::zeros(1, logp.dtype(), dev)?], 0)?;
+        Ok(padded
+            .index_select(&Tensor::new(place.as_slice(), dev)?, 0)?
+            .reshape((b, width))?)
+    }
+
+    /// Logits of every position of right-padded `rows`: `[B, T, vocab]` f32 (no gradient).
+    pub fn logits(&self, rows: &[Vec<u32>], adapters: bool) -> Result<Tensor> {
+        let (tokens, _) = self.right_padded(rows)?;
+        let hidden = self
+            .decoder
+            .forward_train(&tokens, &Pass::inference(adapters))?;
+        Ok(self.decoder.logits(&hidden)?.to_dtype(DType::F32)?)
+    }
+
+    fn right_padded(&self, rows: &[Vec<u32>]) -> Result<(Tensor, usize)> {
+        let t = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if t > self.decoder.max_positions() {
+            bail!(
+                "sequence of {t} tokens exceeds the model's {} positions",
+                self.decoder.max_positions()
+            );
+        }
+        let vocab = self.config().vocab_size as u32;
+        let mut flat = Vec::with_capacity(rows.len() * t);
+        for r in rows {
+            if let Some(bad) = r.iter().find(|&&x| x >= vocab) {
+                bail!("token id {bad} is outside the model's vocabulary of {vocab}");
+            }
+            flat.extend_from_slice(r);
+            flat.extend(std::iter::repeat_n(0, t - r.len()));
+        }
+        Ok((Tensor::from_vec(flat, (rows.len(), t), self.device())?, t))
+    }
+
+    /// Samples `group_size` completions of every prompt, in one batch: P × G results, the G
+    /// completions of prompt p at indices `p·G .. (p+1)·G`.
+    ///
+    /// Each prompt is prefilled once (left-padded batch) and its KV cache copied to its G
+    /// rows. `next_token(logits)` picks a token from f32 logits over the vocabulary (the
+    /// caller's sampler: temperature, top-p, ...), called row by row in index order so a seeded
+    /// sampler is reproducible. `stop(tokens)` is asked after every token whether the
+    /// completion so far should end (stop strings). Finished rows leave the batch.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        group_size: usize,
+        opts: &GenerateOptions,
+        next_token: &mut dyn FnMut(&[f32]) -> u32,
+        stop: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<Vec<Generation>> {
+        let n = prompts.len() * group_size;
+        let mut out = vec![
+            Generation {
+                tokens: Vec::new(),
+                finished_by_eos: false,
+                truncated: false
+            };
+            n
+        ];
+        if n == 0 || opts.max_new_tokens == 0 {
+            for g in &mut out {
+                g.truncated = opts.max_new_tokens == 0;
+            }
+            return Ok(out);
+        }
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            bail!("prompt {i} is empty");
+        }
+        let c0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let max_len = c0 + opts.max_new_tokens;
+        if max_len > self.decoder.max_positions() {
+            bail!(
+                "prompt of {c0} tokens + {} new tokens exceeds the model's {} positions",
+                opts.max_new_tokens,
+                self.decoder.max_positions()
+            );
+        }
+        let dev = self.device();
+        let pads: Vec<usize> = prompts.iter().map(|p| c0 - p.len()).collect();
+        let mut flat = Vec::with_capacity(prompts.len() * c0);
+        let mut pos = Vec::with_capacity(prompts.len() * c0);
+        for (p, &pad) in prompts.iter().zip(&pads) {
+            flat.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
+            pos.extend((0..c0).map(|j| j.saturating_sub(pad) as u32));
+        }
+        let tokens = Tensor::from_vec(flat, (prompts.len(), c0), dev)?;
+        let positions = Tensor::from_vec(pos, (prompts.len(), c0), dev)?;
+        let mut prefill = self.decoder.new_cache(prompts.len(), c0)?;
+        let first =
+            self.decoder
+                .forward_step(&tokens, &positions, &pads, &mut prefill, opts.adapters)?;
+        let first = first.to_vec2::<f32>()?;
+        let owners: Vec<usize> = (0..n).map(|i| i / group_size).collect();
+        let mut cache = prefill.expand(&owners, max_len)?;
+        drop(prefill);
+        // `active[r]` is the output index of cache row r; `row_pad[r]` its left padding.
+        let mut active: Vec<usize> = (0..n).collect();
+        let mut row_pad: Vec<usize> = owners.iter().map(|&p| pads[p]).collect();
+        let mut logits: Vec<Vec<f32>> = owners.iter().map(|&p| first[p].clone()).collect();
+        loop {
+            let mut keep = Vec::with_capacity(active.len());
+            let mut step_tokens = Vec::with_capacity(active.len());
+            for (r, &i) in active.iter().enumerate() {
+                let tok = next_token(&logits[r]);
+                let g = &mut out[i];
+                g.tokens.push(tok);
+                if opts.eos_ids.contains(&tok) {
+                    g.finished_by_eos = true;
+                } else if stop(&g.tokens) {
+                } else if g.tokens.len() >= opts.max_new_tokens {
+                    g.truncated = true;
+                } else {
+                    keep.push(r);
+                    step_tokens.push(tok);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                cache.retain(&keep)?;
+                active = keep.iter().map(|&r| active[r]).collect();
+                row_pad = keep.iter().map(|&r| row_pad[r]).collect();
+            }
+            let col = cache.len();
+            let rows = active.len();
+            let positions: Vec<u32> = row_pad.iter().map(|&p| (col - p) as u32).collect();
+            let tokens = Tensor::from_vec(step_tokens, (rows, 1), dev)?;
+            let positions = Tensor::from_vec(positions, (rows, 1), dev)?;
+            let l = self.decoder.forward_step(
+                &tokens,
+                &positions,
+                &row_pad,
+                &mut cache,
+                opts.adapters,
+            )?;
+            logits = l.to_vec2::<f32>()?;
+        }
+        Ok(out)
+    }
+}
+
+/// Index of the largest logit (greedy decoding); ties go to the lowest id.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in logits.iter().enumerate() {
+        if x > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

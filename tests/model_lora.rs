@@ -1,0 +1,394 @@
+//! LoRA and the training path: adapters start as the identity, log-prob gradients match finite
+//! differences, every trainable tensor receives a gradient, and the custom ops' gradients equal
+//! candle's autograd on the plain path.
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use lean_grpo::model::load::load_dir;
+use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs, selective_log_softmax};
+use lean_grpo::model::{LoraOptions, Policy};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::PathBuf;
+
+fn dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+fn policy(name: &str, dtype: DType, lora: &LoraOptions) -> Policy {
+    let files = load_dir(&dir(name), &Device::Cpu, dtype).unwrap();
+    Policy::from_files(files, lora, &Device::Cpu, dtype, 11).unwrap()
+}
+
+fn random(shape: &[usize], scale: f64, rng: &mut ChaCha8Rng, dtype: DType) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Gives every adapter a random non-zero `B` so that `A` matters too.
+fn randomize_b(p: &Policy, scale: f64, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let w: Vec<_> = p
+        .lora_vars()
+        .into_iter()
+        .map(|(name, a, b)| {
+            let a = a.as_tensor().clone();
+            (name, a, random(b.dims(), scale, &mut rng, b.dtype()))
+        })
+        .collect();
+    p.set_lora_weights(&w).unwrap();
+}
+
+fn batch() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let prompts = vec![vec![295, 266, 269, 62, 15], vec![72, 77], vec![5, 6, 7]];
+    let completions = vec![
+        vec![62, 17, 256, 262],
+        vec![67, 315, 280, 258, 220, 86],
+        vec![],
+    ];
+    (prompts, completions)
+}
+
+/// `Σ w ⊙ logp` with fixed pseudo-random weights (zero weight on padding is not assumed).
+fn objective(p: &Policy, grad: bool) -> Tensor {
+    let (prompts, completions) = batch();
+    let logp = p.logprobs(&prompts, &completions, 0.8, grad, true).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let w = random(logp.dims(), 1.0, &mut rng, logp.dtype());
+    (logp * w).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn fresh_adapters_are_the_identity_and_switch_off() {
+    let lora = LoraOptions {
+        r: 4,
+        ..LoraOptions::default()
+    };
+    let p = policy("tiny-qwen2", DType::F32, &lora);
+    let rows = vec![vec![295, 266, 269, 62, 15, 62, 17]];
+    let base = p.logits(&rows, false).unwrap();
+    let fresh = p.logits(&rows, true).unwrap();
+    assert_eq!(
+        base.to_vec3::<f32>().unwrap(),
+        fresh.to_vec3::<f32>().unwrap()
+    );
+    // PEFT init: A uniform in ±1/√in, B zero.
+    for (name, a, b) in p.lora_vars() {
+        let bound = 1.0 / (a.dim(1).unwrap() as f32).sqrt();
+        let a = a
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(a.iter().all(|x| x.abs() <= bound), "{name}");
+        assert!(a.iter().any(|&x| x != 0.0), "{name}");
+        assert_eq!(
+            b.as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+    randomize_b(&p, 0.3, 1);
+    let adapted = p.logits(&rows, true).unwrap();
+    let diff = (adapted - &base)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff > 1e-3,
+        "a non-zero B must change the logits (diff {diff})"
+    );
+    let off = p.logits(&rows, false).unwrap();
+    assert_eq!(
+        off.to_vec3::<f32>().unwrap(),
+        base.to_vec3::<f32>().unwrap()
+    );
+}
+
+#[test]
+fn adapters_cover_the_target_modules_with_hf_names() {
+    let lora = LoraOptions {
+        r: 2,
+        target_modules: vec!["q_proj".into(), "down_proj".into()],
+        ..LoraOptions::default()
+    };
+    let p = policy("tiny-qwen3", DType::F32, &lora);
+    let names: Vec<String> = p.lora_vars().into_iter().map(|(n, _, _)| n).collect();
+    assert_eq!(
+        names,
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.mlp.down_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.mlp.down_proj"
+        ]
+    );
+    let (_, a, b) = &p.lora_vars()[0];
+    // Qwen3 tiny: hidden 64, 4 heads of head_dim 32.
+    assert_eq!((a.dims(), b.dims()), (&[2, 64][..], &[128, 2][..]));
+    let bad = LoraOptions {
+        target_modules: vec!["qkv".into()],
+        ..LoraOptions::default()
+    };
+    let files = load_dir(&dir("tiny-qwen3"), &Device::Cpu, DType::F32).unwrap();
+    let err = Policy::from_files(files, &bad, &Device::Cpu, DType::F32, 0)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("unknown module `qkv`"), "{err}");
+}
+
+#[test]
+fn logprobs_are_log_softmax_of_logits_at_the_completion_tokens() {
+    let p = policy(
+        "tiny-llama",
+        DType::F32,
+        &LoraOptions {
+            r: 4,
+            ..LoraOptions::default()
+        },
+    );
+    randomize_b(&p, 0.2, 2);
+    let (prompts, completions) = batch();
+    let t = 0.7;
+    let lp = p.logprobs(&prompts, &completions, t, false, true).unwrap();
+    assert_eq!(lp.dims(), &[3, 6]);
+    let lp = lp.to_vec2::<f32>().unwrap();
+    for (i, (pr, c)) in prompts.iter().zip(&completions).enumerate() {
+        let row = [pr.as_slice(), c].concat();
+        let logits = p.logits(&[row], true).unwrap().i(0).unwrap();
+        let ls = candle_nn::ops::log_softmax(&(logits / t).unwrap(), D::Minus1).unwrap();
+        let ls = ls.to_vec2::<f32>().unwrap();
+        for j in 0..6 {
+            let want = if j < c.len() {
+                ls[pr.len() - 1 + j][c[j] as usize]
+            } else {
+                0.0
+            };
+            assert!(
+                (lp[i][j] - want).abs() < 1e-5,
+                "row {i} token {j}: {} vs {want}",
+                lp[i][j]
+            );
+        }
+    }
+    // With gradient: the same values.
+    let lpg = p
+        .logprobs(&prompts, &completions, t, true, true)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(lpg, lp);
+}
+
+#[test]
+fn logprob_gradients_match_finite_differences() {
+    let lora = LoraOptions {
+        r: 2,
+        lora_alpha: 4.0,
+        ..LoraOptions::default()
+    };
+    let p = policy("tiny-qwen2", DType::F64, &lora);
+    randomize_b(&p, 0.3, 5);
+    let vars = p.trainable_vars();
+    let grads = objective(&p, true).backward().unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    // Directional derivative along a random direction, for all adapters at once and for
+    // single adapters on different paths (attention input, MLP output, last layer).
+    let all: Vec<usize> = (0..vars.len()).collect();
+    let n = vars.len();
+    for subset in [all, vec![0], vec![1], vec![n - 1], vec![n / 2 + 1]] {
+        let dirs: Vec<(usize, Tensor)> = subset
+            .iter()
+            .map(|&i| (i, random(vars[i].dims(), 1.0, &mut rng, DType::F64)))
+            .collect();
+        let analytic: f64 = dirs
+            .iter()
+            .map(|(i, d)| {
+                let g = grads.get(vars[*i].as_tensor()).expect("gradient present");
+                (g * d)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            })
+            .sum();
+        let eps = 1e-5;
+        let at = |s: f64| {
+            let saved: Vec<Tensor> = dirs
+                .iter()
+                .map(|(i, _)| vars[*i].as_tensor().copy().unwrap())
+                .collect();
+            for ((i, d), orig) in dirs.iter().zip(&saved) {
+                vars[*i].set(&(orig + (d * s).unwrap()).unwrap()).unwrap();
+            }
+            let v = objective(&p, false).to_scalar::<f64>().unwrap();
+            for ((i, _), orig) in dirs.iter().zip(&saved) {
+                vars[*i].set(orig).unwrap();
+            }
+            v
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+        let rel = (numeric - analytic).abs() / analytic.abs().max(1e-3);
+        assert!(
+            rel < 1e-6,
+            "vars {subset:?}: analytic {analytic}, numeric {numeric}"
+        );
+        assert!(
+            analytic.abs() > 1e-3,
+            "vars {subset:?}: degenerate direction {analytic}"
+        );
+    }
+}
+
+#[test]
+fn every_trainable_tensor_gets_a_gradient() {
+    for name in ["tiny-qwen2", "tiny-llama", "tiny-qwen3"] {
+        let p = policy(
+            name,
+            DType::F32,
+            &LoraOptions {
+                r: 4,
+                ..LoraOptions::default()
+            },
+        );
+        // Fresh adapters (B = 0): every B gets a gradient, every A exactly none (PEFT's init).
+        let grads = objective(&p, true).backward().unwrap();
+        let norm = |grads: &candle_core::backprop::GradStore, v: &Var| {
+            grads.get(v.as_tensor()).map_or(0.0, |g| {
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            })
+        };
+        for (n, a, b) in p.lora_vars() {
+            assert!(norm(&grads, &b) > 0.0, "{name} {n}: B has no gradient");
+            assert_eq!(norm(&grads, &a), 0.0, "{name} {n}: A moves while B = 0");
+        }
+        randomize_b(&p, 0.1, 4);
+        let grads = objective(&p, true).backward().unwrap();
+        for (i, v) in p.trainable_vars().iter().enumerate() {
+            assert!(
+                norm(&grads, v) > 0.0,
+                "{name}: trainable tensor {i} has no gradient"
+            );
+        }
+    }
+}
+
+#[test]
+fn frozen_matmul_backward_equals_autograd_without_a_weight_gradient() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let x = Var::from_tensor(&random(&[2, 5, 7], 1.0, &mut rng, DType::F64)).unwrap();
+    let w = random(&[3, 7], 1.0, &mut rng, DType::F64);
+    let r = random(&[2, 5, 3], 1.0, &mut rng, DType::F64);
+    let ours = frozen_matmul(x.as_tensor(), &w).unwrap();
+    let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+    assert_eq!(
+        ours.to_vec3::<f64>().unwrap(),
+        plain.to_vec3::<f64>().unwrap()
+    );
+    let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g_plain = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let a = g_ours.get(x.as_tensor()).unwrap();
+    let b = g_plain.get(x.as_tensor()).unwrap();
+    let d = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(d < 1e-12, "dL/dx differs by {d}");
+    assert!(
+        g_ours.get(&w).is_none(),
+        "the frozen weight must not get a gradient"
+    );
+}
+
+fn plain_logp(logits: &Tensor, targets: &Tensor, t: f64) -> Tensor {
+    let ls = candle_nn::ops::log_softmax(&(logits / t).unwrap(), D::Minus1).unwrap();
+    ls.gather(&targets.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn selective_log_softmax_matches_autograd() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let (n, v, t) = (9, 37, 0.7);
+    let logits = Var::from_tensor(&random(&[n, v], 4.0, &mut rng, DType::F32)).unwrap();
+    let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    let g = random(&[n], 1.0, &mut rng, DType::F32);
+    let ours = selective_log_softmax(logits.as_tensor(), &targets, t).unwrap();
+    let plain = plain_logp(logits.as_tensor(), &targets, t);
+    assert!(max_diff(&ours, &plain) < 1e-5);
+    let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let d = max_diff(
+        ga.get(logits.as_tensor()).unwrap(),
+        gb.get(logits.as_tensor()).unwrap(),
+    );
+    assert!(d < 1e-6, "gradient differs by {d}");
+    let err = selective_log_softmax(logits.as_tensor(), &targets, 0.0).unwrap_err();
+    assert!(err.to_string().contains("temperature"), "{err}");
+}
+
+#[test]
+fn fused_lm_head_logprobs_match_autograd_across_chunks() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    // 150 rows: three chunks of the fused op, the last one partial.
+    let (n, d, v, t) = (150, 8, 29, 1.3);
+    let hidden = Var::from_tensor(&random(&[n, d], 1.0, &mut rng, DType::F32)).unwrap();
+    let w = random(&[v, d], 1.0, &mut rng, DType::F32);
+    let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+    let g = random(&[n], 1.0, &mut rng, DType::F32);
+    let ours = lm_head_logprobs(hidden.as_tensor(), &w, &targets, t).unwrap();
+    let plain = plain_logp(
+        &hidden.as_tensor().matmul(&w.t().unwrap()).unwrap(),
+        &targets,
+        t,
+    );
+    assert!(max_diff(&ours, &plain) < 1e-5);
+    let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let gb = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let d = max_diff(
+        ga.get(hidden.as_tensor()).unwrap(),
+        gb.get(hidden.as_tensor()).unwrap(),
+    );
+    assert!(d < 1e-5, "gradient differs by {d}");
+    assert!(ga.get(&w).is_none());
+}
