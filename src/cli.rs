@@ -72,6 +72,46 @@ differ from GRPO. Any key can be overridden with `--algo-config`.",
         after_help = "Examples:\n  lean-grpo algorithms\n  lean-grpo algorithms --json | jq '.[].name'"
     )]
     Algorithms(AlgorithmsArgs),
+    /// Write merged full weights (base + LoRA adapter) in Hugging Face layout.
+    #[command(
+        long_about = "Merge a PEFT LoRA adapter into its base model and write full weights in \
+Hugging Face layout (safetensors, config and tokenizer files), for servers that do not load \
+adapters. The adapter itself (`adapter/` of a run) already loads in PEFT, transformers and vLLM.",
+        after_help = "Examples:\n  lean-grpo export --merge --model Qwen/Qwen2.5-0.5B-Instruct --adapter runs/dapo-1/adapter --output merged/"
+    )]
+    Export(ExportArgs),
+    /// Plot reward mean and pass rate per step of a training run (PNG).
+    #[command(
+        long_about = "Draw the reward mean and pass rate of every step of a run (from its \
+`metrics.jsonl`) into a PNG, so a run can be looked at instead of read.",
+        after_help = "Examples:\n  lean-grpo plot runs/dapo-1\n  lean-grpo plot runs/dapo-1 --output reward.png"
+    )]
+    Plot(PlotArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Merge the adapter into the base weights (the only export there is).
+    #[arg(long, required = true)]
+    pub merge: bool,
+    /// Base model: hub id or local directory in HF layout.
+    #[arg(long, value_name = "ID_OR_DIR")]
+    pub model: String,
+    /// PEFT adapter directory.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Directory to write the merged model to.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotArgs {
+    /// A run directory (holding metrics.jsonl).
+    pub run_dir: PathBuf,
+    /// PNG to write (default RUN_DIR/reward.png).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 /// `--config`, `--print-config` and the model/sampling flags shared by `train` and `eval`.
@@ -205,7 +245,12 @@ impl TrainArgs {
         push(&mut out, "train", "num_train_epochs", &self.epochs);
         push(&mut out, "train", "learning_rate", &self.learning_rate);
         push(&mut out, "lora", "r", &self.lora_rank);
-        push(&mut out, "sampling", "max_completion_length", &self.max_completion_length);
+        push(
+            &mut out,
+            "sampling",
+            "max_completion_length",
+            &self.max_completion_length,
+        );
         push(&mut out, "sampling", "temperature", &self.temperature);
         push(&mut out, "train", "seed", &self.seed);
         push(&mut out, "train", "split", &self.split);
@@ -262,7 +307,12 @@ impl EvalArgs {
         push(&mut out, "eval", "num_samples", &self.num_samples);
         push(&mut out, "eval", "k", &self.k);
         push(&mut out, "sampling", "temperature", &self.temperature);
-        push(&mut out, "sampling", "max_completion_length", &self.max_completion_length);
+        push(
+            &mut out,
+            "sampling",
+            "max_completion_length",
+            &self.max_completion_length,
+        );
         push(&mut out, "eval", "split", &self.split);
         push(&mut out, "eval", "seed", &self.seed);
         push(&mut out, "eval", "output_dir", &self.output);

@@ -1,11 +1,18 @@
 //! One function per subcommand: the glue between the CLI and the pipeline modules.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::cli::{AlgorithmsArgs, CheckArgs, Cli, Command, ConfigArgs, EvalArgs, TrainArgs};
+use crate::cli::{
+    AlgorithmsArgs, CheckArgs, Cli, Command, ConfigArgs, EvalArgs, ExportArgs, PlotArgs, TrainArgs,
+};
 use crate::config::{Config, Override};
+use crate::data::load_theorems;
+use crate::train::TrainInputs;
 
 /// What a command that ran to the end found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,10 +41,12 @@ pub fn is_input_error(error: &anyhow::Error) -> bool {
 
 pub fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
-        Command::Train(args) => train(args),
-        Command::Eval(args) => eval(args),
+        Command::Train(args) => train(args, cli.quiet),
+        Command::Eval(args) => eval(args, cli.quiet),
         Command::Check(args) => check(args, cli.quiet),
         Command::Algorithms(args) => algorithms(args),
+        Command::Export(args) => export(args),
+        Command::Plot(args) => plot(args),
     }
 }
 
@@ -55,28 +64,136 @@ fn configure(
     Ok(Some(config))
 }
 
-fn train(args: TrainArgs) -> Result<Outcome> {
-    let Some(_config) = configure(&args.config, &args.overrides(), args.algo_config.as_deref())?
+fn train(args: TrainArgs, quiet: bool) -> Result<Outcome> {
+    let Some(config) = configure(&args.config, &args.overrides(), args.algo_config.as_deref())?
     else {
         return Ok(Outcome::Success);
     };
-    anyhow::bail!("`train` is not built yet: the RL loop lands with the train/eval issue")
+    let theorems = load_theorems(&args.theorems, config.train.split.as_deref())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    // The first Ctrl-C asks the loop to checkpoint and stop; a second one exits at once.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit without one)");
+    });
+    let report = crate::train::train(
+        &config,
+        TrainInputs {
+            theorems,
+            resume: args.resume.as_deref(),
+            show_progress: !quiet && std::io::stderr().is_terminal(),
+            stop,
+        },
+    )?;
+    let status = if report.interrupted {
+        "stopped"
+    } else {
+        "finished"
+    };
+    println!(
+        "{status} after step {} — run directory {}",
+        report.steps,
+        report.run_dir.display()
+    );
+    if let Some(m) = &report.last {
+        println!(
+            "last step: reward {:.3}, pass rate {:.1}%",
+            m.reward_mean,
+            100.0 * m.pass_rate
+        );
+    }
+    if report.interrupted {
+        println!(
+            "continue with: lean-grpo train {} --resume {}",
+            args.theorems.display(),
+            report.run_dir.display()
+        );
+    }
+    Ok(Outcome::Success)
 }
 
-fn eval(args: EvalArgs) -> Result<Outcome> {
-    let Some(_config) = configure(&args.config, &args.overrides(), None)? else {
+fn eval(args: EvalArgs, quiet: bool) -> Result<Outcome> {
+    let Some(config) = configure(&args.config, &args.overrides(), None)? else {
         return Ok(Outcome::Success);
     };
-    anyhow::bail!("`eval` is not built yet: it lands with the train/eval issue")
+    let theorems = load_theorems(&args.theorems, config.eval.split.as_deref())?;
+    let source = match args.endpoint {
+        Some(url) => crate::eval::Source::Endpoint {
+            url,
+            served_model: args
+                .served_model
+                .unwrap_or_else(|| config.model.model.clone()),
+            api_key_env: args.api_key_env,
+        },
+        None => crate::eval::Source::Local,
+    };
+    let show = !quiet && std::io::stderr().is_terminal();
+    let report = crate::eval::evaluate(&config, &theorems, source, show)?;
+    print!("{}", crate::passk::render_table(&report.summary));
+    println!("results: {}", report.output_dir.display());
+    Ok(Outcome::Success)
 }
 
-fn check(args: CheckArgs, _quiet: bool) -> Result<Outcome> {
-    let Some(_config) = configure(&args.config, &args.overrides(), None)? else {
+fn check(args: CheckArgs, quiet: bool) -> Result<Outcome> {
+    if args.explain_screening {
+        print!("{}", crate::lean::explain_screening());
+        return Ok(Outcome::Success);
+    }
+    let Some(config) = configure(&args.config, &args.overrides(), None)? else {
         return Ok(Outcome::Success);
     };
-    anyhow::bail!("`check` is not built yet: it lands with the checker issue")
+    let Some(path) = &args.theorems else {
+        anyhow::bail!("give a theorem file to check (or --explain-screening)");
+    };
+    let theorems = load_theorems(path, args.split.as_deref())?;
+    let show = !quiet && std::io::stderr().is_terminal();
+    let summary = crate::lean::run_check(
+        &theorems,
+        args.completions.as_deref(),
+        args.output.as_deref(),
+        &config.checker,
+        show,
+    )?;
+    println!("{summary}");
+    Ok(if summary.rejected > 0 {
+        Outcome::Failures
+    } else {
+        Outcome::Success
+    })
 }
 
-fn algorithms(_args: AlgorithmsArgs) -> Result<Outcome> {
-    anyhow::bail!("`algorithms` is not built yet: it lands with the algorithms issue")
+fn algorithms(args: AlgorithmsArgs) -> Result<Outcome> {
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&crate::algo::catalog_json())?
+        );
+    } else {
+        print!("{}", crate::algo::table());
+    }
+    Ok(Outcome::Success)
+}
+
+fn export(args: ExportArgs) -> Result<Outcome> {
+    let base = if std::path::Path::new(&args.model).is_dir() {
+        std::path::PathBuf::from(&args.model)
+    } else {
+        let hub = crate::model::load::HubSettings::from_env();
+        crate::model::load::resolve_hub(&args.model, "main", &hub)?
+    };
+    crate::model::adapter::export_merged(&base, &args.adapter, &args.output)?;
+    println!("merged model written to {}", args.output.display());
+    Ok(Outcome::Success)
+}
+
+fn plot(args: PlotArgs) -> Result<Outcome> {
+    let out = args
+        .output
+        .unwrap_or_else(|| args.run_dir.join("reward.png"));
+    crate::plot::plot_run(&args.run_dir, &out)?;
+    println!("{}", out.display());
+    Ok(Outcome::Success)
 }

@@ -200,9 +200,8 @@ impl Config {
             }
         }
         if let Some(json) = algo_config {
-            let overrides: Value = serde_json::from_str(json).map_err(|e| {
-                ConfigError::new("--algo-config", format!("invalid JSON: {e}"))
-            })?;
+            let overrides: Value = serde_json::from_str(json)
+                .map_err(|e| ConfigError::new("--algo-config", format!("invalid JSON: {e}")))?;
             let Value::Object(overrides) = overrides else {
                 return Err(ConfigError::new(
                     "--algo-config",

@@ -1,1 +1,263 @@
-//! pass@k evaluation.
+//! pass@k evaluation: sample n proofs per theorem from a local policy or an OpenAI-compatible
+//! endpoint, check each with Lean, and report pass@k with the unbiased estimator.
+//!
+//! The output directory holds `results.jsonl` (per problem: the exact prompt sent, every sample,
+//! its verdict) and `summary.json`; the table goes to stdout. pass@k can be recomputed from
+//! `results.jsonl` alone.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::data::{user_message, Theorem};
+use crate::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message};
+use crate::lean::{progress_bar, Checked, Checker, Evidence, Job};
+use crate::model::sampler::{Sampler, StopStrings};
+use crate::model::tokenizer::{ChatMessage, Tokenizer};
+use crate::model::{GenerateOptions, Policy};
+use crate::passk::{self, PassAtKSummary, ProblemCounts};
+use crate::train::{load_adapter_into, prompt_tokens, rollout, SamplingSetup};
+
+/// Where samples come from.
+pub enum Source {
+    /// The configured `model` (with its optional `adapter`).
+    Local,
+    /// An OpenAI-compatible server.
+    Endpoint {
+        url: String,
+        served_model: String,
+        api_key_env: Option<String>,
+    },
+}
+
+/// One sample of one problem, as written to `results.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SampleResult {
+    pub completion: String,
+    pub proof: Option<String>,
+    pub verdict: String,
+    pub accepted: bool,
+    pub evidence: Evidence,
+    pub truncated: bool,
+    pub seconds: f64,
+}
+
+/// One line of `results.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProblemResult {
+    pub name: String,
+    /// The exact text the model was given: the chat-templated prompt for a local model, the
+    /// user message for an endpoint (which applies its own template).
+    pub prompt: String,
+    pub samples: Vec<SampleResult>,
+    pub accepted: usize,
+}
+
+pub struct EvalReport {
+    pub output_dir: PathBuf,
+    pub summary: PassAtKSummary,
+}
+
+pub fn evaluate(
+    config: &Config,
+    theorems: &[Theorem],
+    source: Source,
+    show_progress: bool,
+) -> Result<EvalReport> {
+    let eval = &config.eval;
+    if eval.num_samples == 0 {
+        bail!("eval.num_samples (-n) must be at least 1");
+    }
+    if let Some(&k) = eval.k.iter().find(|&&k| k == 0 || k > eval.num_samples) {
+        bail!(
+            "pass@{k} needs 1 <= k <= n, and n (-n / eval.num_samples) is {}",
+            eval.num_samples
+        );
+    }
+    let output_dir = eval.output_dir.clone().unwrap_or_else(default_output_dir);
+    std::fs::create_dir_all(&output_dir).with_context(|| {
+        format!(
+            "cannot create the output directory {}",
+            output_dir.display()
+        )
+    })?;
+    let results_path = output_dir.join("results.jsonl");
+    let mut results = BufWriter::new(
+        File::create(&results_path)
+            .with_context(|| format!("cannot write {}", results_path.display()))?,
+    );
+    let checker = Checker::new(&config.checker)?;
+    let bar = progress_bar(theorems.len() as u64, show_progress);
+    let mut counts = Vec::with_capacity(theorems.len());
+    let mut write = |problem: ProblemResult| -> Result<()> {
+        counts.push(ProblemCounts {
+            name: problem.name.clone(),
+            samples: problem.samples.len(),
+            accepted: problem.accepted,
+        });
+        serde_json::to_writer(&mut results, &problem)?;
+        results.write_all(b"\n")?;
+        bar.inc(1);
+        Ok(())
+    };
+    match source {
+        Source::Local => local(config, theorems, &checker, &mut write)?,
+        Source::Endpoint {
+            url,
+            served_model,
+            api_key_env,
+        } => {
+            let mut options = EndpointOptions::new(url, served_model);
+            options.api_key_env = api_key_env;
+            options.concurrency = eval.concurrency.max(1);
+            let client = EndpointClient::new(options)?;
+            endpoint(config, theorems, &client, &checker, &mut write)?;
+        }
+    }
+    bar.finish_and_clear();
+    results.flush()?;
+    let summary = passk::summarize(&counts, &eval.k);
+    let summary_path = output_dir.join("summary.json");
+    std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", summary_path.display()))?;
+    Ok(EvalReport {
+        output_dir,
+        summary,
+    })
+}
+
+/// Theorems sampled per rollout: enough to overlap sampling with checking, few enough for a
+/// progress bar that moves.
+const CHUNK: usize = 4;
+
+fn local(
+    config: &Config,
+    theorems: &[Theorem],
+    checker: &Checker,
+    write: &mut dyn FnMut(ProblemResult) -> Result<()>,
+) -> Result<()> {
+    let policy = Policy::load(&config.model, &config.lora, config.eval.seed)?;
+    let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
+    if let Some(dir) = &config.model.adapter {
+        load_adapter_into(&policy, &config.lora, Path::new(dir))?;
+    }
+    let adapters = config.model.adapter.is_some();
+    let prompts = theorems
+        .iter()
+        .map(|t| prompt_tokens(&tokenizer, t))
+        .collect::<Result<Vec<_>>>()?;
+    let setup = SamplingSetup {
+        policy: &policy,
+        tokenizer: &tokenizer,
+        checker,
+        generate: GenerateOptions {
+            max_new_tokens: config.sampling.max_completion_length,
+            eos_ids: tokenizer.eos_ids().to_vec(),
+            adapters,
+        },
+        stop: StopStrings::new(&config.sampling.stop),
+    };
+    let mut sampler = Sampler::new(&config.sampling, config.eval.seed);
+    let ids: Vec<usize> = (0..theorems.len()).collect();
+    for chunk in ids.chunks(CHUNK) {
+        let (groups, _) = rollout(
+            &setup,
+            &mut sampler,
+            theorems,
+            &prompts,
+            chunk,
+            config.eval.num_samples,
+        )?;
+        for group in groups {
+            let theorem = &theorems[group.theorem];
+            let prompt =
+                tokenizer.apply_chat_template(&[ChatMessage::user(user_message(theorem))], true)?;
+            let samples = group
+                .completions
+                .into_iter()
+                .map(|c| sample_result(c.text, c.truncated, c.checked))
+                .collect();
+            write(problem(theorem, prompt, samples))?;
+        }
+    }
+    Ok(())
+}
+
+fn endpoint(
+    config: &Config,
+    theorems: &[Theorem],
+    client: &EndpointClient,
+    checker: &Checker,
+    write: &mut dyn FnMut(ProblemResult) -> Result<()>,
+) -> Result<()> {
+    let sampling = &config.sampling;
+    for chunk in theorems.chunks(CHUNK * 4) {
+        let requests: Vec<ChatRequest> = chunk
+            .iter()
+            .map(|t| ChatRequest {
+                messages: vec![Message::new("user", user_message(t))],
+                n: config.eval.num_samples,
+                temperature: sampling.temperature,
+                top_p: sampling.top_p,
+                max_tokens: sampling.max_completion_length,
+                stop: sampling.stop.clone(),
+                seed: Some(config.eval.seed),
+            })
+            .collect();
+        let answers = client.complete(&requests);
+        for (theorem, answer) in chunk.iter().zip(answers) {
+            let completion = answer
+                .with_context(|| format!("sampling theorem {} from the endpoint", theorem.name))?;
+            let jobs: Vec<Job> = completion
+                .choices
+                .iter()
+                .map(|c| Job::new(theorem, c.text.clone()))
+                .collect();
+            let checked = checker.check(&jobs, None)?;
+            let samples = completion
+                .choices
+                .into_iter()
+                .zip(checked)
+                .map(|(choice, checked)| {
+                    let truncated = choice.truncated();
+                    sample_result(choice.text, truncated, checked)
+                })
+                .collect();
+            write(problem(theorem, user_message(theorem), samples))?;
+        }
+    }
+    Ok(())
+}
+
+fn sample_result(completion: String, truncated: bool, checked: Checked) -> SampleResult {
+    SampleResult {
+        completion,
+        proof: checked.proof,
+        verdict: checked.verdict.kind.name().to_string(),
+        accepted: checked.verdict.is_accepted(),
+        evidence: checked.verdict.evidence,
+        truncated,
+        seconds: checked.seconds,
+    }
+}
+
+fn problem(theorem: &Theorem, prompt: String, samples: Vec<SampleResult>) -> ProblemResult {
+    ProblemResult {
+        name: theorem.name.clone(),
+        prompt,
+        accepted: samples.iter().filter(|s| s.accepted).count(),
+        samples,
+    }
+}
+
+fn default_output_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    PathBuf::from("evals").join(secs.to_string())
+}

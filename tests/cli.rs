@@ -27,8 +27,14 @@ fn every_subcommand_help_has_examples() {
         let out = lean_grpo(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help failed");
         let text = stdout(&out);
-        assert!(text.contains("Examples:"), "{sub} --help has no examples:\n{text}");
-        assert!(text.contains(&format!("lean-grpo {sub}")), "{sub} --help example does not use it");
+        assert!(
+            text.contains("Examples:"),
+            "{sub} --help has no examples:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("lean-grpo {sub}")),
+            "{sub} --help example does not use it"
+        );
     }
 }
 
@@ -43,24 +49,47 @@ fn bad_usage_exits_2() {
 
 #[test]
 fn bad_config_exits_2_with_the_key() {
-    let out = lean_grpo(&["train", "data/toy.jsonl", "--algo-config", "{not json", "--print-config"]);
+    let out = lean_grpo(&[
+        "train",
+        "data/toy.jsonl",
+        "--algo-config",
+        "{not json",
+        "--print-config",
+    ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).starts_with("error: --algo-config: invalid JSON"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("error: --algo-config: invalid JSON"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn print_config_round_trips_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let out = lean_grpo(&[
-        "train", "data/toy.jsonl", "--algorithm", "dapo", "--learning-rate", "2e-5",
-        "--lean-cmd", "lean --json", "--print-config",
+        "train",
+        "data/toy.jsonl",
+        "--algorithm",
+        "dapo",
+        "--learning-rate",
+        "2e-5",
+        "--lean-cmd",
+        "lean --json",
+        "--print-config",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let printed = stdout(&out);
     assert!(printed.contains("algorithm: dapo"));
     let path = dir.path().join("effective.yaml");
     std::fs::write(&path, &printed).unwrap();
-    let again = lean_grpo(&["train", "data/toy.jsonl", "--config", path.to_str().unwrap(), "--print-config"]);
+    let again = lean_grpo(&[
+        "train",
+        "data/toy.jsonl",
+        "--config",
+        path.to_str().unwrap(),
+        "--print-config",
+    ]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(stdout(&again), printed);
 }

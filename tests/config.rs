@@ -23,7 +23,10 @@ fn defaults_then_file_then_flags() {
     assert_eq!(config.train.learning_rate, 3e-5, "file beats default");
     assert_eq!(config.train.num_generations, 16, "flag beats file");
     assert_eq!(config.checker.timeout, 12.0);
-    assert_eq!(config.train.batch_size, 4, "untouched keys keep their defaults");
+    assert_eq!(
+        config.train.batch_size, 4,
+        "untouched keys keep their defaults"
+    );
     let defaults = Config::load(None, &[], None).unwrap();
     assert_eq!(defaults, Config::default());
 }
@@ -38,7 +41,10 @@ fn json_files_and_algo_config_flag() {
     );
     let config = Config::load(Some(&file), &[], Some(r#"{"beta": 0.04}"#)).unwrap();
     assert_eq!(config.train.algorithm, "dapo");
-    assert_eq!(config.algorithm_config["beta"], 0.04, "--algo-config beats the file");
+    assert_eq!(
+        config.algorithm_config["beta"], 0.04,
+        "--algo-config beats the file"
+    );
     assert_eq!(config.algorithm_config["epsilon"], 0.1);
 }
 
@@ -46,7 +52,9 @@ fn json_files_and_algo_config_flag() {
 fn unknown_key_lists_the_valid_keys_of_its_section() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "c.yaml", "train:\n  lerning_rate: 1.0e-5\n");
-    let err = Config::load(Some(&file), &[], None).unwrap_err().to_string();
+    let err = Config::load(Some(&file), &[], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.starts_with(&format!("{}: `train.lerning_rate`: unknown field `lerning_rate`, expected one of `algorithm`, `num_generations`, `batch_size`", file.display())), "{err}");
     assert!(err.contains("`learning_rate`"), "{err}");
 }
@@ -55,7 +63,9 @@ fn unknown_key_lists_the_valid_keys_of_its_section() {
 fn unknown_section_lists_the_sections() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "c.yaml", "trainer:\n  seed: 1\n");
-    let err = Config::load(Some(&file), &[], None).unwrap_err().to_string();
+    let err = Config::load(Some(&file), &[], None)
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         err,
         format!(
@@ -69,24 +79,43 @@ fn unknown_section_lists_the_sections() {
 fn wrong_type_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "c.yaml", "checker:\n  jobs: many\n");
-    let err = Config::load(Some(&file), &[], None).unwrap_err().to_string();
-    assert!(err.contains("`checker.jobs`: invalid type: string \"many\""), "{err}");
+    let err = Config::load(Some(&file), &[], None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`checker.jobs`: invalid type: string \"many\""),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_files_are_errors_not_panics() {
     let dir = tempfile::tempdir().unwrap();
     let toml = write(dir.path(), "c.toml", "x = 1");
-    let err = Config::load(Some(&toml), &[], None).unwrap_err().to_string();
+    let err = Config::load(Some(&toml), &[], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.ends_with("unknown config format; name the file *.yaml, *.yml or *.json"));
     let list = write(dir.path(), "c.yaml", "- 1\n- 2\n");
-    let err = Config::load(Some(&list), &[], None).unwrap_err().to_string();
-    assert!(err.ends_with("expected a mapping of sections, found a list"), "{err}");
+    let err = Config::load(Some(&list), &[], None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.ends_with("expected a mapping of sections, found a list"),
+        "{err}"
+    );
     let broken = write(dir.path(), "c.json", "{\"train\": ");
-    let err = Config::load(Some(&broken), &[], None).unwrap_err().to_string();
+    let err = Config::load(Some(&broken), &[], None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("invalid JSON"), "{err}");
-    let err = Config::load(None, &[], Some("[1]")).unwrap_err().to_string();
-    assert!(err.starts_with("--algo-config: expected a JSON object"), "{err}");
+    let err = Config::load(None, &[], Some("[1]"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("--algo-config: expected a JSON object"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -115,5 +144,8 @@ fn every_shipped_config_loads() {
         assert!(!config.model.model.is_empty());
         count += 1;
     }
-    assert!(count >= 6, "expected a config per algorithm and an eval config, found {count}");
+    assert!(
+        count >= 6,
+        "expected a config per algorithm and an eval config, found {count}"
+    );
 }

@@ -24,7 +24,8 @@ fn error_of(bytes: &[u8]) -> String {
     let f = file_with(bytes);
     let err = load_theorems(&f.path, None).expect_err("the loader accepted bad input");
     // Messages are relative to the file the user named; strip the temp directory.
-    err.to_string().replace(&format!("{}", f.path.display()), "theorems.jsonl")
+    err.to_string()
+        .replace(&format!("{}", f.path.display()), "theorems.jsonl")
 }
 
 const GOOD: &str = r#"{"name": "t1", "statement": "theorem t1 : True :=", "proof": "trivial"}"#;
@@ -110,7 +111,11 @@ fn ten_megabytes_on_one_line_does_not_panic() {
     input.extend(std::iter::repeat_n(b'a', 10 * 1024 * 1024));
     // Unterminated: the string never closes.
     let err = error_of(&input);
-    assert!(err.starts_with("theorems.jsonl:1: invalid JSON"), "{}", &err[..80]);
+    assert!(
+        err.starts_with("theorems.jsonl:1: invalid JSON"),
+        "{}",
+        &err[..80]
+    );
     // And a well-formed 10 MB record loads.
     input.extend_from_slice(b"\"}\n");
     let f = file_with(&input);
@@ -134,11 +139,17 @@ fn statement_without_assign_gets_one() {
     let input = r#"{"name": "add_zero", "statement": "theorem add_zero (n : Nat) : n + 0 = n"}"#;
     let f = file_with(input.as_bytes());
     let theorems = load_theorems(&f.path, None).unwrap();
-    assert_eq!(theorems[0].statement, "theorem add_zero (n : Nat) : n + 0 = n :=");
+    assert_eq!(
+        theorems[0].statement,
+        "theorem add_zero (n : Nat) : n + 0 = n :="
+    );
     // With `:=` (and trailing spaces) it is kept as is.
     let input = r#"{"name": "a", "statement": "theorem a : True :=  ", "extra": {"kept": 1}}"#;
     let f = file_with(input.as_bytes());
-    assert_eq!(load_theorems(&f.path, None).unwrap()[0].statement, "theorem a : True :=");
+    assert_eq!(
+        load_theorems(&f.path, None).unwrap()[0].statement,
+        "theorem a : True :="
+    );
 }
 
 #[test]
@@ -149,7 +160,9 @@ fn split_filters_and_unknown_split_lists_the_present_ones() {
     let test = load_theorems(&f.path, Some("test")).unwrap();
     assert_eq!(test.len(), 1);
     assert_eq!(test[0].name, "b");
-    let err = load_theorems(&f.path, Some("valid")).unwrap_err().to_string();
+    let err = load_theorems(&f.path, Some("valid"))
+        .unwrap_err()
+        .to_string();
     assert!(
         err.ends_with("no record has split \"valid\"; splits in this file: \"train\", \"test\""),
         "{err}"
@@ -161,7 +174,10 @@ fn missing_file_names_the_path() {
     let err = load_theorems(std::path::Path::new("no/such/theorems.jsonl"), None)
         .unwrap_err()
         .to_string();
-    assert!(err.starts_with("no/such/theorems.jsonl: cannot read:"), "{err}");
+    assert!(
+        err.starts_with("no/such/theorems.jsonl: cannot read:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -169,21 +185,39 @@ fn shipped_data_sets_load() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
     let minif2f = load_theorems(&root.join("minif2f.jsonl"), None).unwrap();
     assert_eq!(minif2f.len(), 488);
-    assert_eq!(load_theorems(&root.join("minif2f.jsonl"), Some("test")).unwrap().len(), 244);
-    assert!(minif2f[0].header.as_deref().unwrap().starts_with("import Mathlib\n"));
+    assert_eq!(
+        load_theorems(&root.join("minif2f.jsonl"), Some("test"))
+            .unwrap()
+            .len(),
+        244
+    );
+    assert!(minif2f[0]
+        .header
+        .as_deref()
+        .unwrap()
+        .starts_with("import Mathlib\n"));
     let toy = load_theorems(&root.join("toy.jsonl"), None).unwrap();
     assert_eq!(toy.len(), 59);
     let prelude = load_theorems(&root.join("prelude.jsonl"), None).unwrap();
     assert_eq!(prelude.len(), 75);
-    assert_eq!(load_theorems(&root.join("prelude.jsonl"), Some("train")).unwrap().len(), 59);
-    assert!(prelude.iter().all(|t| t.statement.ends_with(":=") && t.proof.is_some()));
+    assert_eq!(
+        load_theorems(&root.join("prelude.jsonl"), Some("train"))
+            .unwrap()
+            .len(),
+        59
+    );
+    assert!(prelude
+        .iter()
+        .all(|t| t.statement.ends_with(":=") && t.proof.is_some()));
 }
 
 #[test]
 fn prompt_shows_preamble_and_statement_verbatim() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data");
     let toy = load_theorems(&root.join("toy.jsonl"), None).unwrap();
-    let with_context = toy.iter().find(|t| t.context.as_deref().is_some_and(|c| !c.is_empty()));
+    let with_context = toy
+        .iter()
+        .find(|t| t.context.as_deref().is_some_and(|c| !c.is_empty()));
     let theorem = with_context.expect("toy.jsonl has records with a context");
     let msg = user_message(theorem);
     let expected_code = format!(

@@ -74,8 +74,8 @@ impl<R: BufRead> TheoremReader<R> {
                 e.valid_up_to() + 1
             ))
         })?;
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| self.error(format!("invalid JSON: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| self.error(format!("invalid JSON: {e}")))?;
         let Value::Object(record) = value else {
             return Err(self.error(format!(
                 "expected a JSON object (one theorem record per line), found {}",
@@ -119,10 +119,16 @@ impl<R: BufRead> TheoremReader<R> {
         })
     }
 
-    fn required_string(&self, record: &Map<String, Value>, field: &str) -> Result<String, LoadError> {
+    fn required_string(
+        &self,
+        record: &Map<String, Value>,
+        field: &str,
+    ) -> Result<String, LoadError> {
         match self.optional_string(record, field)? {
             None => Err(self.error(format!("missing field \"{field}\""))),
-            Some(s) if s.trim().is_empty() => Err(self.error(format!("field \"{field}\" is empty"))),
+            Some(s) if s.trim().is_empty() => {
+                Err(self.error(format!("field \"{field}\" is empty")))
+            }
             Some(s) => Ok(s),
         }
     }
@@ -208,7 +214,13 @@ pub fn load_theorems(path: &Path, split: Option<&str>) -> Result<Vec<Theorem>, L
     if theorems.is_empty() {
         let listed: Vec<String> = splits
             .iter()
-            .map(|s| if s.is_empty() { "(none)".to_string() } else { format!("\"{s}\"") })
+            .map(|s| {
+                if s.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    format!("\"{s}\"")
+                }
+            })
             .collect();
         return Err(LoadError::File {
             path: path.to_owned(),

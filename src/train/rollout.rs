@@ -1,0 +1,185 @@
+//! Sampling groups of proofs and checking them, overlapped: while the policy samples the next
+//! theorem's group, the checker pool is already running Lean on the previous one.
+
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::data::{user_message, Theorem};
+use crate::lean::{Checked, Checker, Job};
+use crate::model::sampler::{Sampler, StopStrings};
+use crate::model::tokenizer::{ChatMessage, Tokenizer};
+use crate::model::{GenerateOptions, Policy};
+
+/// One sampled and checked completion.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Generated tokens, the EOS that ended it included.
+    pub tokens: Vec<u32>,
+    /// The decoded text the checker saw (cut at a stop string).
+    pub text: String,
+    pub truncated: bool,
+    pub checked: Checked,
+}
+
+/// The G completions of one theorem.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Index into the theorem list.
+    pub theorem: usize,
+    pub completions: Vec<Completion>,
+}
+
+/// Wall-clock split of one rollout.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RolloutTimes {
+    /// Time inside the policy's sampling.
+    pub sampling: f64,
+    /// Time Lean spent on this rollout's groups (overlapping sampling).
+    pub checking: f64,
+    /// Time from the end of sampling to the last verdict: what checking added to the step.
+    pub checking_tail: f64,
+    pub tokens: usize,
+}
+
+/// The prompt tokens of a theorem: the instruction of [`user_message`] through the model's chat
+/// template (a plain template when the model has none).
+pub fn prompt_tokens(tokenizer: &Tokenizer, theorem: &Theorem) -> Result<Vec<u32>> {
+    let messages = [ChatMessage::user(user_message(theorem))];
+    let text = tokenizer
+        .apply_chat_template(&messages, true)
+        .with_context(|| format!("building the prompt of theorem {}", theorem.name))?;
+    tokenizer.encode(&text, false)
+}
+
+/// Everything sampling needs besides the prompts.
+pub struct SamplingSetup<'a> {
+    pub policy: &'a Policy,
+    pub tokenizer: &'a Tokenizer,
+    pub checker: &'a Checker,
+    pub generate: GenerateOptions,
+    pub stop: StopStrings,
+}
+
+/// Samples `group_size` completions for each of `theorem_ids` (one generation batch per
+/// theorem, its prompt prefilled once) and checks them while the next group is sampled.
+/// Groups come back in the order of `theorem_ids`.
+pub fn rollout(
+    setup: &SamplingSetup,
+    sampler: &mut Sampler,
+    theorems: &[Theorem],
+    prompts: &[Vec<u32>],
+    theorem_ids: &[usize],
+    group_size: usize,
+) -> Result<(Vec<Group>, RolloutTimes)> {
+    let mut times = RolloutTimes::default();
+    let checker = setup.checker;
+    std::thread::scope(|scope| -> Result<(Vec<Group>, RolloutTimes)> {
+        let (to_checker, inbox) = mpsc::channel::<Vec<Job>>();
+        let lean = scope.spawn(move || -> Result<(Vec<Vec<Checked>>, f64)> {
+            let mut verdicts = Vec::new();
+            let mut busy = 0.0;
+            for jobs in inbox {
+                let start = Instant::now();
+                verdicts.push(checker.check(&jobs, None)?);
+                busy += start.elapsed().as_secs_f64();
+            }
+            Ok((verdicts, busy))
+        });
+        let mut sampled = Vec::with_capacity(theorem_ids.len());
+        let sampling_result = (|| -> Result<()> {
+            for &id in theorem_ids {
+                let start = Instant::now();
+                let group = sample_group(setup, sampler, &prompts[id], group_size)?;
+                times.sampling += start.elapsed().as_secs_f64();
+                times.tokens += group
+                    .iter()
+                    .map(|(tokens, _, _)| tokens.len())
+                    .sum::<usize>();
+                let jobs = group
+                    .iter()
+                    .map(|(_, text, _)| Job::new(&theorems[id], text.clone()))
+                    .collect();
+                // A send fails only when the checker thread has stopped on an error, which
+                // `join` reports below.
+                let _ = to_checker.send(jobs);
+                sampled.push((id, group));
+            }
+            Ok(())
+        })();
+        drop(to_checker);
+        let tail_start = Instant::now();
+        let checked = lean
+            .join()
+            .map_err(|_| anyhow::anyhow!("the checker thread panicked"))?;
+        sampling_result?;
+        let (verdicts, busy) = checked?;
+        times.checking = busy;
+        times.checking_tail = tail_start.elapsed().as_secs_f64();
+        let groups = sampled
+            .into_iter()
+            .zip(verdicts)
+            .map(|((theorem, group), checked)| Group {
+                theorem,
+                completions: group
+                    .into_iter()
+                    .zip(checked)
+                    .map(|((tokens, text, truncated), checked)| Completion {
+                        tokens,
+                        text,
+                        truncated,
+                        checked,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok((groups, times))
+    })
+}
+
+/// Samples one group: (tokens, text, truncated) per completion.
+fn sample_group(
+    setup: &SamplingSetup,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    group_size: usize,
+) -> Result<Vec<(Vec<u32>, String, bool)>> {
+    let tokenizer = setup.tokenizer;
+    let mut sample_error = None;
+    let mut next_token = |logits: &[f32]| match sampler.sample(logits) {
+        Ok(token) => token,
+        Err(e) => {
+            sample_error.get_or_insert(e);
+            // Any id ends nothing by itself; the error is raised once generation returns.
+            setup.generate.eos_ids.first().copied().unwrap_or(0)
+        }
+    };
+    let stop = &setup.stop;
+    let mut stop_check = |tokens: &[u32]| {
+        !stop.is_empty()
+            && tokenizer
+                .decode(tokens, true)
+                .is_ok_and(|text| stop.find(&text).is_some())
+    };
+    let generations = setup.policy.generate(
+        &[prompt.to_vec()],
+        group_size,
+        &setup.generate,
+        &mut next_token,
+        &mut stop_check,
+    )?;
+    if let Some(e) = sample_error {
+        return Err(e.context("sampling a token"));
+    }
+    generations
+        .into_iter()
+        .map(|generation| {
+            let mut text = tokenizer.decode(&generation.tokens, true)?;
+            if let Some(found) = stop.find(&text) {
+                text.truncate(found.start);
+            }
+            Ok((generation.tokens, text, generation.truncated))
+        })
+        .collect()
+}
