@@ -1,0 +1,584 @@
+//! `train`, `eval` and `plot` end to end: the binary, a tiny committed model, and real Lean on
+//! `data/prelude.jsonl` (the real-Lean tier: `LEAN_GRPO_TEST_LEAN`, see scripts/test-lean.sh).
+
+use std::io::{BufRead, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lean_grpo::config::Config;
+use lean_grpo::eval::ProblemResult;
+use lean_grpo::passk;
+use serde_json::Value;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn real_lean() -> Option<String> {
+    match std::env::var("LEAN_GRPO_TEST_LEAN") {
+        Ok(path) if !path.is_empty() => Some(path),
+        _ => {
+            eprintln!("SKIP real-lean: LEAN_GRPO_TEST_LEAN unset (run scripts/test.sh)");
+            None
+        }
+    }
+}
+
+/// The committed tiny Qwen2 with room for prelude prompts (its config allows 256 positions;
+/// RoPE has no learned positions, so widening the limit changes no weight).
+fn tiny_model(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny-qwen2");
+    std::fs::create_dir_all(&model).unwrap();
+    let src = Path::new(ROOT).join("tests/data/tiny-qwen2");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let config = model.join("config.json");
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["max_position_embeddings"] = 4096.into();
+    std::fs::write(&config, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    model
+}
+
+fn lean_grpo() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lean-grpo"));
+    cmd.current_dir(ROOT).arg("-q");
+    cmd
+}
+
+fn train_args(model: &Path, lean: &str, out: &Path, algorithm: &str, steps: usize) -> Vec<String> {
+    [
+        "train",
+        "data/prelude.jsonl",
+        "--split",
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--algorithm",
+        algorithm,
+        "--num-generations",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        &steps.to_string(),
+        "--max-completion-length",
+        "6",
+        "--lean-cmd",
+        &format!("{lean} --json"),
+        "--jobs",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("lean-grpo runs");
+    if !out.status.success() {
+        eprintln!(
+            "lean-grpo failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+fn json_lines(path: &Path) -> Vec<Value> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::io::BufReader::new(file)
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect()
+}
+
+/// A metrics line without its timings (which differ between runs).
+fn reproducible(mut metrics: Value) -> Value {
+    let obj = metrics.as_object_mut().unwrap();
+    obj.retain(|k, _| !k.ends_with("_seconds") && k != "tokens_per_second");
+    metrics
+}
+
+#[test]
+fn every_algorithm_trains_three_steps_and_writes_its_run_directory() {
+    let Some(lean) = real_lean() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    for algorithm in ["grpo", "dapo", "drgrpo", "gspo", "dgpo"] {
+        let out = tmp.path().join(format!("run-{algorithm}"));
+        let result = run(lean_grpo().args(train_args(&model, &lean, &out, algorithm, 3)));
+        assert!(result.status.success(), "{algorithm} failed");
+        let config = Config::load(Some(&out.join("config.yaml")), &[], None).unwrap();
+        assert_eq!(config.train.algorithm, algorithm);
+        let metrics = json_lines(&out.join("metrics.jsonl"));
+        assert_eq!(metrics.len(), 3, "{algorithm}: one metrics line per step");
+        for (i, m) in metrics.iter().enumerate() {
+            assert_eq!(m["step"], i + 1);
+            for key in [
+                "reward_mean",
+                "reward_std",
+                "pass_rate",
+                "verdicts",
+                "clip_low_frac",
+                "clip_high_frac",
+                "completion_length_mean",
+                "completion_length_max",
+                "sampling_seconds",
+                "checking_seconds",
+                "training_seconds",
+                "tokens_per_second",
+                "zero_variance_fraction",
+            ] {
+                assert!(
+                    m.get(key).is_some(),
+                    "{algorithm}: metrics line lacks {key}"
+                );
+            }
+            let counted: u64 = m["verdicts"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum();
+            assert_eq!(counted, m["completions"].as_u64().unwrap());
+        }
+        let samples = json_lines(&out.join("samples.jsonl"));
+        let sampled: u64 = metrics
+            .iter()
+            .map(|m| m["completions"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            samples.len() as u64,
+            sampled,
+            "{algorithm}: every completion is kept"
+        );
+        for s in &samples {
+            assert!(
+                s["theorem"].is_string() && s["verdict"].is_string() && s["reward"].is_number()
+            );
+        }
+        let last = out.join("checkpoints/step-3");
+        for file in [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ] {
+            assert!(
+                last.join(file).is_file(),
+                "{algorithm}: checkpoint lacks {file}"
+            );
+        }
+        let adapter: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(adapter["peft_type"], "LORA");
+    }
+}
+
+#[test]
+fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
+    let Some(lean) = real_lean() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    // Partial credit makes rewards differ within groups, so every step really updates the
+    // adapters and the comparison is not between two untouched models.
+    let config = tmp.path().join("partial.yaml");
+    std::fs::write(
+        &config,
+        "train:\n  reward: partial\n  save_steps: 1\n  learning_rate: 0.01\n",
+    )
+    .unwrap();
+    let with_config = |out: &Path| {
+        let mut args = train_args(&model, &lean, out, "grpo", 3);
+        args.extend(["--config".into(), config.to_str().unwrap().into()]);
+        args
+    };
+    let whole = tmp.path().join("whole");
+    assert!(run(lean_grpo().args(with_config(&whole))).status.success());
+
+    let killed = tmp.path().join("killed");
+    let mut child = lean_grpo()
+        .args(with_config(&killed))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !killed
+        .join("checkpoints/step-2/trainer_state.json")
+        .exists()
+    {
+        assert!(Instant::now() < deadline, "no step-2 checkpoint");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("training ended ({status}) before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let mut resume = with_config(&killed);
+    resume.extend(["--resume".into(), killed.to_str().unwrap().into()]);
+    assert!(run(lean_grpo().args(&resume)).status.success());
+
+    let a = json_lines(&whole.join("metrics.jsonl"));
+    let b = json_lines(&killed.join("metrics.jsonl"));
+    assert_eq!(b.len(), 3, "the resumed run has exactly one line per step");
+    assert!(
+        a[2]["grad_norm"].as_f64().unwrap() > 0.0,
+        "step 3 really updated the adapters"
+    );
+    for step in 0..3 {
+        assert_eq!(
+            reproducible(a[step].clone()),
+            reproducible(b[step].clone()),
+            "step {}",
+            step + 1
+        );
+    }
+    let adapter =
+        |dir: &Path| std::fs::read(dir.join("adapter/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        adapter(&whole),
+        adapter(&killed),
+        "the final adapters are bit-identical"
+    );
+}
+
+#[test]
+fn resume_with_another_configuration_is_refused() {
+    let Some(lean) = real_lean() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    assert!(
+        run(lean_grpo().args(train_args(&model, &lean, &out, "grpo", 1)))
+            .status
+            .success()
+    );
+    let mut args = train_args(&model, &lean, &out, "grpo", 2);
+    args.extend([
+        "--learning-rate".into(),
+        "0.5".into(),
+        "--resume".into(),
+        out.to_str().unwrap().into(),
+    ]);
+    let result = lean_grpo().args(&args).output().unwrap();
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains(
+            "configuration differs from the one the run started with in train.learning_rate"
+        ),
+        "{stderr}"
+    );
+    // A new run into the same directory is refused too, pointing at --resume.
+    let result = lean_grpo()
+        .args(train_args(&model, &lean, &out, "grpo", 1))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("already holds a run; continue it with `--resume"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn malformed_inputs_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let base = |extra: &[&str]| {
+        let mut cmd = lean_grpo();
+        cmd.args([
+            "train",
+            "data/prelude.jsonl",
+            "--max-steps",
+            "1",
+            "--lean-cmd",
+            "true",
+        ]);
+        cmd.args(extra);
+        cmd.output().unwrap()
+    };
+    // A model directory that does not exist.
+    let out = base(&[
+        "--model",
+        "./no/such/model",
+        "--output",
+        tmp.path().join("a").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("./no/such/model") && stderr.contains("no such file or directory"),
+        "{stderr}"
+    );
+    // A theorem file with a bad line.
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"name\": \"a\", \"statement\": \"theorem a : True :=\"}\n[1]\n",
+    )
+    .unwrap();
+    let out = lean_grpo()
+        .args([
+            "train",
+            bad.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.jsonl:2: expected a JSON object"),
+        "{stderr}"
+    );
+    // An output directory that cannot be written.
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let out = base(&[
+        "--model",
+        model.to_str().unwrap(),
+        "--output",
+        blocker.join("run").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot create the run directory"),
+        "{stderr}"
+    );
+    // A model whose tokenizer has no chat template: the plain template is used, with a warning.
+    let plain = tmp.path().join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    for entry in std::fs::read_dir(&model).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, plain.join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = plain.join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let tokenizer = lean_grpo::model::tokenizer::Tokenizer::from_dir(&plain).unwrap();
+    assert!(!tokenizer.has_chat_template());
+    let prompt = lean_grpo::train::prompt_tokens(
+        &tokenizer,
+        &lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), None).unwrap()
+            [0],
+    )
+    .unwrap();
+    assert!(!prompt.is_empty());
+}
+
+/// An OpenAI-compatible server on loopback: the first request gets 429, then every request is
+/// answered with the known proof for theorems whose name ends in an even digit and a wrong one
+/// otherwise (n choices each).
+fn fake_openai(
+    proofs: std::collections::HashMap<String, String>,
+) -> (String, std::thread::JoinHandle<Vec<Value>>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut first = true;
+        while let Ok(Some(mut request)) = server.recv_timeout(Duration::from_secs(30)) {
+            let mut body = String::new();
+            request.as_reader().read_to_string(&mut body).unwrap();
+            let json: Value = serde_json::from_str(&body).unwrap();
+            if first {
+                first = false;
+                let _ = request
+                    .respond(tiny_http::Response::from_string("slow down").with_status_code(429));
+                continue;
+            }
+            let prompt = json["messages"][0]["content"].as_str().unwrap().to_string();
+            let (name, proof) = proofs
+                .iter()
+                .find(|(n, _)| prompt.contains(&format!("theorem {n} ")))
+                .expect("the prompt names a test theorem");
+            let good = name.ends_with(|c: char| c.is_ascii_digit() && (c as u8 - b'0') % 2 == 0);
+            let n = json["n"].as_u64().unwrap();
+            let choices: Vec<Value> = (0..n)
+                .map(|i| {
+                    let text = if good && i == 0 { format!("```lean\n{proof}\n```") } else { "N.z".to_string() };
+                    serde_json::json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
+                })
+                .collect();
+            let answer =
+                serde_json::json!({"id": "x", "object": "chat.completion", "choices": choices});
+            let _ = request.respond(
+                tiny_http::Response::from_string(answer.to_string()).with_header(
+                    "Content-Type: application/json"
+                        .parse::<tiny_http::Header>()
+                        .unwrap(),
+                ),
+            );
+            seen.push(json);
+        }
+        seen
+    });
+    (url, handle)
+}
+
+#[test]
+fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
+    let Some(lean) = real_lean() else { return };
+    let theorems =
+        lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), Some("test"))
+            .unwrap();
+    let proofs = theorems
+        .iter()
+        .map(|t| (t.name.clone(), t.proof.clone().unwrap()))
+        .collect();
+    let (url, server) = fake_openai(proofs);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("eval");
+    let result = run(lean_grpo().args([
+        "eval",
+        "data/prelude.jsonl",
+        "--split",
+        "test",
+        "--endpoint",
+        &url,
+        "--served-model",
+        "prover",
+        "-n",
+        "3",
+        "--k",
+        "1,3",
+        "--lean-cmd",
+        &format!("{lean} --json"),
+        "--jobs",
+        "2",
+        "--output",
+        out.to_str().unwrap(),
+    ]));
+    assert!(result.status.success());
+    let requests = server.join().unwrap();
+    assert_eq!(
+        requests.len(),
+        theorems.len(),
+        "one request per problem after the 429 retry"
+    );
+    assert!(requests
+        .iter()
+        .all(|r| r["model"] == "prover" && r["n"] == 3));
+
+    let problems: Vec<ProblemResult> = std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(problems.len(), theorems.len());
+    let counts: Vec<passk::ProblemCounts> = problems
+        .iter()
+        .map(|p| {
+            assert!(
+                p.prompt.contains(&format!("theorem {} ", p.name)),
+                "the prompt sent is kept"
+            );
+            passk::ProblemCounts {
+                name: p.name.clone(),
+                samples: p.samples.len(),
+                accepted: p.samples.iter().filter(|s| s.accepted).count(),
+            }
+        })
+        .collect();
+    let expected_solved = theorems
+        .iter()
+        .filter(|t| {
+            t.name
+                .ends_with(|c: char| c.is_ascii_digit() && (c as u8 - b'0') % 2 == 0)
+        })
+        .count();
+    let solved = counts.iter().filter(|c| c.accepted > 0).count();
+    assert_eq!(
+        solved, expected_solved,
+        "exactly the theorems given their real proof are solved"
+    );
+    assert!(solved > 0 && solved < theorems.len());
+    let summary: passk::PassAtKSummary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let recomputed = passk::summarize(&counts, &[1, 3]);
+    assert_eq!(summary.pass_at_k, recomputed.pass_at_k);
+    let pass3 = recomputed.pass_at_k[&3].unwrap();
+    assert!((pass3 - solved as f64 / theorems.len() as f64).abs() < 1e-12);
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        stdout.contains("pass@1") && stdout.contains("pass@3"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn eval_with_a_local_model_and_plot_of_a_run() {
+    let Some(lean) = real_lean() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("eval");
+    let result = run(lean_grpo().args([
+        "eval",
+        "data/prelude.jsonl",
+        "--split",
+        "test",
+        "--model",
+        model.to_str().unwrap(),
+        "-n",
+        "2",
+        "--k",
+        "1,2",
+        "--max-completion-length",
+        "4",
+        "--lean-cmd",
+        &format!("{lean} --json"),
+        "--output",
+        out.to_str().unwrap(),
+    ]));
+    assert!(result.status.success());
+    let lines = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let problems: Vec<ProblemResult> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(problems.len(), 16);
+    assert!(problems
+        .iter()
+        .all(|p| p.samples.len() == 2 && p.prompt.starts_with("<|im_start|>user\n")));
+
+    let run_dir = tmp.path().join("run");
+    assert!(
+        run(lean_grpo().args(train_args(&model, &lean, &run_dir, "grpo", 2)))
+            .status
+            .success()
+    );
+    let png = tmp.path().join("reward.png");
+    assert!(run(lean_grpo().args([
+        "plot",
+        run_dir.to_str().unwrap(),
+        "--output",
+        png.to_str().unwrap()
+    ]))
+    .status
+    .success());
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert!(info.width > 100 && info.height > 100);
+    let first = &buf[..3];
+    assert!(
+        buf.chunks(3).any(|px| px != first),
+        "the plot is not a blank image"
+    );
+    let _ = std::io::stdout().flush();
+}
