@@ -350,3 +350,22 @@ fn missing_reference_and_shape_errors() {
     let e = loss(&cfg, &step, &logp, &denom).unwrap_err().to_string();
     assert!(e.contains("`old` has shape [2, 2]"), "{e}");
 }
+
+#[test]
+fn on_policy_ratio_on_a_zero_width_clip_keeps_the_full_gradient() {
+    // ε_low = ε_high = 0 puts ρ = 1 exactly on both clip bounds: PyTorch's clamp passes the
+    // gradient on its closed interval, so the update equals the unclipped policy gradient.
+    let rewards = [0.0, 1.0, 0.5, 1.0];
+    let lengths = [2, 3, 1, 3];
+    let (new, _, _) = synthetic_logps(&lengths, 3, 0.0, 11);
+    let tight = config("grpo", json!({"epsilon": 0.0, "epsilon_high": 0.0}), 4, 8);
+    let loose = config("grpo", json!({}), 4, 8);
+    let p = prep(&tight, &rewards, &lengths);
+    let a = run(&tight, &p.all_rows(), &new, &new, None, 1);
+    let b = run(&loose, &p.all_rows(), &new, &new, None, 1);
+    assert_eq!(a.grad, b.grad);
+    assert!(
+        a.grad[1][0] < 0.0,
+        "positive advantage: gradient pushes ℓ up"
+    );
+}

@@ -216,11 +216,11 @@ fn range_errors_name_the_key_and_the_allowed_range() {
         ),
         (
             json!({"group_size": 4}),
-            "`group_size` must be equal to the trainer's group_size (8)",
+            "`group_size` must be equal to the trainer's `train.num_generations` (8); set it there only, got 4",
         ),
         (
             json!({"max_completion_length": 256}),
-            "equal to the trainer's max_completion_length (512)",
+            "equal to the trainer's `sampling.max_completion_length` (512)",
         ),
         (
             json!({"algorithm": "dapo"}),

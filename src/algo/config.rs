@@ -269,18 +269,17 @@ impl AlgoConfig {
             seen.push((canonical, key));
             match canonical {
                 "group_size" | "max_completion_length" => {
-                    let trainer = if canonical == "group_size" {
-                        group_size
+                    let (trainer, home) = if canonical == "group_size" {
+                        (group_size, "train.num_generations")
                     } else {
-                        max_completion_length
+                        (max_completion_length, "sampling.max_completion_length")
                     };
                     let given = parse_usize(key, &value, 1, "an integer ≥ 1")?;
                     if given != trainer {
                         return Err(AlgoError::invalid(
                             key,
                             format!(
-                                "equal to the trainer's {canonical} ({trainer}); set it in one \
-                                 place (`train.num_generations` / `sampling.max_new_tokens`)"
+                                "equal to the trainer's `{home}` ({trainer}); set it there only"
                             ),
                             &value,
                         ));

@@ -28,7 +28,7 @@ pub fn pairs(cfg: &AlgoConfig, batch: &StepBatch) -> Vec<(usize, usize)> {
         for w in (start..end).filter(|&i| eligible(i)) {
             for l in (start..end).filter(|&i| eligible(i)) {
                 let gap = batch.rows[w].shaped_reward - batch.rows[l].shaped_reward;
-                if gap > 0.0 && gap > cfg.pairwise_margin {
+                if gap > cfg.pairwise_margin {
                     group.push((gap, w, l));
                 }
             }
