@@ -141,7 +141,7 @@ fn verdicts_from_kimina_answers() {
     let requests = server.requests.lock().unwrap();
     assert_eq!(requests.len(), jobs.len() + 1, "one retry after the 503");
     let first = &requests[0];
-    assert_eq!(first["timeout"], json!(10.0));
+    assert_eq!(first["timeout"], json!(10));
     let code = first["snippets"][0]["code"].as_str().unwrap();
     assert!(
         code.starts_with("import Fake\ntheorem t : True := by\n")

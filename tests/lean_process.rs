@@ -236,10 +236,10 @@ fn lean_heartbeat_limits_are_timeouts() {
 fn odd_exits_are_crashes_with_the_reason() {
     let c = check("by\n  -- fake:exit 3\n  trivial");
     assert_eq!(c.verdict.kind, VerdictKind::Crashed);
-    let detail = detail(&c);
+    let why = detail(&c);
     assert!(
-        detail.contains("exited with code 3") && detail.contains("lake: error: build failed"),
-        "{detail}"
+        why.contains("exited with code 3") && why.contains("lake: error: build failed"),
+        "{why}"
     );
     let c = check("by\n  -- fake:exit 1\n  trivial");
     assert_eq!(c.verdict.kind, VerdictKind::Crashed);
@@ -469,17 +469,25 @@ fn a_missing_lean_is_an_error_before_any_job() {
             .contains("`/nonexistent/bin/lean` is not an executable file"),
         "{err}"
     );
-    let mut default = CheckerOptions::default();
-    default.project = "/nonexistent/lean_env".into();
-    if lean_grpo_has_lake() {
-        let err = Checker::new(&default)
-            .err()
-            .expect("must fail without the project");
-        assert!(err.to_string().contains("/nonexistent/lean_env"), "{err}");
+    // The default command needs `lake` on PATH and the Lake project; without either the error
+    // names what is missing and the way out.
+    let default = CheckerOptions {
+        project: "/nonexistent/lean_env".into(),
+        ..CheckerOptions::default()
+    };
+    let err = Checker::new(&default).err().expect("must fail").to_string();
+    let has_lake = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("lake").is_file()));
+    if has_lake {
+        assert!(
+            err.contains("/nonexistent/lean_env") && err.contains("--project DIR"),
+            "{err}"
+        );
+    } else {
+        assert!(
+            err.contains("`lake` is not an executable file or on PATH")
+                && err.contains("--lean-cmd"),
+            "{err}"
+        );
     }
-}
-
-fn lean_grpo_has_lake() -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("lake").is_file()))
 }

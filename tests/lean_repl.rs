@@ -162,7 +162,7 @@ fn a_worker_that_dies_mid_proof_is_replaced_and_the_proof_retried() {
         .detail
         .as_deref()
         .unwrap()
-        .contains("REPL process ended"));
+        .contains("REPL process ended (exit status 1)"));
 }
 
 #[test]

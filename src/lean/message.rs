@@ -23,13 +23,16 @@ impl Severity {
     }
 }
 
+/// 1-based line, 0-based column.
+pub type Position = (usize, usize);
+
 /// One message as the backend numbered it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub severity: Severity,
     /// 1-based line, 0-based column (codepoints); `None` for plain-mode messages printed bare.
-    pub pos: Option<(usize, usize)>,
-    pub end_pos: Option<(usize, usize)>,
+    pub pos: Option<Position>,
+    pub end_pos: Option<Position>,
     /// `hasSorry`, `runtime.maxHeartbeats`, … (`--json` of recent Lean only).
     pub kind: Option<String>,
     pub text: String,
@@ -216,7 +219,7 @@ fn plain_header(line: &str) -> Option<Message> {
 }
 
 /// The `L:C` or `L:C-L:C` suffix of `FILE:L:C…`.
-fn location(prefix: &str) -> Option<((usize, usize), Option<(usize, usize)>)> {
+fn location(prefix: &str) -> Option<(Position, Option<Position>)> {
     let pair = |s: &str| -> Option<(usize, usize)> {
         let (l, c) = s.split_once(':')?;
         Some((l.parse().ok()?, c.parse().ok()?))

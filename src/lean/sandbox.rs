@@ -246,6 +246,25 @@ fn wait_no_reap(pid: libc::pid_t) {
     }
 }
 
+/// How `pid` ended, if it has, without reaping it (so its group id stays reserved until the
+/// caller kills the group and reaps).
+pub fn peek_exit(pid: libc::pid_t) -> Option<String> {
+    // SAFETY: `info` is a plain struct the kernel fills; WNOWAIT leaves the child unreaped.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    let rc = unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) };
+    // SAFETY: for a child that exited, `si_pid` and `si_status` are set.
+    let (child, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if rc != 0 || child == 0 {
+        return None;
+    }
+    Some(match info.si_code {
+        libc::CLD_EXITED => format!("exit status {status}"),
+        _ => format!("killed by signal {status}"),
+    })
+}
+
+/// SIGKILL every process of group `pgid`.
 pub fn kill_group(pgid: libc::pid_t) {
     // SAFETY: signalling a process group we created; ESRCH (already gone) is fine.
     unsafe {

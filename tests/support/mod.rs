@@ -76,12 +76,17 @@ pub fn prelude() -> Vec<(Theorem, String)> {
         .collect()
 }
 
-/// The real Lean binary of `scripts/test-lean.sh`, or a visible skip.
+/// The real Lean binary of `scripts/test-lean.sh`, or a visible skip. The skip line is
+/// written to stderr directly: the test harness captures `eprintln!` of passing tests.
 pub fn real_lean(test: &str) -> Option<String> {
     match std::env::var("LEAN_GRPO_TEST_LEAN") {
         Ok(path) if !path.is_empty() => Some(path),
         _ => {
-            eprintln!("SKIP real-lean {test}: LEAN_GRPO_TEST_LEAN unset (export LEAN_GRPO_TEST_LEAN=$(scripts/test-lean.sh))");
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP real-lean {test}: LEAN_GRPO_TEST_LEAN unset (export LEAN_GRPO_TEST_LEAN=$(scripts/test-lean.sh))"
+            );
             None
         }
     }

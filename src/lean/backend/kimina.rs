@@ -41,7 +41,9 @@ impl KiminaClient {
 
     pub fn run(&self, source: &Source, id: &str) -> anyhow::Result<LeanRun> {
         let code = source.full_text();
-        let request = json!({"snippets": [{"id": id, "code": code}], "timeout": self.timeout});
+        // The server takes whole seconds.
+        let seconds = self.timeout.ceil().max(1.0) as u64;
+        let request = json!({"snippets": [{"id": id, "code": code}], "timeout": seconds});
         let endpoint = format!("{}/check", self.url);
         let mut last_error = String::new();
         for attempt in 0..ATTEMPTS {

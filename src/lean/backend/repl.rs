@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 
 use crate::lean::command::CommandLine;
 use crate::lean::message::{parse_repl_response, Message, ReplResponse};
-use crate::lean::sandbox::{capture, group_private_rss, kill_group, lead_own_group};
+use crate::lean::sandbox::{capture, group_private_rss, kill_group, lead_own_group, peek_exit};
 use crate::lean::source::Source;
 use crate::lean::verdict::{LeanRun, RunEnd};
 
@@ -311,11 +311,11 @@ impl Worker {
         }
     }
 
-    fn exit_note(&mut self) -> String {
-        // Give a dying process a moment to be reapable, without blocking on a live one.
+    fn exit_note(&self) -> String {
+        // Give a dying process a moment to finish exiting; never reap here (see `peek_exit`).
         for _ in 0..20 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return format!(" ({status})");
+            if let Some(how) = peek_exit(self.pid) {
+                return format!(" ({how})");
             }
             thread::sleep(Duration::from_millis(5));
         }
