@@ -69,6 +69,7 @@ impl ChatMessage {
 }
 
 /// A tokenizer with its chat template, special tokens and stop ids.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     env: Environment<'static>,
