@@ -90,6 +90,24 @@ fn restored_state_continues_identically() {
 }
 
 #[test]
+fn every_draw_consumes_one_random_number_whatever_the_filters() {
+    // The stream position after n draws does not depend on the options, so changing top-k in
+    // a resumed run does not shift the samples of later rows.
+    let logits: Vec<f32> = (0..300).map(|i| (i as f32 * 0.7).sin() * 4.0).collect();
+    let state_after = |o: SamplingOptions| {
+        let mut s = Sampler::new(&o, 21);
+        for _ in 0..50 {
+            s.sample(&logits).unwrap();
+        }
+        s.state()
+    };
+    let plain = state_after(opts(1.0, 0, 1.0, 0.0));
+    assert_eq!(state_after(opts(0.7, 1, 0.5, 0.3)), plain);
+    assert_eq!(state_after(opts(1.3, 40, 0.9, 0.0)), plain);
+    assert_ne!(plain, Sampler::new(&opts(1.0, 0, 1.0, 0.0), 21).state());
+}
+
+#[test]
 fn frequencies_match_the_tempered_softmax() {
     let logits = [1.0f32, 0.5, 0.0, -0.5, -2.0, 3.0];
     let t = 0.7;
@@ -198,6 +216,9 @@ fn nan_logits_are_never_drawn_and_an_all_nan_row_is_an_error() {
     let mut s = Sampler::new(&opts(1.0, 0, 1.0, 0.0), 0);
     let f = frequencies(&mut s, &logits, 2000);
     assert_eq!((f[0], f[2]), (0.0, 0.0));
+    // +inf is not a certainty but an overflow: excluded too.
+    let f = frequencies(&mut s, &[f32::INFINITY, 0.0, -1.0], 500);
+    assert_eq!(f[0], 0.0);
 
     let err = s
         .sample(&[f32::NAN, f32::NEG_INFINITY])

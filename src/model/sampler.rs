@@ -12,11 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use super::SamplingOptions;
 
-/// First chunk of candidates sorted for top-p; chunks double until they hold `top_p` of the mass.
-/// Real distributions put that mass on a few dozen tokens, so the full vocabulary is rarely
-/// sorted.
-const NUCLEUS_FIRST_PREFIX: usize = 64;
-
 /// The sampler's resumable state: the random stream's seed, stream and position.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SamplerState {
@@ -32,8 +27,8 @@ pub struct Sampler {
     min_p: f64,
     rng: ChaCha8Rng,
     /// Scratch buffers reused across calls (one row of vocabulary each).
-    probs: Vec<f64>,
-    order: Vec<u32>,
+    probs: Vec<f32>,
+    order: Vec<u64>,
 }
 
 impl Sampler {
@@ -76,8 +71,9 @@ impl Sampler {
     ///
     /// Temperature 0 is greedy: the first index of the largest logit, and no random number is
     /// consumed. Otherwise exactly one uniform number is drawn per call, whatever the filters
-    /// keep, so the stream stays aligned across runs. NaN logits count as -inf; a row with no
-    /// finite logit is an error (the forward pass produced garbage).
+    /// keep, so the stream stays aligned across runs. NaN and infinite logits count as
+    /// impossible tokens; a row with no finite logit is an error (the forward pass produced
+    /// garbage).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         let Some((best, max)) = argmax(logits) else {
             bail!(
@@ -92,93 +88,118 @@ impl Sampler {
 
         // Temperature, then unnormalised probabilities relative to the best token (whose weight
         // is exactly 1, so min-p is a plain threshold).
-        let inv_t = 1.0 / self.temperature;
+        let inv_t = (1.0 / self.temperature) as f32;
         self.probs.clear();
         self.probs.extend(logits.iter().map(|&l| {
-            if l.is_nan() {
-                0.0
+            if l.is_finite() {
+                ((l - max) * inv_t).exp()
             } else {
-                ((f64::from(l) - f64::from(max)) * inv_t).exp()
+                0.0
             }
         }));
-
-        self.order.clear();
-        self.order
-            .extend((0..logits.len() as u32).filter(|&i| self.probs[i as usize] > 0.0));
         let probs = &self.probs;
-        let by_prob_desc = |a: &u32, b: &u32| {
-            probs[*b as usize]
-                .total_cmp(&probs[*a as usize])
-                .then(a.cmp(b))
-        };
+        let filtered =
+            (self.top_k > 0 && self.top_k < logits.len()) || self.top_p < 1.0 || self.min_p > 0.0;
+        if !filtered {
+            return Ok(draw(u, probs, 0..logits.len() as u32).unwrap_or(best));
+        }
 
-        // Top-k: the k most probable tokens (ties beyond k go by lower id).
+        // Candidates as rank keys: the probability's bits (monotonic for positive floats) above
+        // the complemented id, so a descending key order is "more probable first, lower id
+        // first among equals" and every comparison is one integer compare.
+        self.order.clear();
+        self.order.extend(
+            probs
+                .iter()
+                .enumerate()
+                .filter(|(_, &p)| p > 0.0)
+                .map(|(i, &p)| rank_key(i as u32, p)),
+        );
+        let by_rank = |a: &u64, b: &u64| b.cmp(a);
+
+        // Top-k: the k best-ranked tokens.
         if self.top_k > 0 && self.top_k < self.order.len() {
-            self.order
-                .select_nth_unstable_by(self.top_k - 1, by_prob_desc);
+            self.order.select_nth_unstable_by(self.top_k - 1, by_rank);
             self.order.truncate(self.top_k);
         }
 
-        // Top-p: the most probable tokens whose preceding mass is below top_p of the kept mass.
-        // Sorted in growing chunks: `order[..sorted]` is sorted and ranks above everything after
-        // it, so each chunk is selected from the tail and only the chunk itself is sorted.
+        // Top-p: keep a token when the mass ranked above it is below top_p of the kept mass
+        // (HF removes tokens whose ascending cumulative mass is <= 1 - top_p; always keeps the
+        // best). Found by quickselect on mass instead of a sort: `order[..lo]` is kept,
+        // `order[hi..]` dropped, and everything in `order[lo..hi]` ranks between them.
         if self.top_p < 1.0 {
-            let total: f64 = self.order.iter().map(|&i| probs[i as usize]).sum();
-            let target = self.top_p * total;
-            let len = self.order.len();
-            let (mut sorted, mut chunk, mut mass) = (0, NUCLEUS_FIRST_PREFIX, 0.0);
-            'nucleus: while sorted < len {
-                let end = (sorted + chunk).min(len);
-                if end < len {
-                    self.order[sorted..].select_nth_unstable_by(end - sorted - 1, by_prob_desc);
+            let mass_of = |keys: &[u64]| keys.iter().map(|&k| f64::from(key_prob(k))).sum::<f64>();
+            let target = self.top_p * mass_of(&self.order);
+            let (mut lo, mut hi, mut above) = (0, self.order.len(), 0.0);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                self.order[lo..hi].select_nth_unstable_by(mid - lo, by_rank);
+                let upper = mass_of(&self.order[lo..mid]);
+                if above + upper >= target {
+                    hi = mid;
+                } else {
+                    above += upper + f64::from(key_prob(self.order[mid]));
+                    lo = mid + 1;
                 }
-                self.order[sorted..end].sort_unstable_by(by_prob_desc);
-                for rank in sorted..end {
-                    if mass >= target && rank > 0 {
-                        self.order.truncate(rank);
-                        break 'nucleus;
-                    }
-                    mass += probs[self.order[rank] as usize];
-                }
-                sorted = end;
-                chunk *= 2;
             }
+            // lo = 0 only when top_p is 0; the last partition put the best token first.
+            self.order.truncate(lo.max(1));
         }
 
         // Min-p: drop tokens less probable than min_p times the best one.
         if self.min_p > 0.0 {
-            let threshold = self.min_p;
-            self.order.retain(|&i| probs[i as usize] >= threshold);
+            let threshold = self.min_p as f32;
+            self.order.retain(|&k| key_prob(k) >= threshold);
         }
 
-        // Inverse CDF over the kept tokens, in id order so the result does not depend on how
-        // the filters above happened to permute them.
-        self.order.sort_unstable();
-        let total: f64 = self.order.iter().map(|&i| probs[i as usize]).sum();
-        let mut remaining = u * total;
-        for &i in &self.order {
-            remaining -= probs[i as usize];
+        Ok(draw(u, probs, self.order.iter().map(|&k| key_id(k))).unwrap_or(best))
+    }
+}
+
+/// Inverse CDF: the token where `u` (in [0, 1)) falls among the cumulated `probs` of `ids`.
+/// `None` when `ids` carry no mass.
+fn draw(u: f64, probs: &[f32], ids: impl Iterator<Item = u32> + Clone) -> Option<u32> {
+    let total: f64 = ids.clone().map(|i| f64::from(probs[i as usize])).sum();
+    let mut remaining = u * total;
+    let mut last = None;
+    for i in ids {
+        let p = f64::from(probs[i as usize]);
+        if p > 0.0 {
+            remaining -= p;
+            last = Some(i);
             if remaining < 0.0 {
-                return Ok(i);
+                return last;
             }
         }
-        // Rounding left a sliver of mass: the last kept token owns it.
-        Ok(*self.order.last().unwrap_or(&best))
     }
+    // Rounding left a sliver of mass: the last token with mass owns it.
+    last
+}
+
+fn rank_key(id: u32, prob: f32) -> u64 {
+    (u64::from(prob.to_bits()) << 32) | u64::from(u32::MAX - id)
+}
+
+fn key_prob(key: u64) -> f32 {
+    f32::from_bits((key >> 32) as u32)
+}
+
+fn key_id(key: u64) -> u32 {
+    u32::MAX - key as u32
 }
 
 /// Index and value of the largest finite logit (first one on ties).
 fn argmax(logits: &[f32]) -> Option<(u32, f32)> {
-    let mut best: Option<(u32, f32)> = None;
+    let mut best = f32::NEG_INFINITY;
+    let mut index = None;
     for (i, &l) in logits.iter().enumerate() {
-        if l.is_nan() || l == f32::NEG_INFINITY {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| l > b) {
-            best = Some((i as u32, l));
+        // NaN compares false; +inf is excluded explicitly.
+        if l > best && l != f32::INFINITY {
+            best = l;
+            index = Some(i as u32);
         }
     }
-    best
+    index.map(|i| (i, best))
 }
 
 /// Where a stop string occurs in decoded text (byte offsets into that text).
