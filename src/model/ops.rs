@@ -27,6 +27,10 @@ pub const LOGPROB_CHUNK_ROWS: usize = 64;
 // ---------------------------------------------------------------------------------------------
 // Frozen linear.
 
+/// Up to this many rows, [`frozen_matmul`] computes `(W · xᵀ)ᵀ`: with few rows (decoding) the
+/// CPU gemm is up to twice as fast with the weight as the left operand.
+const SWAP_MAX_ROWS: usize = 32;
+
 /// `x · wᵀ` where `w` (`[out, in]`) never receives a gradient. `x` is `[..., in]`.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -39,21 +43,30 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, inner))?;
-    let y = x2.apply_op2(w, FrozenMatmul)?;
+    let swapped = rows <= SWAP_MAX_ROWS;
+    let y = x2.apply_op2(w, FrozenMatmul { swapped })?;
+    let y = if swapped { y.t()?.contiguous()? } else { y };
     let mut out_dims = lead.to_vec();
     out_dims.push(out);
     y.reshape(out_dims)
 }
 
-struct FrozenMatmul;
+/// `x · Wᵀ` (`[m, n]`), or `W · xᵀ` (`[n, m]`) when `swapped`.
+struct FrozenMatmul {
+    swapped: bool,
+}
 
 impl FrozenMatmul {
     fn fwd<S: BackendStorage>(&self, x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (n, _) = lw.shape().dims2()?;
-        let wt = lw.transpose(0, 1)?;
-        let y = x.matmul(w, (1, m, n, k), lx, &wt)?;
-        Ok((y, Shape::from((m, n))))
+        if self.swapped {
+            let y = w.matmul(x, (1, n, m, k), lw, &lx.transpose(0, 1)?)?;
+            Ok((y, Shape::from((n, m))))
+        } else {
+            let y = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
+            Ok((y, Shape::from((m, n))))
+        }
     }
 }
 
@@ -89,6 +102,11 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = if self.swapped {
+            grad.t()?
+        } else {
+            grad.clone()
+        };
         Ok((Some(grad.matmul(w)?), None))
     }
 }
