@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use lean_grpo::model::load::load_dir;
-use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs, selective_log_softmax};
+use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs_with_budget, selective_log_softmax};
 use lean_grpo::model::{LoraOptions, Policy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -377,19 +377,23 @@ fn fused_lm_head_logprobs_match_autograd_across_chunks() {
     let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
     let g = random(&[n], 1.0, &mut rng, DType::F32);
-    let ours = lm_head_logprobs(hidden.as_tensor(), &w, &targets, t).unwrap();
-    let plain = plain_logp(
-        &hidden.as_tensor().matmul(&w.t().unwrap()).unwrap(),
-        &targets,
-        t,
-    );
-    assert!(max_diff(&ours, &plain) < 1e-5);
-    let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    let gb = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    let d = max_diff(
-        ga.get(hidden.as_tensor()).unwrap(),
-        gb.get(hidden.as_tensor()).unwrap(),
-    );
-    assert!(d < 1e-5, "gradient differs by {d}");
-    assert!(ga.get(&w).is_none());
+    // Budget 0: logits recomputed in the backward; 1 GiB: kept from the forward.
+    for budget in [0, 1 << 30] {
+        let ours =
+            lm_head_logprobs_with_budget(hidden.as_tensor(), &w, &targets, t, budget).unwrap();
+        let plain = plain_logp(
+            &hidden.as_tensor().matmul(&w.t().unwrap()).unwrap(),
+            &targets,
+            t,
+        );
+        assert!(max_diff(&ours, &plain) < 1e-5);
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_diff(
+            ga.get(hidden.as_tensor()).unwrap(),
+            gb.get(hidden.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-5, "gradient differs by {d}");
+        assert!(ga.get(&w).is_none());
+    }
 }

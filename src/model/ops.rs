@@ -136,32 +136,55 @@ pub fn selective_log_softmax(
     logits.apply_op2(&logp, op)
 }
 
+/// Logits up to this size are kept from the forward for the backward of
+/// [`lm_head_logprobs`]; beyond it they are recomputed chunk by chunk (one more LM-head matmul,
+/// bounded memory).
+pub const KEEP_LOGITS_BYTES: usize = 1 << 30;
+
 /// [`selective_log_softmax`] of `hidden · weightᵀ`, fused and chunked: `hidden` `[N, d]`,
 /// `weight` `[V, d]` (frozen, e.g. the LM head or tied embeddings), `targets` `[N]`. Only
-/// `hidden` gets a gradient; the backward recomputes each chunk's logits instead of keeping
-/// `[N, V]` of them alive between forward and backward.
+/// `hidden` gets a gradient. The forward never holds more than one chunk of temporaries; the
+/// logits themselves are kept for the backward while they fit in [`KEEP_LOGITS_BYTES`], and
+/// recomputed otherwise.
 pub fn lm_head_logprobs(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
+    lm_head_logprobs_with_budget(hidden, weight, targets, temperature, KEEP_LOGITS_BYTES)
+}
+
+/// [`lm_head_logprobs`] keeping at most `keep_bytes` of logits for the backward.
+pub fn lm_head_logprobs_with_budget(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    keep_bytes: usize,
+) -> Result<Tensor> {
     check_temperature(temperature)?;
     let (n, _) = hidden.dims2()?;
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     let h = hidden.detach();
+    let dtype = logp_dtype(weight.dtype());
+    let keep = hidden.track_op() && n * weight.dim(0)? * dtype.size_in_bytes() <= keep_bytes;
     let mut parts = Vec::with_capacity(n.div_ceil(LOGPROB_CHUNK_ROWS));
+    let mut kept = Vec::new();
     for start in (0..n).step_by(LOGPROB_CHUNK_ROWS) {
         let len = LOGPROB_CHUNK_ROWS.min(n - start);
         let logits = h
             .narrow(0, start, len)?
             .matmul(&weight.t()?)?
-            .to_dtype(logp_dtype(weight.dtype()))?;
+            .to_dtype(dtype)?;
         parts.push(logp_forward(
             &logits,
             &targets.narrow(0, start, len)?,
             temperature,
         )?);
+        if keep {
+            kept.push(logits);
+        }
     }
     let logp = if parts.is_empty() {
         Tensor::zeros(0, logp_dtype(weight.dtype()), hidden.device())?
@@ -174,7 +197,10 @@ pub fn lm_head_logprobs(
     let op = LogProbGrad {
         targets,
         temperature,
-        lm_head: Some(weight.detach()),
+        lm_head: Some(LmHead {
+            weight: weight.detach(),
+            logits: kept,
+        }),
     };
     hidden.apply_op2(&logp, op)
 }
@@ -210,8 +236,14 @@ fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
 struct LogProbGrad {
     targets: Tensor,
     temperature: f64,
-    /// `Some(W)`: the first argument is `hidden` and the logits are `hidden · Wᵀ`.
-    lm_head: Option<Tensor>,
+    /// Set when the first argument is `hidden` and the logits are `hidden · Wᵀ`.
+    lm_head: Option<LmHead>,
+}
+
+struct LmHead {
+    weight: Tensor,
+    /// The forward's logits per chunk, or empty to recompute them.
+    logits: Vec<Tensor>,
 }
 
 impl CustomOp2 for LogProbGrad {
@@ -246,20 +278,26 @@ impl CustomOp2 for LogProbGrad {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some(weight) = &self.lm_head else {
+        let Some(LmHead {
+            weight,
+            logits: kept,
+        }) = &self.lm_head
+        else {
             let g = logp_backward(arg, &self.targets, grad, self.temperature)?;
             return Ok((Some(g), None));
         };
-        // Recompute the logits chunk by chunk: never [N, V] at once.
         let n = arg.dim(0)?;
         let wt = weight.t()?;
         let mut parts = Vec::with_capacity(n.div_ceil(LOGPROB_CHUNK_ROWS));
         for start in (0..n).step_by(LOGPROB_CHUNK_ROWS) {
             let len = LOGPROB_CHUNK_ROWS.min(n - start);
-            let logits = arg
-                .narrow(0, start, len)?
-                .matmul(&wt)?
-                .to_dtype(logp_dtype(weight.dtype()))?;
+            let logits = match kept.get(start / LOGPROB_CHUNK_ROWS) {
+                Some(l) => l.clone(),
+                None => arg
+                    .narrow(0, start, len)?
+                    .matmul(&wt)?
+                    .to_dtype(logp_dtype(weight.dtype()))?,
+            };
             let g_logits = logp_backward(
                 &logits,
                 &self.targets.narrow(0, start, len)?,
