@@ -2,7 +2,10 @@
 //!
 //! Read in this order: [`device`] (where it runs), [`config`] and [`load`] (what is loaded),
 //! [`decoder`] with [`lora`] and [`ops`] (the maths), [`policy`] (what the trainer calls).
+//! Around it: [`tokenizer`] (text and chat template), [`sampler`] (one token from logits),
+//! [`optim`] (AdamW, schedules, clipping) and [`adapter`] (PEFT save/load, merged export).
 
+pub mod adapter;
 pub mod config;
 pub mod decoder;
 pub mod device;
@@ -10,8 +13,11 @@ pub mod gguf;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod optim;
 mod options;
 pub mod policy;
+pub mod sampler;
+pub mod tokenizer;
 
 pub use config::{Arch, Config};
 pub use options::{LoraOptions, ModelOptions, SamplingOptions};
