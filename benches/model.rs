@@ -73,7 +73,7 @@ fn sampling(policy: &Policy, prompts: usize, group: usize, new_tokens: usize) ->
         &prompts,
         group,
         &opts,
-        &mut |l: &[f32]| argmax(l),
+        &mut |l: &[f32]| Ok(argmax(l)),
         &mut |_: &[u32]| false,
     )?;
     let secs = start.elapsed().as_secs_f64();

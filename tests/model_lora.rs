@@ -3,9 +3,10 @@
 //! candle's autograd on the plain path.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use lean_grpo::model::adapter::save_adapter;
 use lean_grpo::model::load::load_dir;
 use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs_with_budget, selective_log_softmax};
-use lean_grpo::model::{LoraOptions, Policy};
+use lean_grpo::model::{LoraOptions, ModelOptions, Policy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -396,4 +397,38 @@ fn fused_lm_head_logprobs_match_autograd_across_chunks() {
         assert!(d < 1e-5, "gradient differs by {d}");
         assert!(ga.get(&w).is_none());
     }
+}
+
+#[test]
+fn a_saved_adapter_reloads_through_model_options() {
+    let lora = LoraOptions {
+        r: 4,
+        ..LoraOptions::default()
+    };
+    let p = policy("tiny-qwen2", DType::F32, &lora);
+    randomize_b(&p, 0.3, 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("adapter");
+    save_adapter(&out, &p.adapter_weights().unwrap(), &lora, "tiny-qwen2").unwrap();
+    let model = ModelOptions {
+        model: dir("tiny-qwen2").display().to_string(),
+        device: "cpu".into(),
+        adapter: Some(out.display().to_string()),
+        ..ModelOptions::default()
+    };
+    // Another seed: the fresh adapters differ, the loaded ones must not.
+    let q = Policy::load(&model, &lora, 99).unwrap();
+    let rows = vec![vec![295, 266, 269, 62, 15, 62, 17]];
+    let want = p.logits(&rows, true).unwrap().to_vec3::<f32>().unwrap();
+    assert_eq!(
+        q.logits(&rows, true).unwrap().to_vec3::<f32>().unwrap(),
+        want
+    );
+    // A run configured with another rank refuses the adapter instead of guessing.
+    let other = LoraOptions {
+        r: 8,
+        ..LoraOptions::default()
+    };
+    let err = format!("{:#}", Policy::load(&model, &other, 0).err().unwrap());
+    assert!(err.contains("rank"), "{err}");
 }

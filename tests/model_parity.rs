@@ -82,7 +82,7 @@ fn generate_greedy(policy: &Policy, prompts: &[Vec<u32>], group: usize, n: usize
             prompts,
             group,
             &greedy_opts(n),
-            &mut |l: &[f32]| argmax(l),
+            &mut |l: &[f32]| Ok(argmax(l)),
             &mut |_: &[u32]| false,
         )
         .unwrap();
@@ -194,7 +194,7 @@ fn eos_and_stop_end_completions_and_leave_the_batch() {
             &r.batch_greedy.prompts,
             2,
             &opts,
-            &mut |l: &[f32]| argmax(l),
+            &mut |l: &[f32]| Ok(argmax(l)),
             &mut |_: &[u32]| false,
         )
         .unwrap();
@@ -217,10 +217,59 @@ fn eos_and_stop_end_completions_and_leave_the_batch() {
             &r.batch_greedy.prompts[1..],
             1,
             &greedy_opts(20),
-            &mut |l: &[f32]| argmax(l),
+            &mut |l: &[f32]| Ok(argmax(l)),
             &mut |t: &[u32]| t.len() == 3,
         )
         .unwrap();
     assert_eq!(gens[0].tokens, want[1][..3]);
     assert!(!gens[0].finished_by_eos && !gens[0].truncated);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_groups_differ() {
+    use lean_grpo::model::sampler::Sampler;
+    use lean_grpo::model::SamplingOptions;
+    let (policy, r) = load("tiny-qwen3");
+    let opts = SamplingOptions {
+        temperature: 1.0,
+        top_p: 0.95,
+        ..SamplingOptions::default()
+    };
+    let run = |seed: u64| {
+        let mut sampler = Sampler::new(&opts, seed);
+        policy
+            .generate(
+                &r.batch_greedy.prompts,
+                4,
+                &greedy_opts(12),
+                &mut |l: &[f32]| sampler.sample(l),
+                &mut |_: &[u32]| false,
+            )
+            .unwrap()
+    };
+    let a = run(5);
+    assert_eq!(a, run(5));
+    assert_ne!(a, run(6));
+    let first: Vec<&Vec<u32>> = a[..4].iter().map(|g| &g.tokens).collect();
+    assert!(
+        first.iter().any(|t| *t != first[0]),
+        "4 samples of one prompt all equal: {first:?}"
+    );
+    // Temperature 0 through the sampler is greedy: the transformers reference again.
+    let greedy = SamplingOptions {
+        temperature: 0.0,
+        ..SamplingOptions::default()
+    };
+    let mut sampler = Sampler::new(&greedy, 0);
+    let g = policy
+        .generate(
+            &r.batch_greedy.prompts,
+            1,
+            &greedy_opts(20),
+            &mut |l: &[f32]| sampler.sample(l),
+            &mut |_: &[u32]| false,
+        )
+        .unwrap();
+    let got: Vec<Vec<u32>> = g.into_iter().map(|g| g.tokens).collect();
+    assert_eq!(got, r.batch_greedy.tokens);
 }

@@ -2,6 +2,7 @@
 //! policy (adapters on), the old policy (adapters on, no gradient) and the reference policy
 //! (adapters off), without a second copy of the weights.
 
+use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
 use super::decoder::{Decoder, LoraSpec, WeightSource, LORA_MODULES};
 use super::device::{parse_device, parse_dtype};
@@ -62,7 +63,16 @@ impl Policy {
             dtype,
         )
         .with_context(|| format!("loading model {}", model.model))?;
-        Self::from_files(files, lora, &device, dtype, seed)
+        let policy = Self::from_files(files, lora, &device, dtype, seed)?;
+        if let Some(dir) = &model.adapter {
+            let adapter = load_adapter(Path::new(dir), &device)
+                .with_context(|| format!("loading the adapter {dir}"))?;
+            adapter.ensure_matches(lora)?;
+            policy
+                .load_adapter(&adapter)
+                .with_context(|| format!("applying the adapter {dir}"))?;
+        }
+        Ok(policy)
     }
 
     /// Builds the policy from already loaded files.
@@ -188,6 +198,40 @@ impl Policy {
         Ok(())
     }
 
+    /// Copies of the current adapter weights, for [`super::adapter::save_adapter`].
+    pub fn adapter_weights(&self) -> Result<Vec<AdapterWeights>> {
+        self.lora_vars()
+            .into_iter()
+            .map(|(module, a, b)| {
+                Ok(AdapterWeights {
+                    module,
+                    a: a.as_tensor().copy()?,
+                    b: b.as_tensor().copy()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Replaces the adapters by a saved one, which must adapt exactly the modules this policy
+    /// adapts (a module left out would silently keep its fresh initialisation).
+    pub fn load_adapter(&self, adapter: &Adapter) -> Result<()> {
+        let ours: std::collections::BTreeSet<String> =
+            self.lora_vars().into_iter().map(|(n, _, _)| n).collect();
+        let theirs: std::collections::BTreeSet<String> =
+            adapter.weights.iter().map(|w| w.module.clone()).collect();
+        if ours != theirs {
+            let missing: Vec<_> = ours.difference(&theirs).take(3).collect();
+            let extra: Vec<_> = theirs.difference(&ours).take(3).collect();
+            bail!("the adapter does not cover this model's LoRA modules (missing {missing:?}, unexpected {extra:?})");
+        }
+        let weights: Vec<_> = adapter
+            .weights
+            .iter()
+            .map(|w| (w.module.clone(), w.a.clone(), w.b.clone()))
+            .collect();
+        self.set_lora_weights(&weights)
+    }
+
     /// Per-token log-probs of `completions[i]` after `prompts[i]`: `[B, max completion len]`
     /// f32 (f64 for an f64 model), zero beyond each completion. `log_softmax(logits / temperature)` at the sampled
     /// token (algorithms.md §1). With `grad` the result carries gradient to the adapters;
@@ -309,15 +353,15 @@ impl Policy {
     ///
     /// Each prompt is prefilled once (left-padded batch) and its KV cache copied to its G
     /// rows. `next_token(logits)` picks a token from f32 logits over the vocabulary (the
-    /// caller's sampler: temperature, top-p, ...), called row by row in index order so a seeded
-    /// sampler is reproducible. `stop(tokens)` is asked after every token whether the
+    /// caller's [`super::sampler::Sampler::sample`]: temperature, top-p, ...), called row by
+    /// row in index order so a seeded sampler is reproducible. `stop(tokens)` is asked after every token whether the
     /// completion so far should end (stop strings). Finished rows leave the batch.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
         group_size: usize,
         opts: &GenerateOptions,
-        next_token: &mut dyn FnMut(&[f32]) -> u32,
+        next_token: &mut dyn FnMut(&[f32]) -> Result<u32>,
         stop: &mut dyn FnMut(&[u32]) -> bool,
     ) -> Result<Vec<Generation>> {
         let n = prompts.len() * group_size;
@@ -373,7 +417,7 @@ impl Policy {
             let mut keep = Vec::with_capacity(active.len());
             let mut step_tokens = Vec::with_capacity(active.len());
             for (r, &i) in active.iter().enumerate() {
-                let tok = next_token(&logits[r]);
+                let tok = next_token(&logits[r])?;
                 let g = &mut out[i];
                 g.tokens.push(tok);
                 if opts.eos_ids.contains(&tok) {
