@@ -3,12 +3,16 @@
 //! the CPU: sampling tokens/s at batch 1 and 8, and one LoRA (r = 16, all seven projections)
 //! forward + backward of the log-probs of 4 completions of 64 tokens.
 //!
+//! For context on a shared machine, the same weights also run through candle-transformers'
+//! own `qwen2` (fused kernels, no LoRA, no batching): our batch-1 figure should be close to it.
+//!
 //! `cargo bench --bench model`. Prints figures; asserts nothing about speed.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use lean_grpo::model::load::TensorMap;
-use lean_grpo::model::{argmax, Config, GenerateOptions, LoraOptions, Policy};
+use lean_grpo::model::sampler::Sampler;
+use lean_grpo::model::{Config, GenerateOptions, LoraOptions, Policy, SamplingOptions};
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -68,12 +72,13 @@ fn sampling(policy: &Policy, prompts: usize, group: usize, new_tokens: usize) ->
         eos_ids: Vec::new(),
         adapters: true,
     };
+    let mut sampler = Sampler::new(&SamplingOptions::default(), 0);
     let start = Instant::now();
     let gens = policy.generate(
         &prompts,
         group,
         &opts,
-        &mut |l: &[f32]| Ok(argmax(l)),
+        &mut |l: &[f32]| sampler.sample(l),
         &mut |_: &[u32]| false,
     )?;
     let secs = start.elapsed().as_secs_f64();
@@ -120,6 +125,32 @@ fn train_step(policy: &Policy) -> Result<()> {
     Ok(())
 }
 
+/// Batch-1 greedy decoding through candle-transformers' Qwen2 on the same weights.
+fn candle_transformers_baseline(weights: &TensorMap, new_tokens: usize) -> Result<()> {
+    use candle_transformers::models::qwen2;
+    let dev = Device::Cpu;
+    let json = CONFIG.replace(
+        "\"vocab_size\"",
+        "\"sliding_window\": 32768, \"max_window_layers\": 21, \"vocab_size\"",
+    );
+    let cfg: qwen2::Config = serde_json::from_str(&json)?;
+    let vb = candle_nn::VarBuilder::from_tensors(weights.tensors.clone(), DType::F32, &dev);
+    let mut model = qwen2::ModelForCausalLM::new(&cfg, vb)?;
+    let start = Instant::now();
+    let prompt = prompt(0, 15);
+    let mut logits = model.forward(&Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?, 0)?;
+    for i in 0..new_tokens - 1 {
+        let tok = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        logits = model.forward(&Tensor::new(&[[tok]], &dev)?, prompt.len() + i)?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "baseline: candle-transformers qwen2, batch 1, {new_tokens} new tokens: {:.1} tokens/s",
+        new_tokens as f64 / secs
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let dev = Device::Cpu;
     let cfg = Config::from_json(CONFIG)?;
@@ -135,6 +166,7 @@ fn main() -> Result<()> {
         DType::F32,
         0,
     )?;
+    candle_transformers_baseline(&weights, 64)?;
     drop(weights);
     println!(
         "Qwen2.5-0.5B shape, random f32 weights, {} threads: built in {:.1} s",

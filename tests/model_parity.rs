@@ -273,3 +273,37 @@ fn seeded_sampling_is_reproducible_and_groups_differ() {
     let got: Vec<Vec<u32>> = g.into_iter().map(|g| g.tokens).collect();
     assert_eq!(got, r.batch_greedy.tokens);
 }
+
+#[test]
+fn bad_inputs_are_refused_with_a_reason() {
+    let (policy, _) = load("tiny-qwen2");
+    let gen = |prompts: &[Vec<u32>], n: usize| {
+        policy
+            .generate(
+                prompts,
+                1,
+                &greedy_opts(n),
+                &mut |l: &[f32]| Ok(argmax(l)),
+                &mut |_: &[u32]| false,
+            )
+            .unwrap_err()
+            .to_string()
+    };
+    let err = gen(&[vec![5, 999]], 3);
+    assert!(
+        err.contains("token id 999") && err.contains("vocabulary of 320"),
+        "{err}"
+    );
+    let err = gen(&[vec![1; 250]], 10);
+    assert!(err.contains("exceeds the model's 256 positions"), "{err}");
+    let err = policy
+        .logprobs(&[vec![]], &[vec![1]], 1.0, false, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prompt 0 is empty"), "{err}");
+    let err = policy
+        .logprobs(&[vec![1]], &[vec![1]], 0.0, false, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("temperature"), "{err}");
+}

@@ -328,6 +328,14 @@ impl Policy {
         Ok(self.decoder.logits(&hidden)?.to_dtype(DType::F32)?)
     }
 
+    fn check_vocab(&self, rows: &[Vec<u32>]) -> Result<()> {
+        let vocab = self.config().vocab_size as u32;
+        match rows.iter().flatten().find(|&&x| x >= vocab) {
+            Some(bad) => bail!("token id {bad} is outside the model's vocabulary of {vocab}"),
+            None => Ok(()),
+        }
+    }
+
     fn right_padded(&self, rows: &[Vec<u32>]) -> Result<(Tensor, usize)> {
         let t = rows.iter().map(Vec::len).max().unwrap_or(0);
         if t > self.decoder.max_positions() {
@@ -336,12 +344,9 @@ impl Policy {
                 self.decoder.max_positions()
             );
         }
-        let vocab = self.config().vocab_size as u32;
+        self.check_vocab(rows)?;
         let mut flat = Vec::with_capacity(rows.len() * t);
         for r in rows {
-            if let Some(bad) = r.iter().find(|&&x| x >= vocab) {
-                bail!("token id {bad} is outside the model's vocabulary of {vocab}");
-            }
             flat.extend_from_slice(r);
             flat.extend(std::iter::repeat_n(0, t - r.len()));
         }
@@ -382,6 +387,7 @@ impl Policy {
         if let Some(i) = prompts.iter().position(Vec::is_empty) {
             bail!("prompt {i} is empty");
         }
+        self.check_vocab(prompts)?;
         let c0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let max_len = c0 + opts.max_new_tokens;
         if max_len > self.decoder.max_positions() {
@@ -420,12 +426,11 @@ impl Policy {
                 let tok = next_token(&logits[r])?;
                 let g = &mut out[i];
                 g.tokens.push(tok);
-                if opts.eos_ids.contains(&tok) {
-                    g.finished_by_eos = true;
-                } else if stop(&g.tokens) {
-                } else if g.tokens.len() >= opts.max_new_tokens {
-                    g.truncated = true;
-                } else {
+                // The first reason wins: EOS, then a stop string, then the length limit.
+                g.finished_by_eos = opts.eos_ids.contains(&tok);
+                let stopped = g.finished_by_eos || stop(&g.tokens);
+                g.truncated = !stopped && g.tokens.len() >= opts.max_new_tokens;
+                if !stopped && !g.truncated {
                     keep.push(r);
                     step_tokens.push(tok);
                 }
