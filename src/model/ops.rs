@@ -274,7 +274,7 @@ impl CustomOp2 for LogProbGrad {
     fn bwd(
         &self,
         arg: &Tensor,
-        _: &Tensor,
+        logp: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -283,7 +283,7 @@ impl CustomOp2 for LogProbGrad {
             logits: kept,
         }) = &self.lm_head
         else {
-            let g = logp_backward(arg, &self.targets, grad, self.temperature)?;
+            let g = logp_backward(arg, &self.targets, logp, grad, self.temperature)?;
             return Ok((Some(g), None));
         };
         let n = arg.dim(0)?;
@@ -301,6 +301,7 @@ impl CustomOp2 for LogProbGrad {
             let g_logits = logp_backward(
                 &logits,
                 &self.targets.narrow(0, start, len)?,
+                &logp.narrow(0, start, len)?,
                 &grad.narrow(0, start, len)?,
                 self.temperature,
             )?;
@@ -336,9 +337,12 @@ fn logp_forward(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<T
 }
 
 /// `dL/dlogits = (onehot(target) − softmax(logits / T)) · g / T`, shape `[N, V]`, f32.
+/// `logp` is the forward's result: with it the log-sum-exp of each row is
+/// `logits[target] / T − logp` and the CPU kernel needs a single pass over the row.
 fn logp_backward(
     logits: &Tensor,
     targets: &Tensor,
+    logp: &Tensor,
     grad: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
@@ -346,10 +350,13 @@ fn logp_backward(
     let grad = grad.to_dtype(logits.dtype())?.contiguous()?;
     if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
         let targets = targets.contiguous()?;
+        let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let lse = ((picked / temperature)? - logp.to_dtype(DType::F32)?)?;
+        let coef = Tensor::stack(&[(&grad / temperature)?, lse], 1)?.contiguous()?;
         let op = LogpGradCpu {
             inv_t: (1.0 / temperature) as f32,
         };
-        return logits.apply_op3_no_bwd(&targets, &grad, &op);
+        return logits.apply_op3_no_bwd(&targets, &coef, &op);
     }
     let v = logits.dim(1)?;
     let probs = candle_nn::ops::softmax_last_dim(&(&logits / temperature)?)?;
@@ -448,15 +455,15 @@ impl CustomOp3 for LogpGradCpu {
         let (logits, v) = f32_rows(s1, l1, "logits")?;
         let rows = l1.dims()[0];
         let targets = u32_targets(s2, l2, rows, v)?;
-        let (grad, _) = f32_rows(s3, l3, "grad")?;
+        // Per row: (g / T, log-sum-exp of the row / T).
+        let (coef, _) = f32_rows(s3, l3, "grad")?;
         let inv_t = self.inv_t;
         let mut out = vec![0f32; rows * v];
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
             .enumerate()
             .for_each(|(i, (o, row))| {
-                let g = grad[i] * inv_t;
-                let lse = row_lse(row, inv_t);
+                let (g, lse) = (coef[2 * i], coef[2 * i + 1]);
                 for (o, &x) in o.iter_mut().zip(row) {
                     *o = -(x * inv_t - lse).exp() * g;
                 }
