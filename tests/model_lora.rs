@@ -432,3 +432,34 @@ fn a_saved_adapter_reloads_through_model_options() {
     let err = format!("{:#}", Policy::load(&model, &other, 0).err().unwrap());
     assert!(err.contains("rank"), "{err}");
 }
+
+#[test]
+fn policy_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Policy>();
+}
+
+#[test]
+fn lora_dropout_only_acts_on_gradient_passes_and_is_seeded() {
+    let lora = LoraOptions {
+        r: 4,
+        lora_dropout: 0.5,
+        ..LoraOptions::default()
+    };
+    let (prompts, completions) = batch();
+    let run = || {
+        let p = policy("tiny-qwen2", DType::F32, &lora);
+        randomize_b(&p, 0.3, 1);
+        let eval = p
+            .logprobs(&prompts, &completions, 1.0, false, true)
+            .unwrap();
+        let train = p.logprobs(&prompts, &completions, 1.0, true, true).unwrap();
+        (
+            eval.to_vec2::<f32>().unwrap(),
+            train.to_vec2::<f32>().unwrap(),
+        )
+    };
+    let (eval, train) = run();
+    assert_ne!(eval, train, "dropout 0.5 must change a training pass");
+    assert_eq!(run(), (eval, train), "same seed, same dropout masks");
+}

@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 /// Rows per forward when log-probs are computed without gradient (bounds the attention
@@ -46,7 +45,8 @@ pub struct GenerateOptions {
 pub struct Policy {
     decoder: Decoder,
     dir: PathBuf,
-    dropout_rng: RefCell<ChaCha8Rng>,
+    /// Behind a mutex so that the policy is `Sync` (shared by the trainer's threads).
+    dropout_rng: std::sync::Mutex<ChaCha8Rng>,
 }
 
 impl Policy {
@@ -132,7 +132,7 @@ impl Policy {
         };
         let decoder = Decoder::new(config, weights, device, dtype, Some(spec))?;
         // A separate stream for dropout, so changing the dropout rate does not move A's init.
-        let dropout_rng = RefCell::new(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d20f));
+        let dropout_rng = std::sync::Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d20f));
         Ok(Policy {
             decoder,
             dir: dir.to_path_buf(),
