@@ -501,6 +501,23 @@ fn merge_errors_leave_nothing_behind() {
         err.contains("has neither model.safetensors nor model.safetensors.index.json"),
         "{err}"
     );
+    let corrupt = root.path().join("corrupt_base");
+    fs::create_dir_all(&corrupt).unwrap();
+    fs::write(
+        corrupt.join("model.safetensors"),
+        b"\x05\x00\x00\x00\x00\x00\x00\x00{oops",
+    )
+    .unwrap();
+    let err = error_text(export_merged(
+        &corrupt,
+        &adapter_ok,
+        &root.path().join("m3"),
+    ));
+    assert!(
+        err.contains("corrupt_base/model.safetensors is not a safetensors file"),
+        "{err}"
+    );
+
     let leftovers: Vec<_> = fs::read_dir(root.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

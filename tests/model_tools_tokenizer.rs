@@ -289,6 +289,61 @@ fn added_token_only_in_config_is_registered() {
     assert!(ids.contains(&326), "{ids:?}");
 }
 
+/// A Mistral-style template with `break` (jinja2's loopcontrols), a filtered `for`, slicing,
+/// `| trim`, and `transformers`' `{% generation %}` tag. Expected text: jinja2 with the same
+/// settings, the generation tags read as plain blocks.
+#[test]
+fn loop_controls_filters_and_generation_tags_render_like_jinja2() {
+    let template = r#"{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = '' %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message %}
+            {{- '[INST] ' + system_message + '\n\n' + message['content'] | trim + ' [/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] | trim + ' [/INST]' }}
+        {%- endif %}
+    {%- else %}
+        {%- generation %}{{- ' ' + message['content'] | trim + eos_token }}{%- endgeneration %}
+    {%- endif %}
+    {%- if loop.index >= 3 %}{% break %}{% endif %}
+{%- endfor %}
+{%- for m in messages if m.role == 'user' %}{% if loop.first %}|users:{% endif %}{{ loop.index }}{% endfor %}"#;
+    let dir = tiny_variant(Some(serde_json::json!({
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "chat_template": template
+    })));
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    let messages = [
+        ChatMessage::system(" Be brief. "),
+        ChatMessage::user("Prove t."),
+        ChatMessage::assistant("by simp"),
+        ChatMessage::user(" Again. "),
+        ChatMessage::assistant("never shown"),
+    ];
+    assert_eq!(
+        tok.apply_chat_template(&messages, false).unwrap(),
+        "<|endoftext|>[INST] Be brief.\n\nProve t. [/INST] by simp<|im_end|>[INST] Again. [/INST]|users:12"
+    );
+    let err = tok
+        .apply_chat_template(&[ChatMessage::assistant("first")], false)
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("Conversation roles must alternate"),
+        "{err:#}"
+    );
+}
+
 /// Ids printed by `python3 tests/data/tokenizer/make_fixtures.py $LEAN_GRPO_QWEN_TOKENIZER`: jinja2 `ImmutableSandboxedEnvironment(
 /// trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])` rendering the
 /// package's `chat_template` with `tools=None`, then Python `tokenizers` 0.23.3

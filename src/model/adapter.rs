@@ -419,10 +419,7 @@ pub fn export_merged(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
         .collect();
     let mut present = BTreeSet::new();
     for shard in &shards {
-        let bytes = fs::read(shard).with_context(|| format!("cannot read {}", shard.display()))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{} is not a safetensors file", shard.display()))?;
-        present.extend(st.names().into_iter().map(str::to_string));
+        present.extend(safetensors_names(shard)?);
     }
     let missing: Vec<&String> = pending.keys().filter(|k| !present.contains(*k)).collect();
     ensure!(
@@ -544,6 +541,31 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         dir.display()
     );
     Ok(vec![single])
+}
+
+/// Tensor names of a safetensors file, from its header alone (8-byte length, then JSON).
+fn safetensors_names(path: &Path) -> Result<Vec<String>> {
+    use std::io::Read;
+    let not_safetensors = || format!("{} is not a safetensors file", path.display());
+    let mut file =
+        fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(not_safetensors)?;
+    let len = usize::try_from(u64::from_le_bytes(len)).with_context(not_safetensors)?;
+    ensure!(
+        len <= 100_000_000,
+        "{}: header of {len} bytes",
+        not_safetensors()
+    );
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).with_context(not_safetensors)?;
+    let header: serde_json::Map<String, Json> =
+        serde_json::from_slice(&header).with_context(not_safetensors)?;
+    Ok(header
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
 }
 
 /// `W + scaling · B · A` in f32, returned in W's dtype.

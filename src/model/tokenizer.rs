@@ -482,8 +482,47 @@ fn chat_environment(source: String) -> Result<Environment<'static>> {
         },
     );
     env.add_filter("tojson", python_tojson);
-    env.add_template_owned(TEMPLATE_NAME, source)?;
+    env.add_template_owned(TEMPLATE_NAME, neutralize_generation_tags(&source))?;
     Ok(env)
+}
+
+/// Rewrites `{% generation %}` / `{% endgeneration %}` (a `transformers` extension marking the
+/// assistant's tokens for training masks; it renders its body unchanged) to `{% if true %}` /
+/// `{% endif %}`, keeping the whitespace-control dashes, since minijinja does not know the tag.
+fn neutralize_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let (before, tag) = rest.split_at(start);
+        out.push_str(before);
+        let inner = &tag[2..];
+        let body = inner.strip_prefix(['-', '+']).unwrap_or(inner);
+        let control = &inner[..inner.len() - body.len()];
+        let trimmed = body.trim_start();
+        let word_len = trimmed
+            .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .unwrap_or(trimmed.len());
+        let replacement = match &trimmed[..word_len] {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(word) => {
+                out.push_str("{%");
+                out.push_str(control);
+                out.push(' ');
+                out.push_str(word);
+                rest = &trimmed[word_len..];
+            }
+            None => {
+                out.push_str("{%");
+                rest = inner;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `transformers`' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent)`, i.e. `", "` and
