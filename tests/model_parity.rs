@@ -307,3 +307,21 @@ fn bad_inputs_are_refused_with_a_reason() {
         .to_string();
     assert!(err.contains("temperature"), "{err}");
 }
+
+#[test]
+fn tiny_models_ship_a_working_tokenizer_and_chat_template() {
+    use lean_grpo::model::tokenizer::{ChatMessage, Tokenizer};
+    let (_, r) = load("tiny-qwen2");
+    let tok = Tokenizer::from_dir(&dir("tiny-qwen2")).unwrap();
+    let text = "theorem add_0_2 : MyEq (N.add N.z (N.s N.z)) N.one :=";
+    let ids = tok.encode(text, false).unwrap();
+    assert_eq!(ids[..r.ids.len()], r.ids);
+    assert!(tok.has_chat_template());
+    let chat = tok.encode_chat(&[ChatMessage::user("prove it")]).unwrap();
+    let shown = tok.decode(&chat, false).unwrap();
+    assert!(
+        shown.starts_with("<|im_start|>user\nprove it<|im_end|>\n<|im_start|>assistant\n"),
+        "{shown}"
+    );
+    assert!(tok.is_eos(tok.token_to_id("<|im_end|>").unwrap()));
+}
