@@ -3,9 +3,10 @@
 //! candle's autograd on the plain path.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use lean_grpo::model::adapter::save_adapter;
 use lean_grpo::model::load::load_dir;
-use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs, selective_log_softmax};
-use lean_grpo::model::{LoraOptions, Policy};
+use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs_with_budget, selective_log_softmax};
+use lean_grpo::model::{LoraOptions, ModelOptions, Policy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -297,32 +298,33 @@ fn every_trainable_tensor_gets_a_gradient() {
 #[test]
 fn frozen_matmul_backward_equals_autograd_without_a_weight_gradient() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let x = Var::from_tensor(&random(&[2, 5, 7], 1.0, &mut rng, DType::F64)).unwrap();
-    let w = random(&[3, 7], 1.0, &mut rng, DType::F64);
-    let r = random(&[2, 5, 3], 1.0, &mut rng, DType::F64);
-    let ours = frozen_matmul(x.as_tensor(), &w).unwrap();
-    let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
-    assert_eq!(
-        ours.to_vec3::<f64>().unwrap(),
-        plain.to_vec3::<f64>().unwrap()
-    );
-    let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let g_plain = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
-    let a = g_ours.get(x.as_tensor()).unwrap();
-    let b = g_plain.get(x.as_tensor()).unwrap();
-    let d = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    assert!(d < 1e-12, "dL/dx differs by {d}");
-    assert!(
-        g_ours.get(&w).is_none(),
-        "the frozen weight must not get a gradient"
-    );
+    // 10 rows take the swapped (W · xᵀ) path, 60 rows the direct one.
+    for rows in [5, 30] {
+        let x = Var::from_tensor(&random(&[2, rows, 7], 1.0, &mut rng, DType::F64)).unwrap();
+        let w = random(&[3, 7], 1.0, &mut rng, DType::F64);
+        let r = random(&[2, rows, 3], 1.0, &mut rng, DType::F64);
+        let ours = frozen_matmul(x.as_tensor(), &w).unwrap();
+        let plain = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+        let d = (&ours - &plain).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f64>().unwrap() < 1e-12);
+        let g_ours = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_plain = (plain * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let a = g_ours.get(x.as_tensor()).unwrap();
+        let b = g_plain.get(x.as_tensor()).unwrap();
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(d < 1e-12, "{rows} rows: dL/dx differs by {d}");
+        assert!(
+            g_ours.get(&w).is_none(),
+            "the frozen weight must not get a gradient"
+        );
+    }
 }
 
 fn plain_logp(logits: &Tensor, targets: &Tensor, t: f64) -> Tensor {
@@ -376,19 +378,88 @@ fn fused_lm_head_logprobs_match_autograd_across_chunks() {
     let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
     let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
     let g = random(&[n], 1.0, &mut rng, DType::F32);
-    let ours = lm_head_logprobs(hidden.as_tensor(), &w, &targets, t).unwrap();
-    let plain = plain_logp(
-        &hidden.as_tensor().matmul(&w.t().unwrap()).unwrap(),
-        &targets,
-        t,
+    // Budget 0: logits recomputed in the backward; 1 GiB: kept from the forward.
+    for budget in [0, 1 << 30] {
+        let ours =
+            lm_head_logprobs_with_budget(hidden.as_tensor(), &w, &targets, t, budget).unwrap();
+        let plain = plain_logp(
+            &hidden.as_tensor().matmul(&w.t().unwrap()).unwrap(),
+            &targets,
+            t,
+        );
+        assert!(max_diff(&ours, &plain) < 1e-5);
+        let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_diff(
+            ga.get(hidden.as_tensor()).unwrap(),
+            gb.get(hidden.as_tensor()).unwrap(),
+        );
+        assert!(d < 1e-5, "gradient differs by {d}");
+        assert!(ga.get(&w).is_none());
+    }
+}
+
+#[test]
+fn a_saved_adapter_reloads_through_model_options() {
+    let lora = LoraOptions {
+        r: 4,
+        ..LoraOptions::default()
+    };
+    let p = policy("tiny-qwen2", DType::F32, &lora);
+    randomize_b(&p, 0.3, 8);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("adapter");
+    save_adapter(&out, &p.adapter_weights().unwrap(), &lora, "tiny-qwen2").unwrap();
+    let model = ModelOptions {
+        model: dir("tiny-qwen2").display().to_string(),
+        device: "cpu".into(),
+        adapter: Some(out.display().to_string()),
+        ..ModelOptions::default()
+    };
+    // Another seed: the fresh adapters differ, the loaded ones must not.
+    let q = Policy::load(&model, &lora, 99).unwrap();
+    let rows = vec![vec![295, 266, 269, 62, 15, 62, 17]];
+    let want = p.logits(&rows, true).unwrap().to_vec3::<f32>().unwrap();
+    assert_eq!(
+        q.logits(&rows, true).unwrap().to_vec3::<f32>().unwrap(),
+        want
     );
-    assert!(max_diff(&ours, &plain) < 1e-5);
-    let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    let gb = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
-    let d = max_diff(
-        ga.get(hidden.as_tensor()).unwrap(),
-        gb.get(hidden.as_tensor()).unwrap(),
-    );
-    assert!(d < 1e-5, "gradient differs by {d}");
-    assert!(ga.get(&w).is_none());
+    // A run configured with another rank refuses the adapter instead of guessing.
+    let other = LoraOptions {
+        r: 8,
+        ..LoraOptions::default()
+    };
+    let err = format!("{:#}", Policy::load(&model, &other, 0).err().unwrap());
+    assert!(err.contains("rank"), "{err}");
+}
+
+#[test]
+fn policy_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Policy>();
+}
+
+#[test]
+fn lora_dropout_only_acts_on_gradient_passes_and_is_seeded() {
+    let lora = LoraOptions {
+        r: 4,
+        lora_dropout: 0.5,
+        ..LoraOptions::default()
+    };
+    let (prompts, completions) = batch();
+    let run = || {
+        let p = policy("tiny-qwen2", DType::F32, &lora);
+        randomize_b(&p, 0.3, 1);
+        let eval = p
+            .logprobs(&prompts, &completions, 1.0, false, true)
+            .unwrap();
+        let train = p.logprobs(&prompts, &completions, 1.0, true, true).unwrap();
+        (
+            eval.to_vec2::<f32>().unwrap(),
+            train.to_vec2::<f32>().unwrap(),
+        )
+    };
+    let (eval, train) = run();
+    assert_ne!(eval, train, "dropout 0.5 must change a training pass");
+    assert_eq!(run(), (eval, train), "same seed, same dropout masks");
 }

@@ -82,7 +82,7 @@ fn generate_greedy(policy: &Policy, prompts: &[Vec<u32>], group: usize, n: usize
             prompts,
             group,
             &greedy_opts(n),
-            &mut |l: &[f32]| argmax(l),
+            &mut |l: &[f32]| Ok(argmax(l)),
             &mut |_: &[u32]| false,
         )
         .unwrap();
@@ -194,7 +194,7 @@ fn eos_and_stop_end_completions_and_leave_the_batch() {
             &r.batch_greedy.prompts,
             2,
             &opts,
-            &mut |l: &[f32]| argmax(l),
+            &mut |l: &[f32]| Ok(argmax(l)),
             &mut |_: &[u32]| false,
         )
         .unwrap();
@@ -217,10 +217,111 @@ fn eos_and_stop_end_completions_and_leave_the_batch() {
             &r.batch_greedy.prompts[1..],
             1,
             &greedy_opts(20),
-            &mut |l: &[f32]| argmax(l),
+            &mut |l: &[f32]| Ok(argmax(l)),
             &mut |t: &[u32]| t.len() == 3,
         )
         .unwrap();
     assert_eq!(gens[0].tokens, want[1][..3]);
     assert!(!gens[0].finished_by_eos && !gens[0].truncated);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_groups_differ() {
+    use lean_grpo::model::sampler::Sampler;
+    use lean_grpo::model::SamplingOptions;
+    let (policy, r) = load("tiny-qwen3");
+    let opts = SamplingOptions {
+        temperature: 1.0,
+        top_p: 0.95,
+        ..SamplingOptions::default()
+    };
+    let run = |seed: u64| {
+        let mut sampler = Sampler::new(&opts, seed);
+        policy
+            .generate(
+                &r.batch_greedy.prompts,
+                4,
+                &greedy_opts(12),
+                &mut |l: &[f32]| sampler.sample(l),
+                &mut |_: &[u32]| false,
+            )
+            .unwrap()
+    };
+    let a = run(5);
+    assert_eq!(a, run(5));
+    assert_ne!(a, run(6));
+    let first: Vec<&Vec<u32>> = a[..4].iter().map(|g| &g.tokens).collect();
+    assert!(
+        first.iter().any(|t| *t != first[0]),
+        "4 samples of one prompt all equal: {first:?}"
+    );
+    // Temperature 0 through the sampler is greedy: the transformers reference again.
+    let greedy = SamplingOptions {
+        temperature: 0.0,
+        ..SamplingOptions::default()
+    };
+    let mut sampler = Sampler::new(&greedy, 0);
+    let g = policy
+        .generate(
+            &r.batch_greedy.prompts,
+            1,
+            &greedy_opts(20),
+            &mut |l: &[f32]| sampler.sample(l),
+            &mut |_: &[u32]| false,
+        )
+        .unwrap();
+    let got: Vec<Vec<u32>> = g.into_iter().map(|g| g.tokens).collect();
+    assert_eq!(got, r.batch_greedy.tokens);
+}
+
+#[test]
+fn bad_inputs_are_refused_with_a_reason() {
+    let (policy, _) = load("tiny-qwen2");
+    let gen = |prompts: &[Vec<u32>], n: usize| {
+        policy
+            .generate(
+                prompts,
+                1,
+                &greedy_opts(n),
+                &mut |l: &[f32]| Ok(argmax(l)),
+                &mut |_: &[u32]| false,
+            )
+            .unwrap_err()
+            .to_string()
+    };
+    let err = gen(&[vec![5, 999]], 3);
+    assert!(
+        err.contains("token id 999") && err.contains("vocabulary of 320"),
+        "{err}"
+    );
+    let err = gen(&[vec![1; 250]], 10);
+    assert!(err.contains("exceeds the model's 256 positions"), "{err}");
+    let err = policy
+        .logprobs(&[vec![]], &[vec![1]], 1.0, false, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("prompt 0 is empty"), "{err}");
+    let err = policy
+        .logprobs(&[vec![1]], &[vec![1]], 0.0, false, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("temperature"), "{err}");
+}
+
+#[test]
+fn tiny_models_ship_a_working_tokenizer_and_chat_template() {
+    use lean_grpo::model::tokenizer::{ChatMessage, Tokenizer};
+    let (_, r) = load("tiny-qwen2");
+    let tok = Tokenizer::from_dir(&dir("tiny-qwen2")).unwrap();
+    let text = "theorem add_0_2 : MyEq (N.add N.z (N.s N.z)) N.one :=";
+    let ids = tok.encode(text, false).unwrap();
+    assert_eq!(ids[..r.ids.len()], r.ids);
+    assert!(tok.has_chat_template());
+    let chat = tok.encode_chat(&[ChatMessage::user("prove it")]).unwrap();
+    let shown = tok.decode(&chat, false).unwrap();
+    assert!(
+        shown.starts_with("<|im_start|>user\nprove it<|im_end|>\n<|im_start|>assistant\n"),
+        "{shown}"
+    );
+    assert!(tok.is_eos(tok.token_to_id("<|im_end|>").unwrap()));
 }

@@ -10,7 +10,7 @@ use super::ops::frozen_matmul;
 use candle_core::{DType, Result, Tensor, Var};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 /// How one forward pass treats the adapters.
 pub struct Pass<'a> {
@@ -20,7 +20,7 @@ pub struct Pass<'a> {
     /// does not keep the decode history alive.
     pub grad: bool,
     /// Apply LoRA dropout with this RNG (training passes only).
-    pub dropout_rng: Option<&'a RefCell<ChaCha8Rng>>,
+    pub dropout_rng: Option<&'a Mutex<ChaCha8Rng>>,
 }
 
 impl Pass<'_> {
@@ -127,7 +127,9 @@ impl LoraLinear {
         };
         let mut xin = x.to_dtype(a.dtype())?;
         if let (Some(rng), true) = (pass.dropout_rng, ad.dropout > 0.0) {
-            xin = dropout(&xin, ad.dropout, &mut rng.borrow_mut())?;
+            // A poisoned lock only means another pass panicked; the RNG state is still valid.
+            let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
+            xin = dropout(&xin, ad.dropout, &mut rng)?;
         }
         let low = xin.broadcast_matmul(&a.t()?)?;
         let up = (low.broadcast_matmul(&b.t()?)? * ad.scale)?;

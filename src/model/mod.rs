@@ -2,7 +2,10 @@
 //!
 //! Read in this order: [`device`] (where it runs), [`config`] and [`load`] (what is loaded),
 //! [`decoder`] with [`lora`] and [`ops`] (the maths), [`policy`] (what the trainer calls).
+//! Around it: [`tokenizer`] (text and chat template), [`sampler`] (one token from logits),
+//! [`optim`] (AdamW, schedules, clipping) and [`adapter`] (PEFT save/load, merged export).
 
+pub mod adapter;
 pub mod config;
 pub mod decoder;
 pub mod device;
@@ -10,12 +13,10 @@ pub mod gguf;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod optim;
 mod options;
 pub mod policy;
 
-// Around the decoder: tokenizer and chat template, sampling, optimiser, PEFT adapters.
-pub mod adapter;
-pub mod optim;
 pub mod sampler;
 pub mod tokenizer;
 

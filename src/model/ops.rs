@@ -27,6 +27,10 @@ pub const LOGPROB_CHUNK_ROWS: usize = 64;
 // ---------------------------------------------------------------------------------------------
 // Frozen linear.
 
+/// Up to this many rows, [`frozen_matmul`] computes `(W · xᵀ)ᵀ`: with few rows (decoding) the
+/// CPU gemm is up to twice as fast with the weight as the left operand.
+const SWAP_MAX_ROWS: usize = 32;
+
 /// `x · wᵀ` where `w` (`[out, in]`) never receives a gradient. `x` is `[..., in]`.
 pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -39,21 +43,30 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, inner))?;
-    let y = x2.apply_op2(w, FrozenMatmul)?;
+    let swapped = rows <= SWAP_MAX_ROWS;
+    let y = x2.apply_op2(w, FrozenMatmul { swapped })?;
+    let y = if swapped { y.t()?.contiguous()? } else { y };
     let mut out_dims = lead.to_vec();
     out_dims.push(out);
     y.reshape(out_dims)
 }
 
-struct FrozenMatmul;
+/// `x · Wᵀ` (`[m, n]`), or `W · xᵀ` (`[n, m]`) when `swapped`.
+struct FrozenMatmul {
+    swapped: bool,
+}
 
 impl FrozenMatmul {
     fn fwd<S: BackendStorage>(&self, x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (n, _) = lw.shape().dims2()?;
-        let wt = lw.transpose(0, 1)?;
-        let y = x.matmul(w, (1, m, n, k), lx, &wt)?;
-        Ok((y, Shape::from((m, n))))
+        if self.swapped {
+            let y = w.matmul(x, (1, n, m, k), lw, &lx.transpose(0, 1)?)?;
+            Ok((y, Shape::from((n, m))))
+        } else {
+            let y = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
+            Ok((y, Shape::from((m, n))))
+        }
     }
 }
 
@@ -89,6 +102,11 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = if self.swapped {
+            grad.t()?
+        } else {
+            grad.clone()
+        };
         Ok((Some(grad.matmul(w)?), None))
     }
 }
@@ -118,32 +136,55 @@ pub fn selective_log_softmax(
     logits.apply_op2(&logp, op)
 }
 
+/// Logits up to this size are kept from the forward for the backward of
+/// [`lm_head_logprobs`]; beyond it they are recomputed chunk by chunk (one more LM-head matmul,
+/// bounded memory).
+pub const KEEP_LOGITS_BYTES: usize = 1 << 30;
+
 /// [`selective_log_softmax`] of `hidden · weightᵀ`, fused and chunked: `hidden` `[N, d]`,
 /// `weight` `[V, d]` (frozen, e.g. the LM head or tied embeddings), `targets` `[N]`. Only
-/// `hidden` gets a gradient; the backward recomputes each chunk's logits instead of keeping
-/// `[N, V]` of them alive between forward and backward.
+/// `hidden` gets a gradient. The forward never holds more than one chunk of temporaries; the
+/// logits themselves are kept for the backward while they fit in [`KEEP_LOGITS_BYTES`], and
+/// recomputed otherwise.
 pub fn lm_head_logprobs(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
+    lm_head_logprobs_with_budget(hidden, weight, targets, temperature, KEEP_LOGITS_BYTES)
+}
+
+/// [`lm_head_logprobs`] keeping at most `keep_bytes` of logits for the backward.
+pub fn lm_head_logprobs_with_budget(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    keep_bytes: usize,
+) -> Result<Tensor> {
     check_temperature(temperature)?;
     let (n, _) = hidden.dims2()?;
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
     let h = hidden.detach();
+    let dtype = logp_dtype(weight.dtype());
+    let keep = hidden.track_op() && n * weight.dim(0)? * dtype.size_in_bytes() <= keep_bytes;
     let mut parts = Vec::with_capacity(n.div_ceil(LOGPROB_CHUNK_ROWS));
+    let mut kept = Vec::new();
     for start in (0..n).step_by(LOGPROB_CHUNK_ROWS) {
         let len = LOGPROB_CHUNK_ROWS.min(n - start);
         let logits = h
             .narrow(0, start, len)?
             .matmul(&weight.t()?)?
-            .to_dtype(logp_dtype(weight.dtype()))?;
+            .to_dtype(dtype)?;
         parts.push(logp_forward(
             &logits,
             &targets.narrow(0, start, len)?,
             temperature,
         )?);
+        if keep {
+            kept.push(logits);
+        }
     }
     let logp = if parts.is_empty() {
         Tensor::zeros(0, logp_dtype(weight.dtype()), hidden.device())?
@@ -156,7 +197,10 @@ pub fn lm_head_logprobs(
     let op = LogProbGrad {
         targets,
         temperature,
-        lm_head: Some(weight.detach()),
+        lm_head: Some(LmHead {
+            weight: weight.detach(),
+            logits: kept,
+        }),
     };
     hidden.apply_op2(&logp, op)
 }
@@ -192,8 +236,14 @@ fn pass_through<S: BackendStorage>(s: &S, l: &Layout) -> Result<(S, Shape)> {
 struct LogProbGrad {
     targets: Tensor,
     temperature: f64,
-    /// `Some(W)`: the first argument is `hidden` and the logits are `hidden · Wᵀ`.
-    lm_head: Option<Tensor>,
+    /// Set when the first argument is `hidden` and the logits are `hidden · Wᵀ`.
+    lm_head: Option<LmHead>,
+}
+
+struct LmHead {
+    weight: Tensor,
+    /// The forward's logits per chunk, or empty to recompute them.
+    logits: Vec<Tensor>,
 }
 
 impl CustomOp2 for LogProbGrad {
@@ -224,27 +274,34 @@ impl CustomOp2 for LogProbGrad {
     fn bwd(
         &self,
         arg: &Tensor,
-        _: &Tensor,
+        logp: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some(weight) = &self.lm_head else {
-            let g = logp_backward(arg, &self.targets, grad, self.temperature)?;
+        let Some(LmHead {
+            weight,
+            logits: kept,
+        }) = &self.lm_head
+        else {
+            let g = logp_backward(arg, &self.targets, logp, grad, self.temperature)?;
             return Ok((Some(g), None));
         };
-        // Recompute the logits chunk by chunk: never [N, V] at once.
         let n = arg.dim(0)?;
         let wt = weight.t()?;
         let mut parts = Vec::with_capacity(n.div_ceil(LOGPROB_CHUNK_ROWS));
         for start in (0..n).step_by(LOGPROB_CHUNK_ROWS) {
             let len = LOGPROB_CHUNK_ROWS.min(n - start);
-            let logits = arg
-                .narrow(0, start, len)?
-                .matmul(&wt)?
-                .to_dtype(logp_dtype(weight.dtype()))?;
+            let logits = match kept.get(start / LOGPROB_CHUNK_ROWS) {
+                Some(l) => l.clone(),
+                None => arg
+                    .narrow(0, start, len)?
+                    .matmul(&wt)?
+                    .to_dtype(logp_dtype(weight.dtype()))?,
+            };
             let g_logits = logp_backward(
                 &logits,
                 &self.targets.narrow(0, start, len)?,
+                &logp.narrow(0, start, len)?,
                 &grad.narrow(0, start, len)?,
                 self.temperature,
             )?;
@@ -280,9 +337,12 @@ fn logp_forward(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<T
 }
 
 /// `dL/dlogits = (onehot(target) − softmax(logits / T)) · g / T`, shape `[N, V]`, f32.
+/// `logp` is the forward's result: with it the log-sum-exp of each row is
+/// `logits[target] / T − logp` and the CPU kernel needs a single pass over the row.
 fn logp_backward(
     logits: &Tensor,
     targets: &Tensor,
+    logp: &Tensor,
     grad: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
@@ -290,10 +350,13 @@ fn logp_backward(
     let grad = grad.to_dtype(logits.dtype())?.contiguous()?;
     if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
         let targets = targets.contiguous()?;
+        let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let lse = ((picked / temperature)? - logp.to_dtype(DType::F32)?)?;
+        let coef = Tensor::stack(&[(&grad / temperature)?, lse], 1)?.contiguous()?;
         let op = LogpGradCpu {
             inv_t: (1.0 / temperature) as f32,
         };
-        return logits.apply_op3_no_bwd(&targets, &grad, &op);
+        return logits.apply_op3_no_bwd(&targets, &coef, &op);
     }
     let v = logits.dim(1)?;
     let probs = candle_nn::ops::softmax_last_dim(&(&logits / temperature)?)?;
@@ -392,15 +455,15 @@ impl CustomOp3 for LogpGradCpu {
         let (logits, v) = f32_rows(s1, l1, "logits")?;
         let rows = l1.dims()[0];
         let targets = u32_targets(s2, l2, rows, v)?;
-        let (grad, _) = f32_rows(s3, l3, "grad")?;
+        // Per row: (g / T, log-sum-exp of the row / T).
+        let (coef, _) = f32_rows(s3, l3, "grad")?;
         let inv_t = self.inv_t;
         let mut out = vec![0f32; rows * v];
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
             .enumerate()
             .for_each(|(i, (o, row))| {
-                let g = grad[i] * inv_t;
-                let lse = row_lse(row, inv_t);
+                let (g, lse) = (coef[2 * i], coef[2 * i + 1]);
                 for (o, &x) in o.iter_mut().zip(row) {
                     *o = -(x * inv_t - lse).exp() * g;
                 }

@@ -2,6 +2,7 @@
 //! policy (adapters on), the old policy (adapters on, no gradient) and the reference policy
 //! (adapters off), without a second copy of the weights.
 
+use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
 use super::decoder::{Decoder, LoraSpec, WeightSource, LORA_MODULES};
 use super::device::{parse_device, parse_dtype};
@@ -13,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 /// Rows per forward when log-probs are computed without gradient (bounds the attention
@@ -45,7 +45,8 @@ pub struct GenerateOptions {
 pub struct Policy {
     decoder: Decoder,
     dir: PathBuf,
-    dropout_rng: RefCell<ChaCha8Rng>,
+    /// Behind a mutex so that the policy is `Sync` (shared by the trainer's threads).
+    dropout_rng: std::sync::Mutex<ChaCha8Rng>,
 }
 
 impl Policy {
@@ -62,7 +63,16 @@ impl Policy {
             dtype,
         )
         .with_context(|| format!("loading model {}", model.model))?;
-        Self::from_files(files, lora, &device, dtype, seed)
+        let policy = Self::from_files(files, lora, &device, dtype, seed)?;
+        if let Some(dir) = &model.adapter {
+            let adapter = load_adapter(Path::new(dir), &device)
+                .with_context(|| format!("loading the adapter {dir}"))?;
+            adapter.ensure_matches(lora)?;
+            policy
+                .load_adapter(&adapter)
+                .with_context(|| format!("applying the adapter {dir}"))?;
+        }
+        Ok(policy)
     }
 
     /// Builds the policy from already loaded files.
@@ -122,7 +132,7 @@ impl Policy {
         };
         let decoder = Decoder::new(config, weights, device, dtype, Some(spec))?;
         // A separate stream for dropout, so changing the dropout rate does not move A's init.
-        let dropout_rng = RefCell::new(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d20f));
+        let dropout_rng = std::sync::Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_d20f));
         Ok(Policy {
             decoder,
             dir: dir.to_path_buf(),
@@ -186,6 +196,40 @@ impl Policy {
             }
         }
         Ok(())
+    }
+
+    /// Copies of the current adapter weights, for [`super::adapter::save_adapter`].
+    pub fn adapter_weights(&self) -> Result<Vec<AdapterWeights>> {
+        self.lora_vars()
+            .into_iter()
+            .map(|(module, a, b)| {
+                Ok(AdapterWeights {
+                    module,
+                    a: a.as_tensor().copy()?,
+                    b: b.as_tensor().copy()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Replaces the adapters by a saved one, which must adapt exactly the modules this policy
+    /// adapts (a module left out would silently keep its fresh initialisation).
+    pub fn load_adapter(&self, adapter: &Adapter) -> Result<()> {
+        let ours: std::collections::BTreeSet<String> =
+            self.lora_vars().into_iter().map(|(n, _, _)| n).collect();
+        let theirs: std::collections::BTreeSet<String> =
+            adapter.weights.iter().map(|w| w.module.clone()).collect();
+        if ours != theirs {
+            let missing: Vec<_> = ours.difference(&theirs).take(3).collect();
+            let extra: Vec<_> = theirs.difference(&ours).take(3).collect();
+            bail!("the adapter does not cover this model's LoRA modules (missing {missing:?}, unexpected {extra:?})");
+        }
+        let weights: Vec<_> = adapter
+            .weights
+            .iter()
+            .map(|w| (w.module.clone(), w.a.clone(), w.b.clone()))
+            .collect();
+        self.set_lora_weights(&weights)
     }
 
     /// Per-token log-probs of `completions[i]` after `prompts[i]`: `[B, max completion len]`
@@ -284,6 +328,14 @@ impl Policy {
         Ok(self.decoder.logits(&hidden)?.to_dtype(DType::F32)?)
     }
 
+    fn check_vocab(&self, rows: &[Vec<u32>]) -> Result<()> {
+        let vocab = self.config().vocab_size as u32;
+        match rows.iter().flatten().find(|&&x| x >= vocab) {
+            Some(bad) => bail!("token id {bad} is outside the model's vocabulary of {vocab}"),
+            None => Ok(()),
+        }
+    }
+
     fn right_padded(&self, rows: &[Vec<u32>]) -> Result<(Tensor, usize)> {
         let t = rows.iter().map(Vec::len).max().unwrap_or(0);
         if t > self.decoder.max_positions() {
@@ -292,12 +344,9 @@ impl Policy {
                 self.decoder.max_positions()
             );
         }
-        let vocab = self.config().vocab_size as u32;
+        self.check_vocab(rows)?;
         let mut flat = Vec::with_capacity(rows.len() * t);
         for r in rows {
-            if let Some(bad) = r.iter().find(|&&x| x >= vocab) {
-                bail!("token id {bad} is outside the model's vocabulary of {vocab}");
-            }
             flat.extend_from_slice(r);
             flat.extend(std::iter::repeat_n(0, t - r.len()));
         }
@@ -309,15 +358,15 @@ impl Policy {
     ///
     /// Each prompt is prefilled once (left-padded batch) and its KV cache copied to its G
     /// rows. `next_token(logits)` picks a token from f32 logits over the vocabulary (the
-    /// caller's sampler: temperature, top-p, ...), called row by row in index order so a seeded
-    /// sampler is reproducible. `stop(tokens)` is asked after every token whether the
+    /// caller's [`super::sampler::Sampler::sample`]: temperature, top-p, ...), called row by
+    /// row in index order so a seeded sampler is reproducible. `stop(tokens)` is asked after every token whether the
     /// completion so far should end (stop strings). Finished rows leave the batch.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
         group_size: usize,
         opts: &GenerateOptions,
-        next_token: &mut dyn FnMut(&[f32]) -> u32,
+        next_token: &mut dyn FnMut(&[f32]) -> Result<u32>,
         stop: &mut dyn FnMut(&[u32]) -> bool,
     ) -> Result<Vec<Generation>> {
         let n = prompts.len() * group_size;
@@ -338,6 +387,7 @@ impl Policy {
         if let Some(i) = prompts.iter().position(Vec::is_empty) {
             bail!("prompt {i} is empty");
         }
+        self.check_vocab(prompts)?;
         let c0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let max_len = c0 + opts.max_new_tokens;
         if max_len > self.decoder.max_positions() {
@@ -373,15 +423,14 @@ impl Policy {
             let mut keep = Vec::with_capacity(active.len());
             let mut step_tokens = Vec::with_capacity(active.len());
             for (r, &i) in active.iter().enumerate() {
-                let tok = next_token(&logits[r]);
+                let tok = next_token(&logits[r])?;
                 let g = &mut out[i];
                 g.tokens.push(tok);
-                if opts.eos_ids.contains(&tok) {
-                    g.finished_by_eos = true;
-                } else if stop(&g.tokens) {
-                } else if g.tokens.len() >= opts.max_new_tokens {
-                    g.truncated = true;
-                } else {
+                // The first reason wins: EOS, then a stop string, then the length limit.
+                g.finished_by_eos = opts.eos_ids.contains(&tok);
+                let stopped = g.finished_by_eos || stop(&g.tokens);
+                g.truncated = !stopped && g.tokens.len() >= opts.max_new_tokens;
+                if !stopped && !g.truncated {
                     keep.push(r);
                     step_tokens.push(tok);
                 }
