@@ -204,7 +204,7 @@ fn config_json(o: &InitOptions, vocab: usize, eot: u32, im_end: u32) -> serde_js
         "rope_theta": 10000.0,
         "tie_word_embeddings": false,
         "attention_dropout": 0.0,
-        "initializer_range": LINEAR_STD,
+        "initializer_range": INITIALIZER_RANGE,
         "vocab_size": vocab,
         "bos_token_id": eot,
         "eos_token_id": im_end,
@@ -213,8 +213,11 @@ fn config_json(o: &InitOptions, vocab: usize, eot: u32, im_end: u32) -> serde_js
     })
 }
 
-/// Standard deviation of the projection weights (transformers' `initializer_range`).
-const LINEAR_STD: f64 = 0.02;
+/// transformers' `initializer_range`, written to config.json for tools that read it. The weights
+/// here use 1/√fan_in instead: at hidden 64, 0.02 would make every attention near-uniform and
+/// every MLP output near zero (its gradient is a product of two tiny factors), and a LoRA-only
+/// learner on such a base barely moves.
+const INITIALIZER_RANGE: f64 = 0.02;
 
 /// Norm of a row of the output head. LoRA never touches the head, so it must let a hidden state
 /// (RMS-normed to length √hidden) single out one token with a confident margin: rows of length
@@ -224,7 +227,7 @@ const LINEAR_STD: f64 = 0.02;
 /// embedding: tied, each position would predict its own input token with that same confidence.
 const HEAD_ROW_NORM: f64 = 2.0;
 
-/// Seeded normal weights in Qwen2's tensor names: projections N(0, 0.02²), biases 0, norms 1,
+/// Seeded normal weights in Qwen2's tensor names: projections N(0, 1/fan_in), biases 0, norms 1,
 /// embedding and head as described at [`HEAD_ROW_NORM`].
 fn random_weights(o: &InitOptions, vocab: usize) -> Result<HashMap<String, Tensor>> {
     let mut rng = ChaCha8Rng::seed_from_u64(o.seed);
@@ -256,10 +259,8 @@ fn random_weights(o: &InitOptions, vocab: usize) -> Result<HashMap<String, Tenso
             ("mlp.up_proj", o.intermediate_size, h),
             ("mlp.down_proj", h, o.intermediate_size),
         ] {
-            out.insert(
-                format!("{p}.{name}.weight"),
-                normal(&[rows, cols], LINEAR_STD)?,
-            );
+            let std = 1.0 / (cols as f64).sqrt();
+            out.insert(format!("{p}.{name}.weight"), normal(&[rows, cols], std)?);
         }
         for (name, size) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv)] {
             let zeros = Tensor::zeros(size, candle_core::DType::F32, &Device::Cpu)?;
