@@ -22,9 +22,9 @@ out="${1:-$repo/runs/learn-prelude}"
 seed="${SEED:-0}"
 algorithms="${ALGORITHMS:-grpo dapo drgrpo gspo dgpo}"
 rl_steps="${RL_STEPS:-12}"
-rl_lr="${RL_LR:-5e-3}"
+rl_lr="${RL_LR:-1e-3}"
 sft_limit="${SFT_LIMIT:-24}"
-sft_epochs="${SFT_EPOCHS:-8}"
+sft_epochs="${SFT_EPOCHS:-16}"
 sft_lr="${SFT_LR:-1e-2}"
 eval_n="${EVAL_N:-8}"
 data="$repo/data/prelude.jsonl"
@@ -71,7 +71,7 @@ for algo in $algorithms; do
     t0=$SECONDS
     rm -rf "$out/$algo"
     "$lg" -q train "$data" --split train --model "$out/model" --adapter "$out/sft" \
-        --algorithm "$algo" --num-generations 4 --batch-size 2 --max-steps "$rl_steps" \
+        --algorithm "$algo" --num-generations 8 --batch-size 2 --max-steps "$rl_steps" \
         --learning-rate "$rl_lr" --seed "$seed" "${sampling[@]}" "${checker[@]}" \
         --output "$out/$algo" >&2
     rl_seconds=$((SECONDS - t0))
@@ -93,7 +93,7 @@ done
 
 echo
 echo "Sampled pass@1 on the 16 test theorems of data/prelude.jsonl (n=$eval_n per theorem, \
-temperature 1), seed $seed, $rl_steps RL steps of 2 theorems × 4 proofs:"
+temperature 1), seed $seed, $rl_steps RL steps of 2 theorems × 8 proofs:"
 echo
 echo "| algorithm | pass@1 after SFT | pass@1 after RL | Δ points | train reward (first → second half) | RL time |"
 echo "|---|---|---|---|---|---|"

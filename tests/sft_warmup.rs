@@ -37,18 +37,19 @@ fn build(dir: &Path, seed: u64) {
 }
 
 fn config(model: &Path) -> Config {
-    let mut config = Config::default();
-    config.model = ModelOptions {
-        model: model.display().to_string(),
-        device: "cpu".into(),
-        ..ModelOptions::default()
-    };
-    config.lora = LoraOptions {
-        r: 4,
-        lora_alpha: 8.0,
-        ..LoraOptions::default()
-    };
-    config
+    Config {
+        model: ModelOptions {
+            model: model.display().to_string(),
+            device: "cpu".into(),
+            ..ModelOptions::default()
+        },
+        lora: LoraOptions {
+            r: 4,
+            lora_alpha: 8.0,
+            ..LoraOptions::default()
+        },
+        ..Config::default()
+    }
 }
 
 #[test]
