@@ -47,6 +47,8 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Algorithms(args) => algorithms(args),
         Command::Export(args) => export(args),
         Command::Plot(args) => plot(args),
+        Command::Sft(args) => sft(args, cli.quiet),
+        Command::InitModel(args) => init_model(args),
     }
 }
 
@@ -195,5 +197,55 @@ fn plot(args: PlotArgs) -> Result<Outcome> {
         .unwrap_or_else(|| args.run_dir.join("reward.png"));
     crate::plot::plot_run(&args.run_dir, &out)?;
     println!("{}", out.display());
+    Ok(Outcome::Success)
+}
+
+// ---- learning experiments: `sft` and `init-model` ----
+
+fn sft(args: crate::cli::SftArgs, quiet: bool) -> Result<Outcome> {
+    let Some(config) = configure(&args.config, &args.overrides(), None)? else {
+        return Ok(Outcome::Success);
+    };
+    let theorems = load_theorems(&args.theorems, args.split.as_deref())?;
+    let options = crate::sft::SftOptions {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        limit: args.limit,
+        seed: args.seed,
+    };
+    let show = !quiet && std::io::stderr().is_terminal();
+    let report = crate::sft::run_sft(&config, &theorems, &options, &args.output, show)?;
+    println!(
+        "{} examples, {} steps: token NLL {:.3} -> {:.3}; adapter written to {}",
+        report.examples,
+        report.steps,
+        report.nll_before,
+        report.nll_after,
+        report.adapter_dir.display()
+    );
+    Ok(Outcome::Success)
+}
+
+fn init_model(args: crate::cli::InitModelArgs) -> Result<Outcome> {
+    let theorems = load_theorems(&args.corpus, None)?;
+    let texts = crate::model::init::theorem_corpus(&theorems);
+    let options = crate::model::init::InitOptions {
+        hidden_size: args.hidden,
+        num_hidden_layers: args.layers,
+        num_attention_heads: args.heads,
+        num_key_value_heads: args.kv_heads,
+        intermediate_size: args.intermediate.unwrap_or(2 * args.hidden),
+        vocab_size: args.vocab,
+        max_position_embeddings: args.max_position_embeddings,
+        seed: args.seed,
+    };
+    let summary = crate::model::init::init_model(&texts, &options, &args.output)?;
+    println!(
+        "random qwen2 model ({} parameters, vocabulary {}) written to {}",
+        summary.parameters,
+        summary.vocab_size,
+        args.output.display()
+    );
     Ok(Outcome::Success)
 }

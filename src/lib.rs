@@ -16,4 +16,5 @@ pub mod model;
 pub mod passk;
 pub mod plot;
 pub mod reward;
+pub mod sft;
 pub mod train;

@@ -10,6 +10,7 @@ pub mod config;
 pub mod decoder;
 pub mod device;
 pub mod gguf;
+pub mod init;
 pub mod load;
 pub mod lora;
 pub mod ops;

@@ -32,7 +32,7 @@ use crate::model::sampler::{Sampler, StopStrings};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::{GenerateOptions, Policy};
 use crate::reward::RewardFn;
-use optimizer::Optimizer;
+pub use optimizer::Optimizer;
 use update::Update;
 
 /// How a training run ended.
@@ -199,7 +199,8 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
     })
 }
 
-fn save_adapter(policy: &Policy, config: &Config, dir: &Path) -> Result<()> {
+/// Writes the policy's LoRA weights as a PEFT adapter into `dir`.
+pub fn save_adapter(policy: &Policy, config: &Config, dir: &Path) -> Result<()> {
     let weights: Vec<AdapterWeights> = policy
         .lora_vars()
         .into_iter()
@@ -243,7 +244,7 @@ fn default_run_dir(algorithm: &str) -> PathBuf {
     PathBuf::from("runs").join(format!("{algorithm}-{secs}"))
 }
 
-fn progress_bar(total: usize, done: usize, show: bool) -> ProgressBar {
+pub(crate) fn progress_bar(total: usize, done: usize, show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
