@@ -146,15 +146,7 @@ fn sample_group(
     group_size: usize,
 ) -> Result<Vec<(Vec<u32>, String, bool)>> {
     let tokenizer = setup.tokenizer;
-    let mut sample_error = None;
-    let mut next_token = |logits: &[f32]| match sampler.sample(logits) {
-        Ok(token) => token,
-        Err(e) => {
-            sample_error.get_or_insert(e);
-            // Any id ends nothing by itself; the error is raised once generation returns.
-            setup.generate.eos_ids.first().copied().unwrap_or(0)
-        }
-    };
+    let mut next_token = |logits: &[f32]| sampler.sample(logits);
     let stop = &setup.stop;
     let mut stop_check = |tokens: &[u32]| {
         !stop.is_empty()
@@ -169,9 +161,6 @@ fn sample_group(
         &mut next_token,
         &mut stop_check,
     )?;
-    if let Some(e) = sample_error {
-        return Err(e.context("sampling a token"));
-    }
     generations
         .into_iter()
         .map(|generation| {
