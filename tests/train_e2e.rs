@@ -1,7 +1,7 @@
 //! `train`, `eval` and `plot` end to end: the binary, a tiny committed model, and real Lean on
 //! `data/prelude.jsonl` (the real-Lean tier: `LEAN_GRPO_TEST_LEAN`, see scripts/test-lean.sh).
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
