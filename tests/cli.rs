@@ -93,3 +93,20 @@ fn print_config_round_trips_through_the_cli() {
     assert!(again.status.success(), "{}", stderr(&again));
     assert_eq!(stdout(&again), printed);
 }
+
+#[test]
+fn algorithms_lists_all_five_as_text_and_json() {
+    let out = lean_grpo(&["algorithms"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    for name in ["grpo", "dapo", "drgrpo", "gspo", "dgpo"] {
+        assert!(text.contains(name), "table lacks {name}:\n{text}");
+    }
+    let out = lean_grpo(&["algorithms", "--json"]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("--json prints JSON");
+    let text = json.to_string();
+    for name in ["grpo", "dapo", "drgrpo", "gspo", "dgpo"] {
+        assert!(text.contains(&format!("\"{name}\"")), "JSON lacks {name}");
+    }
+}
