@@ -371,7 +371,7 @@ fn selective_log_softmax_matches_autograd() {
 #[test]
 fn fused_lm_head_logprobs_match_autograd_across_chunks() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    // 150 rows: three chunks of the fused op, the last one partial.
+    // 150 rows: four chunks of the fused op (48 rows each), the last one partial.
     let (n, d, v, t) = (150, 8, 29, 1.3);
     let hidden = Var::from_tensor(&random(&[n, d], 1.0, &mut rng, DType::F32)).unwrap();
     let w = random(&[v, d], 1.0, &mut rng, DType::F32);

@@ -61,6 +61,29 @@ pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
     }
 }
 
+/// Keeps large CPU tensors in the malloc heap instead of fresh pages from the kernel.
+///
+/// candle allocates a new buffer for every op's output and frees it soon after. glibc serves
+/// allocations above its mmap threshold (dynamic, from 128 KiB) with new mappings, which the
+/// kernel zeroes and faults in page by page on first use, and returns freed heap tops to the
+/// kernel. On a Qwen2.5-0.5B-shaped LoRA forward+backward that was 3.9 M minor page faults;
+/// with the threshold at its 32 MiB maximum and trimming off, 1.4 M, and the step about 17%
+/// faster. The cost is that the process keeps its peak heap, which a training run reaches
+/// every step anyway. Only glibc has these knobs; elsewhere this does nothing.
+pub fn tune_cpu_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        /// glibc's ceiling for M_MMAP_THRESHOLD on 64-bit targets.
+        const MMAP_THRESHOLD: libc::c_int = 32 * 1024 * 1024;
+        // SAFETY: mallopt only changes allocator parameters; it is thread-safe and has no
+        // memory-safety preconditions.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

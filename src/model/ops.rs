@@ -20,9 +20,10 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// Rows per chunk in [`lm_head_logprobs`] and the no-grad log-prob paths: 64 rows × 152k vocab
-/// is 39 MB of f32 logits at a time.
-pub const LOGPROB_CHUNK_ROWS: usize = 64;
+/// Rows per chunk in [`lm_head_logprobs`] and the no-grad log-prob paths: 48 rows × 152k vocab
+/// is 29 MB of f32 logits at a time, under the 32 MiB up to which
+/// [`super::device::tune_cpu_allocator`] keeps buffers in the heap.
+pub const LOGPROB_CHUNK_ROWS: usize = 48;
 
 // ---------------------------------------------------------------------------------------------
 // Frozen linear.

@@ -5,7 +5,7 @@
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
 use super::decoder::{Decoder, LoraSpec, WeightSource, LORA_MODULES};
-use super::device::{parse_device, parse_dtype};
+use super::device::{parse_device, parse_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings, ModelFiles};
 use super::lora::Pass;
 use super::ops::{lm_head_logprobs, logp_dtype};
@@ -121,6 +121,9 @@ impl Policy {
                 "lora.lora_dropout must be in [0, 1), got {}",
                 lora.lora_dropout
             );
+        }
+        if device.is_cpu() {
+            tune_cpu_allocator();
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let spec = LoraSpec {
