@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::cli::{
     AlgorithmsArgs, CheckArgs, Cli, Command, ConfigArgs, EvalArgs, ExportArgs, PlotArgs, TrainArgs,
@@ -49,6 +49,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Plot(args) => plot(args),
         Command::Sft(args) => sft(args, cli.quiet),
         Command::InitModel(args) => init_model(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -247,5 +248,23 @@ fn init_model(args: crate::cli::InitModelArgs) -> Result<Outcome> {
         summary.vocab_size,
         args.output.display()
     );
+    Ok(Outcome::Success)
+}
+
+fn bench(args: crate::cli::BenchArgs) -> Result<Outcome> {
+    use crate::bench::{Mode, Plan};
+    let mode = if args.reduced {
+        Mode::Reduced
+    } else {
+        Mode::Full
+    };
+    let summary = crate::bench::run(&Plan::new(mode), args.lean_cmd.as_deref(), &args.theorems)?;
+    let json = serde_json::to_string_pretty(&summary)?;
+    // Printed first: minutes of measurement are not lost to an unwritable --output.
+    println!("{json}");
+    if let Some(path) = &args.output {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(Outcome::Success)
 }

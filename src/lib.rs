@@ -2,9 +2,11 @@
 //!
 //! The pipeline reads top to bottom in the module tree:
 //! [`data`] → [`model`] (sample) → [`lean`] (verify) → [`reward`] → [`algo`] (advantages, loss)
-//! → [`train`]; [`eval`] measures pass@k with the same sampling and checking.
+//! → [`train`]; [`eval`] measures pass@k with the same sampling and checking; [`bench`] times
+//! each stage.
 
 pub mod algo;
+pub mod bench;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -23,7 +23,7 @@ fn every_subcommand_help_has_examples() {
     let top = lean_grpo(&["--help"]);
     assert!(top.status.success());
     assert!(stdout(&top).contains("Examples:"));
-    for sub in ["train", "eval", "check", "algorithms"] {
+    for sub in ["train", "eval", "check", "algorithms", "bench"] {
         let out = lean_grpo(&[sub, "--help"]);
         assert!(out.status.success(), "{sub} --help failed");
         let text = stdout(&out);

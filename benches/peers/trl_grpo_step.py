@@ -1,33 +1,40 @@
 #!/usr/bin/env python3
 """One GRPO step of Hugging Face TRL's GRPOTrainer vs lean-grpo, on CPU, same model and shapes.
 
-Not run by CI (it needs torch, transformers, trl, peft, datasets: about 1 GB):
+Not run by CI. It needs torch, transformers, trl, peft and datasets from PyPI (torch's Linux
+wheel pulls NVIDIA's CUDA libraries too: about 6 GB installed, unused on CPU). Run from the
+repository root, with a built lean-grpo:
 
-    python3 -m venv /tmp/trl && /tmp/trl/bin/pip install torch --index-url \
-        https://download.pytorch.org/whl/cpu && /tmp/trl/bin/pip install trl peft datasets
-    lean-grpo init-model --corpus data/prelude.jsonl --output /tmp/tiny --seed 0
+    python3 -m venv /tmp/trl
+    /tmp/trl/bin/pip install torch==2.15.0 transformers==5.24.0 trl==1.16.0 peft==0.21.2 \
+        datasets==5.2.0
+    cargo build --release
+    target/release/lean-grpo init-model --corpus data/prelude.jsonl --output /tmp/tiny --seed 0
     /tmp/trl/bin/python benches/peers/trl_grpo_step.py --model /tmp/tiny \
-        --lean-grpo target/debug/lean-grpo --lean "$(scripts/test-lean.sh)"
+        --lean-grpo target/release/lean-grpo --lean "$(scripts/test-lean.sh)"
+
+(Those are the versions it was last run with; newer ones may rename GRPOConfig fields again.)
 
 What is compared: a training step of GRPO with LoRA (r 16, alpha 32, all seven projections) on
 the same tiny Qwen2 model directory, 2 prompts from data/prelude.jsonl (train split) through
-the same ChatML template, 4 completions each, at most 24 new tokens, temperature 1, beta 0.04
-(both trainers' GRPO default), one optimizer step per training step. TRL's reward is a string
-test (does the completion contain `MyEq.refl`), which costs nothing; lean-grpo's reward is a
-real Lean verdict, so its figure is sampling + training seconds from metrics.jsonl, with the
-Lean time (overlapped with sampling anyway) left out. Each side runs 3 steps; the median of
-steps 2 and 3 is reported (step 1 pays for warm-up).
-
-Status: written against TRL's documented GRPOConfig/GRPOTrainer API; it has not been run in
-this repository's CI or on the development machine (no torch there).
+the same ChatML template, 4 completions each, at most 24 new tokens, temperature 1, f32, one
+optimizer step per training step, and each trainer's GRPO defaults where they agree: beta 0 (no
+reference pass), clip epsilon 0.2, rewards scaled by the group's std, and GRPO's loss
+aggregation (TRL's `loss_type="grpo"`; TRL 1.x defaults to "dapo"). TRL runs without gradient
+checkpointing and in f32 (its GRPOConfig defaults to both checkpointing and bf16), as lean-grpo
+does. TRL's reward is a string test (does the completion contain `MyEq.refl`), which costs
+nothing; lean-grpo's reward is a real Lean verdict, so its figure is sampling + training seconds
+from metrics.jsonl, with the Lean time (overlapped with sampling anyway) left out. Each side
+runs 3 steps; the median of steps 2 and 3 is reported (step 1 pays for warm-up).
 """
 
 import argparse
 import json
 import os
+import platform
+import shlex
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -60,7 +67,7 @@ def trl_step_seconds(model_dir, records):
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     prompts = [[{"role": "user", "content": user_message(r)}] for r in records]
     dataset = Dataset.from_dict({"prompt": prompts * STEPS})
 
@@ -86,9 +93,11 @@ def trl_step_seconds(model_dir, records):
             per_device_train_batch_size=PROMPTS * GROUP,
             num_generations=GROUP,
             max_completion_length=MAX_NEW,
-            max_prompt_length=2048,
             temperature=1.0,
-            beta=0.04,
+            beta=0.0,
+            loss_type="grpo",
+            bf16=False,
+            gradient_checkpointing=False,
             learning_rate=5e-3,
             max_steps=STEPS,
             logging_steps=1,
@@ -118,12 +127,23 @@ def lean_grpo_step_seconds(binary, model_dir, lean, data):
              "--algorithm", "grpo", "--num-generations", str(GROUP), "--batch-size",
              str(PROMPTS), "--max-steps", str(STEPS), "--max-completion-length", str(MAX_NEW),
              "--temperature", "1.0", "--learning-rate", "5e-3", "--seed", "0",
-             "--lean-cmd", f"{lean} --json", "--output", run],
+             "--lean-cmd", f"{shlex.quote(lean)} --json", "--output", run],
             check=True,
         )
         with open(os.path.join(run, "metrics.jsonl")) as f:
             steps = [json.loads(line) for line in f]
     return statistics.median(s["sampling_seconds"] + s["training_seconds"] for s in steps[1:])
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def main():
@@ -138,7 +158,14 @@ def main():
         records = [r for r in map(json.loads, f) if r.get("split") == "train"][:PROMPTS]
     ours = lean_grpo_step_seconds(a.lean_grpo, a.model, a.lean, a.data)
     theirs = trl_step_seconds(a.model, records)
-    print(f"machine: {os.cpu_count()} cores, {sys.platform}")
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}")
     print(f"step: {PROMPTS} prompts x {GROUP} completions, <= {MAX_NEW} new tokens, LoRA r16")
     print(f"lean-grpo  {ours:8.3f} s/step (sampling + training)")
     print(f"TRL        {theirs:8.3f} s/step")

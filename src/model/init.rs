@@ -29,7 +29,7 @@ message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{%- endfor
 add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}";
 
 /// Sizes of the model to build.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct InitOptions {
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -125,6 +125,38 @@ pub fn init_model(texts: &[String], options: &InitOptions, out: &Path) -> Result
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(InitSummary {
         vocab_size,
+        parameters,
+    })
+}
+
+/// A model of these sizes in memory, with no tokenizer and nothing written: its `config.json`
+/// as [`init_model`] writes it, the parsed [`Config`](super::Config), and the same seeded
+/// weights. For speed measurements, where only the shapes matter (token ids are any numbers
+/// below `vocab_size`).
+pub struct RandomModel {
+    pub config_json: serde_json::Value,
+    pub config: super::Config,
+    pub weights: super::load::TensorMap,
+    pub parameters: usize,
+}
+
+/// Builds a [`RandomModel`]. The output head is untied from the embedding, as in
+/// [`init_model`]: a model whose checkpoint ties them (Qwen2.5-0.5B) runs the same matmul.
+pub fn random_model(options: &InitOptions) -> Result<RandomModel> {
+    check_sizes(options)?;
+    let vocab = options.vocab_size;
+    let config_json = config_json(options, vocab, 0, 2);
+    let config = super::Config::from_json(&config_json.to_string())?;
+    let tensors = random_weights(options, vocab)?;
+    let parameters = tensors.values().map(|t| t.elem_count()).sum();
+    Ok(RandomModel {
+        config_json,
+        config,
+        weights: super::load::TensorMap {
+            tensors,
+            dtype: candle_core::DType::F32,
+            origin: "random weights".into(),
+        },
         parameters,
     })
 }

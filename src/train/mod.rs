@@ -33,7 +33,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::{GenerateOptions, Policy};
 use crate::reward::RewardFn;
 pub use optimizer::Optimizer;
-use update::Update;
+pub(crate) use update::Update;
 
 /// How a training run ended.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use super::rollout::Group;
 use crate::algo::{self, AlgoConfig, Denominators, Diagnostics, LogProbs, Prepared, StepBatch};
 use crate::model::Policy;
 
-pub(super) struct Update<'a> {
+pub(crate) struct Update<'a> {
     pub algo: &'a AlgoConfig,
     pub policy: &'a Policy,
     pub temperature: f64,
@@ -21,7 +21,7 @@ pub(super) struct Update<'a> {
 
 /// What the update did, averaged over its optimizer steps.
 #[derive(Debug, Clone, Default)]
-pub(super) struct UpdateOutcome {
+pub(crate) struct UpdateOutcome {
     /// At least one optimizer step was taken.
     pub stepped: bool,
     pub loss: f64,
@@ -39,6 +39,7 @@ struct Rows<'a> {
 }
 
 impl Update<'_> {
+    /// The update of the generation batch `groups`; `prompts` are by theorem index.
     pub fn run(
         &self,
         prepared: &Prepared,
@@ -56,6 +57,31 @@ impl Update<'_> {
                 .flat_map(|g| g.completions.iter().map(|c| c.tokens.as_slice()))
                 .collect(),
         };
+        self.run_rows(prepared, rows, optimizer)
+    }
+
+    /// The same update on token rows given directly (`prompts[i]`, `completions[i]` of
+    /// generation-batch row `i`): what the benchmark's training step runs.
+    pub fn run_tokens(
+        &self,
+        prepared: &Prepared,
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        optimizer: &mut Optimizer,
+    ) -> Result<UpdateOutcome> {
+        let rows = Rows {
+            prompts: prompts.iter().map(Vec::as_slice).collect(),
+            completions: completions.iter().map(Vec::as_slice).collect(),
+        };
+        self.run_rows(prepared, rows, optimizer)
+    }
+
+    fn run_rows(
+        &self,
+        prepared: &Prepared,
+        rows: Rows<'_>,
+        optimizer: &mut Optimizer,
+    ) -> Result<UpdateOutcome> {
         let batch = prepared.kept_rows();
         let mut outcome = UpdateOutcome::default();
         if batch.is_empty() {

@@ -1,0 +1,198 @@
+//! Policy speed on a random model of a given shape, f32 on the CPU: sampling tokens/s at batch
+//! 1 and 8, the trainer's update of one group, and the reference (adapters off) log-probs that
+//! a KL term adds. For context on a shared machine, candle-transformers' own `qwen2` (fused
+//! kernels, no LoRA, no batching) decodes the same weights at batch 1: our batch-1 figure
+//! should be close to it.
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use serde_json::Map;
+
+use super::best_of;
+use crate::algo::{prepare, AlgoConfig};
+use crate::config::TrainOptions;
+use crate::model::init::{random_model, InitOptions};
+use crate::model::sampler::Sampler;
+use crate::model::{GenerateOptions, LoraOptions, Policy, SamplingOptions};
+use crate::train::{Optimizer, Update};
+
+/// What the model section measures, and on which shapes.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelPlan {
+    /// What the shape is (`Qwen2.5-0.5B`, `small`).
+    pub shape: &'static str,
+    pub model: InitOptions,
+    /// Sampling: one prompt of this many tokens, prefilled once and copied to every row of the
+    /// batch (as `train` samples a group), then this many new tokens per row (no EOS).
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Training step: one group of this many completions of one prompt.
+    pub group_size: usize,
+    pub train_prompt_tokens: usize,
+    pub train_completion_tokens: usize,
+    /// Each figure is the best of this many runs.
+    pub rounds: usize,
+}
+
+/// What the model section ran with, besides the plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSettings {
+    #[serde(flatten)]
+    pub plan: ModelPlan,
+    pub parameters: usize,
+    pub lora: LoraOptions,
+    pub dtype: &'static str,
+    pub candle_threads: usize,
+}
+
+/// Tokens generated per second, prefill included.
+#[derive(Debug, Clone, Serialize)]
+pub struct SamplingFigures {
+    pub batch_1_tokens_per_second: f64,
+    pub batch_8_tokens_per_second: f64,
+    pub candle_transformers_batch_1_tokens_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingFigures {
+    /// The trainer's own update of one generation batch (one group) with the GRPO preset:
+    /// policy log-probs with gradient through the LoRA adapters, loss, backward, gradient
+    /// clipping and one AdamW step. No sampling, no Lean.
+    pub step_seconds: f64,
+    /// Log-probs of the same batch with the adapters off and no gradient: what `beta > 0`
+    /// adds to a step (GRPO's preset has `beta = 0`).
+    pub reference_logprobs_seconds: f64,
+}
+
+/// Builds the model and measures sampling and one training step.
+pub fn measure(plan: &ModelPlan) -> Result<(ModelSettings, SamplingFigures, TrainingFigures)> {
+    ensure!(
+        plan.group_size >= 2,
+        "the training step needs a group of two or more completions"
+    );
+    let dev = Device::Cpu;
+    let model = random_model(&plan.model)?;
+    tracing::info!(
+        "bench: random {} model, {} parameters",
+        plan.shape,
+        model.parameters
+    );
+    let baseline = candle_transformers_batch_1(plan, &model.config_json, &model.weights)?;
+    let lora = LoraOptions::default();
+    let policy = Policy::from_weights(
+        &model.config,
+        &model.weights,
+        std::path::Path::new("."),
+        &lora,
+        &dev,
+        DType::F32,
+        0,
+    )?;
+    drop(model.weights);
+    let sampling = SamplingFigures {
+        batch_1_tokens_per_second: sampling(&policy, plan, 1)?,
+        batch_8_tokens_per_second: sampling(&policy, plan, 8)?,
+        candle_transformers_batch_1_tokens_per_second: baseline,
+    };
+    let training = training_step(&policy, plan)?;
+    let settings = ModelSettings {
+        plan: plan.clone(),
+        parameters: model.parameters,
+        lora,
+        dtype: "f32",
+        candle_threads: candle_core::utils::get_num_threads(),
+    };
+    Ok((settings, sampling, training))
+}
+
+/// `len` token ids below `vocab`, spread over the vocabulary, a different run per `seed`.
+fn token_ids(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len)
+        .map(|k| ((seed * 7919 + k * 104_729) % vocab) as u32)
+        .collect()
+}
+
+fn sampling(policy: &Policy, plan: &ModelPlan, batch: usize) -> Result<f64> {
+    let prompts = vec![token_ids(0, plan.prompt_tokens, plan.model.vocab_size)];
+    let opts = GenerateOptions {
+        max_new_tokens: plan.new_tokens,
+        eos_ids: Vec::new(),
+        adapters: true,
+    };
+    let (seconds, tokens) = best_of(plan.rounds, || {
+        let mut sampler = Sampler::new(&SamplingOptions::default(), 0);
+        let gens = policy.generate(
+            &prompts,
+            batch,
+            &opts,
+            &mut |l: &[f32]| sampler.sample(l),
+            &mut |_: &[u32]| false,
+        )?;
+        Ok(gens.iter().map(|g| g.tokens.len()).sum::<usize>())
+    })?;
+    let rate = tokens as f64 / seconds;
+    tracing::info!("bench: sampling batch {batch}: {rate:.1} tokens/s");
+    Ok(rate)
+}
+
+fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
+    let (g, width, vocab) = (
+        plan.group_size,
+        plan.train_completion_tokens,
+        plan.model.vocab_size,
+    );
+    let prompts = vec![token_ids(1, plan.train_prompt_tokens, vocab); g];
+    let completions: Vec<Vec<u32>> = (0..g).map(|i| token_ids(100 + i, width, vocab)).collect();
+    let algo = AlgoConfig::resolve("grpo", &Map::new(), g, width)?;
+    // Half the group right: non-zero advantages, so every step has a gradient to apply.
+    let rewards: Vec<f64> = (0..g).map(|i| (i % 2) as f64).collect();
+    let prepared = prepare(&algo, &rewards, &vec![width; g], &vec![false; g])?;
+    let train = TrainOptions::default();
+    let mut optimizer = Optimizer::new(&policy.lora_vars(), &train, plan.rounds)?;
+    let update = Update {
+        algo: &algo,
+        policy,
+        temperature: 1.0,
+        micro_batches: 1,
+        max_grad_norm: train.max_grad_norm,
+    };
+    let (step_seconds, _) = best_of(plan.rounds, || {
+        let outcome = update.run_tokens(&prepared, &prompts, &completions, &mut optimizer)?;
+        ensure!(outcome.stepped, "the training step took no optimizer step");
+        Ok(())
+    })?;
+    tracing::info!("bench: training step {step_seconds:.3} s");
+    let (reference_logprobs_seconds, _) = best_of(plan.rounds, || {
+        policy.logprobs(&prompts, &completions, 1.0, false, false)
+    })?;
+    Ok(TrainingFigures {
+        step_seconds,
+        reference_logprobs_seconds,
+    })
+}
+
+/// Batch-1 greedy decoding through candle-transformers' Qwen2 on the same weights: tokens/s.
+fn candle_transformers_batch_1(
+    plan: &ModelPlan,
+    config_json: &serde_json::Value,
+    weights: &crate::model::load::TensorMap,
+) -> Result<f64> {
+    use candle_transformers::models::qwen2;
+    let dev = Device::Cpu;
+    let cfg: qwen2::Config = serde_json::from_value(config_json.clone())?;
+    let vb = candle_nn::VarBuilder::from_tensors(weights.tensors.clone(), DType::F32, &dev);
+    let mut model = qwen2::ModelForCausalLM::new(&cfg, vb)?;
+    let prompt = token_ids(0, plan.prompt_tokens, plan.model.vocab_size);
+    let (seconds, _) = best_of(plan.rounds, || {
+        model.clear_kv_cache();
+        let input = Tensor::new(prompt.as_slice(), &dev)?.unsqueeze(0)?;
+        let mut logits = model.forward(&input, 0)?;
+        for i in 1..plan.new_tokens {
+            let token = logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+            logits = model.forward(&Tensor::new(&[[token]], &dev)?, prompt.len() + i - 1)?;
+        }
+        Ok(())
+    })?;
+    Ok(plan.new_tokens as f64 / seconds)
+}

@@ -1,0 +1,141 @@
+//! `lean-grpo bench --reduced` end to end: one JSON object on stdout (the same in `--output`)
+//! with every figure present, finite and positive, and every proof of the checked subset of
+//! data/prelude.jsonl accepted by a real Lean (`LEAN_GRPO_TEST_LEAN`, `scripts/test-lean.sh`).
+//! Without that Lean the checker section must say it was skipped (a visible SKIP line here),
+//! and the rest is still checked. Asserts nothing about speed.
+
+use std::process::Command;
+
+use lean_grpo::algo::presets::PRESETS;
+use serde_json::Value;
+
+#[test]
+fn reduced_bench_prints_every_figure() {
+    let lean = std::env::var("LEAN_GRPO_TEST_LEAN")
+        .ok()
+        .filter(|s| !s.is_empty());
+    if lean.is_none() {
+        eprintln!(
+            "SKIP reduced_bench_prints_every_figure (checker part): LEAN_GRPO_TEST_LEAN unset; \
+             export LEAN_GRPO_TEST_LEAN=$(scripts/test-lean.sh). Checking the other sections."
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let written = dir.path().join("bench.json");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lean-grpo"));
+    command
+        .args(["bench", "--reduced", "--output"])
+        .arg(&written)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if let Some(lean) = &lean {
+        command.args(["--lean-cmd", &format!("'{lean}' --json")]);
+    }
+    let out = command.output().expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stderr}");
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}):\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(&written).unwrap()).unwrap();
+    assert_eq!(summary, file, "--output holds what stdout printed");
+
+    assert_eq!(summary["mode"], "reduced");
+    assert!(summary["date"].as_str().is_some_and(|d| d.ends_with('Z')));
+    let machine = &summary["machine"];
+    assert!(machine["cpu"].as_str().is_some_and(|c| !c.is_empty()));
+    let cores = machine["cores"].as_u64().expect("machine.cores");
+    assert!(cores >= 1);
+    assert_eq!(summary["settings"]["model"]["shape"], "small");
+
+    let figures = &summary["figures"];
+    let mut expected: Vec<String> = [
+        "/sampling/batch_1_tokens_per_second",
+        "/sampling/batch_8_tokens_per_second",
+        "/sampling/candle_transformers_batch_1_tokens_per_second",
+        "/training/step_seconds",
+        "/training/reference_logprobs_seconds",
+    ]
+    .map(String::from)
+    .to_vec();
+    expected.extend(
+        PRESETS
+            .iter()
+            .map(|p| format!("/algorithm_loss/loss_backward_seconds/{}", p.name)),
+    );
+    let checker = &figures["checker"];
+    match &lean {
+        Some(_) => {
+            assert_eq!(checker["status"], "measured", "{checker}");
+            for config in ["bare_loop", "jobs_1", "jobs_all_cores"] {
+                for figure in ["seconds", "proofs_per_second", "ms_per_proof"] {
+                    expected.push(format!("/checker/{config}/{figure}"));
+                }
+            }
+            expected.push("/checker/speedup_all_cores".into());
+            let settings = &summary["settings"]["checker"];
+            assert_eq!(settings["proofs"], 12, "the reduced subset: {settings}");
+            assert_eq!(
+                checker["accepted"], settings["proofs"],
+                "every proof of the subset accepted"
+            );
+            assert_eq!(settings["jobs"], serde_json::json!([1, cores]));
+            assert_eq!(settings["theorems"], "data/prelude.jsonl");
+            assert!(checker["overhead_ms_per_proof"]
+                .as_f64()
+                .is_some_and(f64::is_finite));
+        }
+        None => {
+            assert_eq!(checker["status"], "skipped", "{checker}");
+            assert!(
+                checker["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("--lean-cmd")),
+                "{checker}"
+            );
+            assert!(summary["settings"]["checker"].is_null());
+        }
+    }
+    for pointer in &expected {
+        let value = figures.pointer(pointer).and_then(Value::as_f64);
+        assert!(
+            value.is_some_and(|v| v.is_finite() && v > 0.0),
+            "figure {pointer} is {value:?}, expected a finite positive number:\n{figures:#}"
+        );
+    }
+    // Nothing else hides in the figures: every number is one of the above, the accepted count
+    // or the overhead (a difference of two timings, which may be negative).
+    let mut numbers = Vec::new();
+    collect_numbers(figures, String::new(), &mut numbers);
+    for (pointer, _) in &numbers {
+        assert!(
+            expected.contains(pointer)
+                || pointer == "/checker/accepted"
+                || pointer == "/checker/overhead_ms_per_proof",
+            "unexpected figure {pointer}"
+        );
+    }
+    assert_eq!(
+        numbers.len(),
+        expected.len() + if lean.is_some() { 2 } else { 0 }
+    );
+}
+
+fn collect_numbers(value: &Value, at: String, out: &mut Vec<(String, f64)>) {
+    match value {
+        Value::Number(n) => out.push((at, n.as_f64().unwrap_or(f64::NAN))),
+        Value::Object(map) => {
+            for (key, v) in map {
+                collect_numbers(v, format!("{at}/{key}"), out);
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                collect_numbers(v, format!("{at}/{i}"), out);
+            }
+        }
+        _ => {}
+    }
+}
