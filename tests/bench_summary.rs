@@ -69,12 +69,18 @@ fn reduced_bench_prints_every_figure() {
     match &lean {
         Some(_) => {
             assert_eq!(checker["status"], "measured", "{checker}");
-            for config in ["bare_loop", "jobs_1", "jobs_all_cores"] {
+            for config in [
+                "bare_loop",
+                "bare_loop_all_cores",
+                "jobs_1",
+                "jobs_all_cores",
+            ] {
                 for figure in ["seconds", "proofs_per_second", "ms_per_proof"] {
                     expected.push(format!("/checker/{config}/{figure}"));
                 }
             }
             expected.push("/checker/speedup_all_cores".into());
+            expected.push("/checker/bare_speedup_all_cores".into());
             let settings = &summary["settings"]["checker"];
             assert_eq!(settings["proofs"], 12, "the reduced subset: {settings}");
             assert_eq!(
