@@ -263,21 +263,29 @@ fn concurrency_bound_is_respected() {
         delay: Duration::from_millis(250),
         ..echo(body, "stop")
     });
+    // 8 workers (eval's default) on 8 keep-alive connections: more than a small server thread
+    // pool holds, which once starved connections in the test server.
     let client = EndpointClient::new(EndpointOptions {
-        concurrency: 3,
+        concurrency: 8,
         ..options(&server.base)
     })
     .unwrap();
-    let requests: Vec<ChatRequest> = (0..9).map(|i| request(&format!("p{i}"), 1)).collect();
+    let requests: Vec<ChatRequest> = (0..24).map(|i| request(&format!("p{i}"), 1)).collect();
+    let start = Instant::now();
     let results = client.complete(&requests);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.as_ref().unwrap().choices[0].text, format!("p{i} #0"));
     }
-    assert_eq!(server.seen().len(), 9);
+    assert_eq!(server.seen().len(), 24);
     assert_eq!(
         server.max_in_flight(),
-        3,
-        "3 workers, 9 slow requests: exactly 3 at a time"
+        8,
+        "8 workers, 24 slow requests: exactly 8 at a time"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "three rounds of 250 ms took {:?}",
+        start.elapsed()
     );
 }
 
