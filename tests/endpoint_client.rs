@@ -4,7 +4,7 @@
 mod endpoint_support;
 
 use endpoint_support::{completion, serve, Reply};
-use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message};
+use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message, StopReason};
 use serde_json::json;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -286,6 +286,34 @@ fn concurrency_bound_is_respected() {
         start.elapsed() < Duration::from_secs(5),
         "three rounds of 250 ms took {:?}",
         start.elapsed()
+    );
+}
+
+#[test]
+fn stop_reasons_are_reported() {
+    let server = serve(|_, _| {
+        let mut body = completion(&["a".into(), "b".into(), "c".into()], "stop");
+        body["choices"][0]["stop_reason"] = json!("```\n");
+        body["choices"][1]["stop_reason"] = json!(151645);
+        body["choices"][2]["stop_reason"] = serde_json::Value::Null;
+        Reply::json(200, body)
+    });
+    let client = EndpointClient::new(options(&server.base)).unwrap();
+    let results = client.complete(&[request("p", 3)]);
+    let reasons: Vec<_> = results[0]
+        .as_ref()
+        .unwrap()
+        .choices
+        .iter()
+        .map(|c| c.stop_reason.clone())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(StopReason::Text("```\n".into())),
+            Some(StopReason::Token(151645)),
+            None
+        ]
     );
 }
 

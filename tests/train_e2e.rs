@@ -601,3 +601,159 @@ fn eval_with_a_local_model_and_plot_of_a_run() {
     );
     let _ = std::io::stdout().flush();
 }
+
+/// The largest |value| in the LoRA B matrices of an adapter directory. B starts at zero, so this
+/// is 0 exactly when training never moved the adapter.
+fn lora_b_max_abs(adapter: &Path) -> f32 {
+    let tensors = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let b: Vec<f32> = tensors
+        .iter()
+        .filter(|(name, _)| name.contains("lora_B"))
+        .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    assert!(!b.is_empty(), "the adapter has no lora_B weights");
+    b.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// Whether the fake server gives theorem `name` its real proof (in the first choice).
+fn served_proof(name: &str) -> bool {
+    !name.starts_with("mul_")
+}
+
+/// A wrong proof, cut off.
+const WRONG: &str = "```lean\nN.z";
+
+#[test]
+fn train_through_an_endpoint_learns_from_the_servers_proofs() {
+    let Some(lean) = real_lean() else { return };
+    let theorems =
+        lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), Some("train"))
+            .unwrap();
+    // For a theorem the server "knows", the first choice is its real proof, ended by EOS; every
+    // other choice is a wrong proof cut off by max_tokens.
+    let server = fake_openai(&theorems, |theorem, n| {
+        (0..n)
+            .map(|i| {
+                if i == 0 && served_proof(&theorem.name) {
+                    (reply(theorem.proof.as_deref().unwrap()), "stop")
+                } else {
+                    (WRONG.to_string(), "length")
+                }
+            })
+            .collect()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    let mut args = train_args(&model, &lean, &out, "grpo", 2);
+    let at = args
+        .iter()
+        .position(|a| a == "--max-completion-length")
+        .unwrap();
+    args[at + 1] = "128".into();
+    args.extend(["--endpoint", &server.base, "--served-model", "prover"].map(String::from));
+    let start = Instant::now();
+    let result = run(lean_grpo().args(&args));
+    assert!(result.status.success());
+    eprintln!("train --endpoint: {:.1?}", start.elapsed());
+
+    let config = Config::load(Some(&out.join("config.yaml")), &[], None).unwrap();
+    assert_eq!(config.train.endpoint.as_deref(), Some(server.base.as_str()));
+    assert_eq!(config.train.served_model.as_deref(), Some("prover"));
+
+    // One refused request, then one per theorem per step (grpo does not resample).
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1 + 2 * 2, "the 429 is retried once");
+    assert!(
+        seen[1..].iter().any(|r| r.body == seen[0].body),
+        "the refused request is sent again"
+    );
+    let seeds: std::collections::BTreeSet<u64> = seen
+        .iter()
+        .map(|r| r.body["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seeds.len(), 4, "each theorem of each step has its own seed");
+    for request in &seen {
+        assert_eq!(request.path, "/v1/chat/completions");
+        assert_eq!(request.body["model"], "prover");
+        assert_eq!(request.body["n"], 2);
+        assert_eq!(request.body["max_tokens"], 128);
+        assert_eq!(request.body["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(request.body["messages"][0]["role"], "user");
+    }
+
+    let tokenizer = lean_grpo::model::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    let samples = json_lines(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 2 * 2 * 2);
+    for s in &samples {
+        let name = s["theorem"].as_str().unwrap();
+        let text = s["completion"].as_str().unwrap();
+        let is_proof = text != WRONG;
+        assert!(
+            !is_proof || (served_proof(name) && s["index"] == 0),
+            "{name}: the server's completions are kept as sent"
+        );
+        let verdict = s["verdict"].as_str().unwrap();
+        assert_eq!(s["accepted"], is_proof, "{name}: {text:?} is {verdict}");
+        assert_eq!(s["reward"], if is_proof { 1.0 } else { 0.0 });
+        assert_eq!(
+            s["truncated"], !is_proof,
+            "finish_reason length is truncation"
+        );
+        let ids = tokenizer.encode(text, false).unwrap().len();
+        // A "stop" completion ends with the end-of-turn token, appended to the text's tokens.
+        let expected = if is_proof { ids + 1 } else { ids };
+        assert_eq!(
+            s["tokens"], expected,
+            "{name}: the policy's tokens of {text:?}"
+        );
+    }
+    let metrics = json_lines(&out.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 2);
+    assert!(metrics.iter().all(|m| m["sampler"] == "endpoint"));
+    assert!(
+        metrics
+            .iter()
+            .any(|m| m["reward_mean"].as_f64().unwrap() > 0.0
+                && m["zero_variance_fraction"].as_f64().unwrap() < 1.0
+                && m["optimizer_step"] == true),
+        "some step learned from a proof that beat its sibling: {metrics:?}"
+    );
+    assert!(
+        lora_b_max_abs(&out.join("adapter")) > 0.0,
+        "the adapter moved away from its initial value"
+    );
+}
+
+#[test]
+fn train_endpoint_without_served_model_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    let result = lean_grpo()
+        .args([
+            "train",
+            "data/prelude.jsonl",
+            "--model",
+            model.to_str().unwrap(),
+            "--lean-cmd",
+            "true",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("--endpoint (train.endpoint) needs --served-model NAME"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no run directory is left behind");
+}
