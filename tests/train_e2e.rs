@@ -188,12 +188,15 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
     let Some(lean) = real_lean() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
-    // Partial credit makes rewards differ within groups, so every step really updates the
-    // adapters and the comparison is not between two untouched models.
-    let config = tmp.path().join("partial.yaml");
+    // Rewards must differ within groups, or no step updates the adapters and the comparison is
+    // between two untouched models. This random model writes bytes that Lean rejects at their
+    // first token, so partial credit is 0 everywhere; a length penalty with a stop string that
+    // random text often contains gives completions of 1 to 6 tokens, and so different rewards.
+    let config = tmp.path().join("moving.yaml");
     std::fs::write(
         &config,
-        "train:\n  reward: partial\n  save_steps: 1\n  learning_rate: 0.01\n",
+        "sampling:\n  stop: [\" \"]\ntrain:\n  length_penalty: 0.01\n  save_steps: 1\n  \
+         learning_rate: 0.01\n",
     )
     .unwrap();
     let with_config = |out: &Path| {
@@ -224,6 +227,10 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    assert!(
+        lora_b_max_abs(&killed.join("checkpoints/step-2")) > 0.0,
+        "the adapter the resumed run starts from has moved"
+    );
 
     let mut resume = with_config(&killed);
     resume.extend(["--resume".into(), killed.to_str().unwrap().into()]);
@@ -232,9 +239,12 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
     let a = json_lines(&whole.join("metrics.jsonl"));
     let b = json_lines(&killed.join("metrics.jsonl"));
     assert_eq!(b.len(), 3, "the resumed run has exactly one line per step");
-    // With this random tiny model every reward is usually 0 (no partial progress), so steps may
-    // carry no gradient; the comparison then checks the data cursor, the sampling stream and the
-    // checkpointed optimizer state rather than a moving adapter.
+    assert!(
+        a.iter()
+            .all(|m| m["reward_std"].as_f64().unwrap() > 0.0
+                && m["grad_norm"].as_f64().unwrap() > 0.0),
+        "every step learns something: {a:?}"
+    );
     for step in 0..3 {
         assert_eq!(
             reproducible(a[step].clone()),
