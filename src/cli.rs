@@ -38,10 +38,24 @@ pub enum Command {
         long_about = "Train LoRA adapters by reinforcement learning. Each step samples \
 `--num-generations` proofs for each of `--batch-size` theorems, checks every proof with Lean, \
 turns verdicts into rewards and updates the adapters with the chosen algorithm. The run directory \
-holds the effective config, per-step metrics, every sample with its verdict, and checkpoints.",
+holds the effective config, per-step metrics, every sample with its verdict, and checkpoints.
+
+With `--endpoint URL --served-model NAME` the proofs are sampled by an OpenAI-compatible server \
+(vLLM, SGLang) instead of the local policy, which is much faster than sampling with candle on a \
+CPU. Each completion's text is tokenized with the policy's tokenizer (plus the EOS token when the \
+server stopped at one) and its log-probs are recomputed by the policy before the update; checking, \
+rewards, the update and the run directory are those of a local run. The server does NOT see the \
+LoRA updates: it keeps serving the model it was started with (the base model, unless you serve a \
+merged checkpoint made with `lean-grpo export`), so the rollouts are off-policy. The update treats \
+them as if the current policy had sampled them, which holds while the adapters stay close to the \
+served model and less so as they drift; the rewards and pass rates in metrics.jsonl (which says \
+`\"sampler\": \"endpoint\"`) measure the served model, not the adapters. Serve the same base \
+model with the same tokenizer as --model; restarting the server on an exported checkpoint and \
+resuming with the new --endpoint brings the samples up to date.",
         after_help = "Examples:\n  lean-grpo train data/prelude.jsonl --split train --algorithm dapo --model ./my-model\n  \
 lean-grpo train data/minif2f.jsonl --split valid --config configs/grpo.yaml --algo-config '{\"beta\": 0.04}'\n  \
-lean-grpo train data/prelude.jsonl --resume runs/dapo-20261122-101500"
+lean-grpo train data/prelude.jsonl --resume runs/dapo-20261122-101500\n  \
+lean-grpo train data/minif2f.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --endpoint http://gpu-box:8000 --served-model Qwen/Qwen2.5-0.5B-Instruct"
     )]
     Train(TrainArgs),
     /// Measure pass@k of a model (or an OpenAI-compatible endpoint) on a theorem file.
@@ -268,6 +282,16 @@ pub struct TrainArgs {
     /// Continue a run from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// Sample proofs from this OpenAI-compatible server instead of the policy. It does not see
+    /// the LoRA updates, so rollouts are off-policy (see above).
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Model name the endpoint serves (required with --endpoint).
+    #[arg(long, value_name = "NAME")]
+    pub served_model: Option<String>,
+    /// Environment variable holding the endpoint's API key.
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
 }
 
 impl TrainArgs {
@@ -293,6 +317,9 @@ impl TrainArgs {
         push(&mut out, "train", "seed", &self.seed);
         push(&mut out, "train", "split", &self.split);
         push(&mut out, "train", "output_dir", &self.output);
+        push(&mut out, "train", "endpoint", &self.endpoint);
+        push(&mut out, "train", "served_model", &self.served_model);
+        push(&mut out, "train", "api_key_env", &self.api_key_env);
         out
     }
 }

@@ -69,6 +69,14 @@ pub struct TrainOptions {
     pub length_penalty: f64,
     /// Train only on records of this split (`None` = all records).
     pub split: Option<String>,
+    /// Sample proofs from this OpenAI-compatible server (vLLM, SGLang, ...) instead of the
+    /// policy; `None` = sample locally. The server does not see the LoRA updates, so rollouts
+    /// are off-policy (see `lean-grpo train --help`).
+    pub endpoint: Option<String>,
+    /// The model name the endpoint serves; required with `endpoint`.
+    pub served_model: Option<String>,
+    /// Environment variable holding the endpoint's API key (the key never goes in a file).
+    pub api_key_env: Option<String>,
 }
 
 impl Default for TrainOptions {
@@ -96,6 +104,9 @@ impl Default for TrainOptions {
             partial_credit_cap: 0.3,
             length_penalty: 0.0,
             split: None,
+            endpoint: None,
+            served_model: None,
+            api_key_env: None,
         }
     }
 }

@@ -107,6 +107,18 @@ pub struct Choice {
     pub text: String,
     /// `stop`, `length` (hit `max_tokens`: the text is truncated), ...; `None` if not reported.
     pub finish_reason: Option<String>,
+    /// What ended a `stop` completion, when the server says (vLLM's `stop_reason`; OpenAI does
+    /// not send it). `None` for an EOS token or an unreported reason.
+    pub stop_reason: Option<StopReason>,
+}
+
+/// The stop sequence that ended a completion (vLLM's `stop_reason`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// One of the request's `stop` strings; servers leave it out of the text.
+    Text(String),
+    /// A stop token id other than EOS (vLLM's `stop_token_ids`).
+    Token(u32),
 }
 
 impl Choice {
@@ -475,6 +487,9 @@ struct WireChoice {
     index: usize,
     message: WireMessage,
     finish_reason: Option<String>,
+    /// vLLM: the stop string or token id that ended the completion, `null` for EOS.
+    #[serde(default)]
+    stop_reason: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -503,6 +518,14 @@ fn parse_response(text: &str, n: usize) -> Result<Completion> {
             .map(|c| Choice {
                 text: c.message.content.unwrap_or_default(),
                 finish_reason: c.finish_reason,
+                stop_reason: match c.stop_reason {
+                    Some(serde_json::Value::String(s)) => Some(StopReason::Text(s)),
+                    Some(serde_json::Value::Number(n)) => n
+                        .as_u64()
+                        .and_then(|id| u32::try_from(id).ok())
+                        .map(StopReason::Token),
+                    _ => None,
+                },
             })
             .collect(),
         usage: response.usage,

@@ -4,7 +4,7 @@
 mod endpoint_support;
 
 use endpoint_support::{completion, serve, Reply};
-use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message};
+use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message, StopReason};
 use serde_json::json;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -263,21 +263,51 @@ fn concurrency_bound_is_respected() {
         delay: Duration::from_millis(250),
         ..echo(body, "stop")
     });
+    // 8 workers (eval's default) on 8 keep-alive connections: more than a small server thread
+    // pool holds, which once starved connections in the test server.
     let client = EndpointClient::new(EndpointOptions {
-        concurrency: 3,
+        concurrency: 8,
         ..options(&server.base)
     })
     .unwrap();
-    let requests: Vec<ChatRequest> = (0..9).map(|i| request(&format!("p{i}"), 1)).collect();
+    let requests: Vec<ChatRequest> = (0..24).map(|i| request(&format!("p{i}"), 1)).collect();
     let results = client.complete(&requests);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.as_ref().unwrap().choices[0].text, format!("p{i} #0"));
     }
-    assert_eq!(server.seen().len(), 9);
+    assert_eq!(server.seen().len(), 24);
     assert_eq!(
         server.max_in_flight(),
-        3,
-        "3 workers, 9 slow requests: exactly 3 at a time"
+        8,
+        "8 workers, 24 slow requests: exactly 8 at a time"
+    );
+}
+
+#[test]
+fn stop_reasons_are_reported() {
+    let server = serve(|_, _| {
+        let mut body = completion(&["a".into(), "b".into(), "c".into()], "stop");
+        body["choices"][0]["stop_reason"] = json!("```\n");
+        body["choices"][1]["stop_reason"] = json!(151645);
+        body["choices"][2]["stop_reason"] = serde_json::Value::Null;
+        Reply::json(200, body)
+    });
+    let client = EndpointClient::new(options(&server.base)).unwrap();
+    let results = client.complete(&[request("p", 3)]);
+    let reasons: Vec<_> = results[0]
+        .as_ref()
+        .unwrap()
+        .choices
+        .iter()
+        .map(|c| c.stop_reason.clone())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(StopReason::Text("```\n".into())),
+            Some(StopReason::Token(151645)),
+            None
+        ]
     );
 }
 

@@ -1,6 +1,8 @@
 //! `train`, `eval` and `plot` end to end: the binary, a tiny committed model, and real Lean on
 //! `data/prelude.jsonl` (the real-Lean tier: `LEAN_GRPO_TEST_LEAN`, see scripts/test-lean.sh).
 
+mod endpoint_support;
+
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -186,12 +188,15 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
     let Some(lean) = real_lean() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
-    // Partial credit makes rewards differ within groups, so every step really updates the
-    // adapters and the comparison is not between two untouched models.
-    let config = tmp.path().join("partial.yaml");
+    // Rewards must differ within groups, or no step updates the adapters and the comparison is
+    // between two untouched models. This random model writes bytes that Lean rejects at their
+    // first token, so partial credit is 0 everywhere; a length penalty with a stop string that
+    // random text often contains gives completions of 1 to 6 tokens, and so different rewards.
+    let config = tmp.path().join("moving.yaml");
     std::fs::write(
         &config,
-        "train:\n  reward: partial\n  save_steps: 1\n  learning_rate: 0.01\n",
+        "sampling:\n  stop: [\" \"]\ntrain:\n  length_penalty: 0.01\n  save_steps: 1\n  \
+         learning_rate: 0.01\n",
     )
     .unwrap();
     let with_config = |out: &Path| {
@@ -222,6 +227,10 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    assert!(
+        lora_b_max_abs(&killed.join("checkpoints/step-2")) > 0.0,
+        "the adapter the resumed run starts from has moved"
+    );
 
     let mut resume = with_config(&killed);
     resume.extend(["--resume".into(), killed.to_str().unwrap().into()]);
@@ -230,9 +239,12 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
     let a = json_lines(&whole.join("metrics.jsonl"));
     let b = json_lines(&killed.join("metrics.jsonl"));
     assert_eq!(b.len(), 3, "the resumed run has exactly one line per step");
-    // With this random tiny model every reward is usually 0 (no partial progress), so steps may
-    // carry no gradient; the comparison then checks the data cursor, the sampling stream and the
-    // checkpointed optimizer state rather than a moving adapter.
+    assert!(
+        a.iter()
+            .all(|m| m["reward_std"].as_f64().unwrap() > 0.0
+                && m["grad_norm"].as_f64().unwrap() > 0.0),
+        "every step learns something: {a:?}"
+    );
     for step in 0..3 {
         assert_eq!(
             reproducible(a[step].clone()),
@@ -379,68 +391,77 @@ fn malformed_inputs_are_clear_errors() {
     assert!(!prompt.is_empty());
 }
 
-/// An OpenAI-compatible server on loopback: the first request gets 429, then every request is
-/// answered with the known proof for theorems whose name ends in an even digit and a wrong one
-/// otherwise (n choices each).
+/// An OpenAI-compatible server on loopback for `theorems`: the first request gets 429, then
+/// each request is answered with `choices(theorem, n)` — (text, finish_reason) per choice — for
+/// the theorem whose exact user message it carries; any other prompt gets 400.
 fn fake_openai(
-    proofs: std::collections::HashMap<String, String>,
-) -> (String, std::thread::JoinHandle<Vec<Value>>) {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
-    let handle = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut first = true;
-        while let Ok(Some(mut request)) = server.recv_timeout(Duration::from_secs(5)) {
-            let mut body = String::new();
-            request.as_reader().read_to_string(&mut body).unwrap();
-            let json: Value = serde_json::from_str(&body).unwrap();
-            if first {
-                first = false;
-                let _ = request
-                    .respond(tiny_http::Response::from_string("slow down").with_status_code(429));
-                continue;
-            }
-            let prompt = json["messages"][0]["content"].as_str().unwrap().to_string();
-            let (name, proof) = proofs
-                .iter()
-                .find(|(n, _)| prompt.contains(&format!("theorem {n} ")))
-                .expect("the prompt names a test theorem");
-            let good = name.ends_with(|c: char| c.is_ascii_digit() && (c as u8 - b'0') % 2 == 0);
-            let n = json["n"].as_u64().unwrap();
-            let choices: Vec<Value> = (0..n)
-                .map(|i| {
-                    let text = if good && i == 0 { format!("```lean\n{proof}\n```") } else { "N.z".to_string() };
-                    serde_json::json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"})
-                })
-                .collect();
-            let answer =
-                serde_json::json!({"id": "x", "object": "chat.completion", "choices": choices});
-            let _ = request.respond(
-                tiny_http::Response::from_string(answer.to_string()).with_header(
-                    "Content-Type: application/json"
-                        .parse::<tiny_http::Header>()
-                        .unwrap(),
-                ),
-            );
-            seen.push(json);
+    theorems: &[lean_grpo::data::Theorem],
+    choices: impl Fn(&lean_grpo::data::Theorem, usize) -> Vec<(String, &'static str)>
+        + Send
+        + Sync
+        + 'static,
+) -> endpoint_support::TestServer {
+    use endpoint_support::{serve, Reply};
+    let by_message: std::collections::HashMap<String, lean_grpo::data::Theorem> = theorems
+        .iter()
+        .map(|t| (lean_grpo::data::user_message(t), t.clone()))
+        .collect();
+    serve(move |call, body| {
+        if call == 0 {
+            return Reply::json(429, serde_json::json!({"error": {"message": "slow down"}}));
         }
-        seen
-    });
-    (url, handle)
+        let message = body["messages"][0]["content"].as_str().unwrap_or_default();
+        let Some(theorem) = by_message.get(message) else {
+            return Reply::json(
+                400,
+                serde_json::json!({"error": {"message": "unknown prompt"}}),
+            );
+        };
+        let n = body["n"].as_u64().unwrap_or(0) as usize;
+        let choices: Vec<Value> = choices(theorem, n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (text, finish))| {
+                serde_json::json!({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+            })
+            .collect();
+        Reply::json(
+            200,
+            serde_json::json!({"id": "x", "object": "chat.completion", "choices": choices}),
+        )
+    })
+}
+
+/// The fenced reply a prover gives.
+fn reply(proof: &str) -> String {
+    format!("```lean\n{proof}\n```")
+}
+
+fn ends_in_even_digit(name: &str) -> bool {
+    name.ends_with(|c: char| c.is_ascii_digit() && (c as u8 - b'0') % 2 == 0)
 }
 
 #[test]
-#[ignore = "hangs in this harness (the eval process never finishes after the 429); the client's 429 retry is covered by tests/endpoint_client.rs"]
 fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
     let Some(lean) = real_lean() else { return };
     let theorems =
         lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), Some("test"))
             .unwrap();
-    let proofs = theorems
-        .iter()
-        .map(|t| (t.name.clone(), t.proof.clone().unwrap()))
-        .collect();
-    let (url, server) = fake_openai(proofs);
+    // The real proof as the first choice for theorems whose name ends in an even digit.
+    let server = fake_openai(&theorems, |theorem, n| {
+        (0..n)
+            .map(|i| {
+                let good = i == 0 && ends_in_even_digit(&theorem.name);
+                let text = if good {
+                    reply(theorem.proof.as_deref().unwrap())
+                } else {
+                    "N.z".to_string()
+                };
+                (text, "stop")
+            })
+            .collect()
+    });
+    let start = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("eval");
     let result = run(lean_grpo().args([
@@ -449,7 +470,7 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
         "--split",
         "test",
         "--endpoint",
-        &url,
+        &server.base,
         "--served-model",
         "prover",
         "-n",
@@ -464,15 +485,17 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
         out.to_str().unwrap(),
     ]));
     assert!(result.status.success());
-    let requests = server.join().unwrap();
+    eprintln!("eval --endpoint: {:.1?}", start.elapsed());
+    let requests = server.seen();
     assert_eq!(
         requests.len(),
-        theorems.len(),
-        "one request per problem after the 429 retry"
+        theorems.len() + 1,
+        "one request per problem, and the refused one again"
     );
+    assert!(requests[1..].iter().any(|r| r.body == requests[0].body));
     assert!(requests
         .iter()
-        .all(|r| r["model"] == "prover" && r["n"] == 3));
+        .all(|r| r.body["model"] == "prover" && r.body["n"] == 3));
 
     let problems: Vec<ProblemResult> = std::fs::read_to_string(out.join("results.jsonl"))
         .unwrap()
@@ -483,8 +506,10 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
     let counts: Vec<passk::ProblemCounts> = problems
         .iter()
         .map(|p| {
-            assert!(
-                p.prompt.contains(&format!("theorem {} ", p.name)),
+            let theorem = theorems.iter().find(|t| t.name == p.name).unwrap();
+            assert_eq!(
+                p.prompt,
+                lean_grpo::data::user_message(theorem),
                 "the prompt sent is kept"
             );
             passk::ProblemCounts {
@@ -496,10 +521,7 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
         .collect();
     let expected_solved = theorems
         .iter()
-        .filter(|t| {
-            t.name
-                .ends_with(|c: char| c.is_ascii_digit() && (c as u8 - b'0') % 2 == 0)
-        })
+        .filter(|t| ends_in_even_digit(&t.name))
         .count();
     let solved = counts.iter().filter(|c| c.accepted > 0).count();
     assert_eq!(
@@ -513,11 +535,18 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
     assert_eq!(summary.pass_at_k, recomputed.pass_at_k);
     let pass3 = recomputed.pass_at_k[&3].unwrap();
     assert!((pass3 - solved as f64 / theorems.len() as f64).abs() < 1e-12);
+    // The table on stdout has a row per k with the same numbers.
     let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(
-        stdout.contains("pass@1") && stdout.contains("pass@3"),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("{solved} solved")), "{stdout}");
+    for (k, value) in &recomputed.pass_at_k {
+        let row = [k.to_string(), format!("{:.2}%", 100.0 * value.unwrap())];
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.split_whitespace().eq(row.iter().map(String::as_str))),
+            "no row {row:?} in\n{stdout}"
+        );
+    }
 }
 
 #[test]
@@ -581,4 +610,160 @@ fn eval_with_a_local_model_and_plot_of_a_run() {
         "the plot is not a blank image"
     );
     let _ = std::io::stdout().flush();
+}
+
+/// The largest |value| in the LoRA B matrices of an adapter directory. B starts at zero, so this
+/// is 0 exactly when training never moved the adapter.
+fn lora_b_max_abs(adapter: &Path) -> f32 {
+    let tensors = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let b: Vec<f32> = tensors
+        .iter()
+        .filter(|(name, _)| name.contains("lora_B"))
+        .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    assert!(!b.is_empty(), "the adapter has no lora_B weights");
+    b.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// Whether the fake server gives theorem `name` its real proof (in the first choice).
+fn served_proof(name: &str) -> bool {
+    !name.starts_with("mul_")
+}
+
+/// A wrong proof, cut off.
+const WRONG: &str = "```lean\nN.z";
+
+#[test]
+fn train_through_an_endpoint_learns_from_the_servers_proofs() {
+    let Some(lean) = real_lean() else { return };
+    let theorems =
+        lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), Some("train"))
+            .unwrap();
+    // For a theorem the server "knows", the first choice is its real proof, ended by EOS; every
+    // other choice is a wrong proof cut off by max_tokens.
+    let server = fake_openai(&theorems, |theorem, n| {
+        (0..n)
+            .map(|i| {
+                if i == 0 && served_proof(&theorem.name) {
+                    (reply(theorem.proof.as_deref().unwrap()), "stop")
+                } else {
+                    (WRONG.to_string(), "length")
+                }
+            })
+            .collect()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    let mut args = train_args(&model, &lean, &out, "grpo", 2);
+    let at = args
+        .iter()
+        .position(|a| a == "--max-completion-length")
+        .unwrap();
+    args[at + 1] = "128".into();
+    args.extend(["--endpoint", &server.base, "--served-model", "prover"].map(String::from));
+    let start = Instant::now();
+    let result = run(lean_grpo().args(&args));
+    assert!(result.status.success());
+    eprintln!("train --endpoint: {:.1?}", start.elapsed());
+
+    let config = Config::load(Some(&out.join("config.yaml")), &[], None).unwrap();
+    assert_eq!(config.train.endpoint.as_deref(), Some(server.base.as_str()));
+    assert_eq!(config.train.served_model.as_deref(), Some("prover"));
+
+    // One refused request, then one per theorem per step (grpo does not resample).
+    let seen = server.seen();
+    assert_eq!(seen.len(), 1 + 2 * 2, "the 429 is retried once");
+    assert!(
+        seen[1..].iter().any(|r| r.body == seen[0].body),
+        "the refused request is sent again"
+    );
+    let seeds: std::collections::BTreeSet<u64> = seen
+        .iter()
+        .map(|r| r.body["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seeds.len(), 4, "each theorem of each step has its own seed");
+    for request in &seen {
+        assert_eq!(request.path, "/v1/chat/completions");
+        assert_eq!(request.body["model"], "prover");
+        assert_eq!(request.body["n"], 2);
+        assert_eq!(request.body["max_tokens"], 128);
+        assert_eq!(request.body["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(request.body["messages"][0]["role"], "user");
+    }
+
+    let tokenizer = lean_grpo::model::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    let samples = json_lines(&out.join("samples.jsonl"));
+    assert_eq!(samples.len(), 2 * 2 * 2);
+    for s in &samples {
+        let name = s["theorem"].as_str().unwrap();
+        let text = s["completion"].as_str().unwrap();
+        let is_proof = text != WRONG;
+        assert!(
+            !is_proof || (served_proof(name) && s["index"] == 0),
+            "{name}: the server's completions are kept as sent"
+        );
+        let verdict = s["verdict"].as_str().unwrap();
+        assert_eq!(s["accepted"], is_proof, "{name}: {text:?} is {verdict}");
+        assert_eq!(s["reward"], if is_proof { 1.0 } else { 0.0 });
+        assert_eq!(
+            s["truncated"], !is_proof,
+            "finish_reason length is truncation"
+        );
+        let ids = tokenizer.encode(text, false).unwrap().len();
+        // A "stop" completion ends with the end-of-turn token, appended to the text's tokens.
+        let expected = if is_proof { ids + 1 } else { ids };
+        assert_eq!(
+            s["tokens"], expected,
+            "{name}: the policy's tokens of {text:?}"
+        );
+    }
+    let metrics = json_lines(&out.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 2);
+    assert!(metrics.iter().all(|m| m["sampler"] == "endpoint"));
+    assert!(
+        metrics
+            .iter()
+            .any(|m| m["reward_mean"].as_f64().unwrap() > 0.0
+                && m["zero_variance_fraction"].as_f64().unwrap() < 1.0
+                && m["optimizer_step"] == true),
+        "some step learned from a proof that beat its sibling: {metrics:?}"
+    );
+    assert!(
+        lora_b_max_abs(&out.join("adapter")) > 0.0,
+        "the adapter moved away from its initial value"
+    );
+}
+
+#[test]
+fn train_endpoint_without_served_model_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let out = tmp.path().join("run");
+    let result = lean_grpo()
+        .args([
+            "train",
+            "data/prelude.jsonl",
+            "--model",
+            model.to_str().unwrap(),
+            "--lean-cmd",
+            "true",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(result.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("--endpoint (train.endpoint) needs --served-model NAME"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no run directory is left behind");
 }

@@ -267,6 +267,16 @@ impl Tokenizer {
         &self.eos_ids
     }
 
+    /// The EOS that ends a reply whose text came without token ids (an OpenAI-compatible
+    /// server reports only that it stopped): `tokenizer_config.json`'s `eos_token`, which chat
+    /// models set to their end-of-turn token, else the smallest EOS id; `None` without any.
+    pub fn reply_eos_id(&self) -> Option<u32> {
+        self.special_tokens
+            .get("eos_token")
+            .and_then(|token| self.token_to_id(token))
+            .or_else(|| self.eos_ids.first().copied())
+    }
+
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_ids.binary_search(&id).is_ok()
     }

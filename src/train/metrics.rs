@@ -12,6 +12,9 @@ use crate::lean::Evidence;
 pub struct StepMetrics {
     pub step: usize,
     pub epoch: usize,
+    /// Who sampled this step's proofs: `policy` (on-policy) or `endpoint` (a server that does
+    /// not see the adapters: off-policy, and the rewards measure the served model).
+    pub sampler: String,
     /// Mean and std of the raw rewards of every completion sampled this step.
     pub reward_mean: f64,
     pub reward_std: f64,

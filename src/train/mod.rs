@@ -1,10 +1,15 @@
 //! The RL loop (algorithms spec §2): sample P theorems × G proofs, check them with Lean, turn
 //! verdicts into rewards, refill for dynamic sampling, compute advantages, then minibatches ×
 //! iterations of forward, loss, backward, clip and AdamW step on the LoRA adapters.
+//!
+//! Proofs are sampled by the policy itself or, with `train.endpoint`, by an OpenAI-compatible
+//! server ([`remote`]: off-policy, the server does not see the adapters); everything after
+//! sampling is the same code for both.
 
 mod cursor;
 mod metrics;
 mod optimizer;
+mod remote;
 mod rollout;
 mod run_dir;
 mod update;
@@ -33,6 +38,7 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::{GenerateOptions, Policy};
 use crate::reward::RewardFn;
 pub use optimizer::Optimizer;
+use remote::{endpoint_client, rollout_seed, RemoteSampler};
 pub(crate) use update::Update;
 
 /// How a training run ended.
@@ -81,6 +87,7 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
         );
     }
     let reward = RewardFn::from_options(train)?;
+    let endpoint = endpoint_client(train)?;
     let root = match (&inputs.resume, &train.output_dir) {
         (Some(dir), _) => dir.to_path_buf(),
         (None, Some(dir)) => dir.clone(),
@@ -133,6 +140,7 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
         },
         stop: StopStrings::new(&config.sampling.stop),
     };
+    let remote = endpoint.map(|client| RemoteSampler::new(client, &config.sampling, &tokenizer));
     let bar = progress_bar(total_steps, state.step, inputs.show_progress);
     let save = |run: &RunDir, state: &TrainerState, optimizer: &Optimizer| {
         run.save_checkpoint(state, train.save_total_limit, |dir| {
@@ -153,6 +161,7 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
             algo: &algo,
             reward: &reward,
             setup: &setup,
+            remote: remote.as_ref(),
             theorems: &inputs.theorems,
             prompts: &prompts,
             stop: &inputs.stop,
@@ -263,6 +272,8 @@ struct Step<'a> {
     algo: &'a AlgoConfig,
     reward: &'a RewardFn,
     setup: &'a SamplingSetup<'a>,
+    /// Sample from this server instead of the policy.
+    remote: Option<&'a RemoteSampler>,
     theorems: &'a [Theorem],
     prompts: &'a [Vec<u32>],
     stop: &'a AtomicBool,
@@ -293,8 +304,13 @@ impl Step<'_> {
             let ids = state
                 .cursor
                 .take(wanted - kept_so_far, self.theorems.len(), train.seed);
-            let (new_groups, t) =
-                rollout(self.setup, sampler, self.theorems, self.prompts, &ids, g)?;
+            let (new_groups, t) = match self.remote {
+                Some(remote) => {
+                    let seed = rollout_seed(train.seed, state.step, rounds);
+                    remote.rollout(self.setup, self.theorems, &ids, g, seed)?
+                }
+                None => rollout(self.setup, sampler, self.theorems, self.prompts, &ids, g)?,
+            };
             times.sampling += t.sampling;
             times.checking += t.checking;
             times.checking_tail += t.checking_tail;
@@ -355,6 +371,12 @@ impl Step<'_> {
         let metrics = StepMetrics {
             step,
             epoch: state.cursor.epoch,
+            sampler: if self.remote.is_some() {
+                "endpoint"
+            } else {
+                "policy"
+            }
+            .to_string(),
             reward_mean: mean,
             reward_std: var.sqrt(),
             pass_rate: accepted as f64 / n,

@@ -55,7 +55,9 @@ impl RunDir {
     }
 
     /// Reopens the run in `root` for `--resume`: the configuration must be the one it was
-    /// started with (only `train.max_steps` and `train.output_dir` may change).
+    /// started with. Only `train.max_steps` and `train.output_dir` may change, and, in a run that
+    /// samples from an endpoint, where that endpoint is (a server restarted elsewhere, or on a
+    /// newer checkpoint).
     pub fn resume(root: &Path, config: &Config) -> Result<(RunDir, Option<PathBuf>)> {
         let saved_path = root.join(CONFIG);
         let saved = Config::load(Some(&saved_path), &[], None)
@@ -64,8 +66,8 @@ impl RunDir {
         if !differences.is_empty() {
             bail!(
                 "cannot resume {}: the configuration differs from the one the run started with \
-                 in {}; resume with the same flags and config file (only --max-steps may \
-                 change), or start a new run",
+                 in {}; resume with the same flags and config file (only --max-steps and the \
+                 --endpoint settings of an endpoint run may change), or start a new run",
                 root.display(),
                 differences.join(", ")
             );
@@ -219,6 +221,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Keys (as `section.key`) whose values differ, ignoring those a resume may change.
 fn differing_keys(a: &Config, b: &Config) -> Vec<String> {
+    // Sampling from a server stays sampling from a server; which server may change.
+    let both_remote = a.train.endpoint.is_some() && b.train.endpoint.is_some();
     let (Ok(Value::Object(a)), Ok(Value::Object(b))) =
         (serde_json::to_value(a), serde_json::to_value(b))
     else {
@@ -233,8 +237,13 @@ fn differing_keys(a: &Config, b: &Config) -> Vec<String> {
                 keys.sort();
                 keys.dedup();
                 for key in keys {
-                    let resumable =
-                        section == "train" && matches!(key.as_str(), "max_steps" | "output_dir");
+                    let resumable = section == "train"
+                        && (matches!(key.as_str(), "max_steps" | "output_dir")
+                            || both_remote
+                                && matches!(
+                                    key.as_str(),
+                                    "endpoint" | "served_model" | "api_key_env"
+                                ));
                     if !resumable && a_keys.get(key) != b_keys.get(key) {
                         out.push(format!("{section}.{key}"));
                     }
@@ -245,4 +254,35 @@ fn differing_keys(a: &Config, b: &Config) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(url: Option<&str>) -> Config {
+        let mut config = Config::default();
+        config.train.endpoint = url.map(String::from);
+        config.train.served_model = url.map(|_| "prover".to_string());
+        config
+    }
+
+    #[test]
+    fn an_endpoint_run_may_move_its_server_but_not_change_its_sampler() {
+        let a = remote(Some("http://a:8000"));
+        let mut b = remote(Some("http://b:8000"));
+        b.train.served_model = Some("prover-step-100".into());
+        b.train.max_steps = Some(10);
+        assert!(differing_keys(&a, &b).is_empty());
+        assert_eq!(
+            differing_keys(&remote(None), &a),
+            ["train.endpoint", "train.served_model"]
+        );
+        assert_eq!(
+            differing_keys(&a, &remote(None)),
+            ["train.endpoint", "train.served_model"]
+        );
+        b.train.learning_rate = 1.0;
+        assert_eq!(differing_keys(&a, &b), ["train.learning_rate"]);
+    }
 }

@@ -1,9 +1,17 @@
 //! A local OpenAI-compatible stand-in for the endpoint tests: answers with whatever the test's
 //! handler says, records what it was sent, and counts requests in flight.
+//!
+//! It is a small HTTP/1.1 server on `std::net` with one thread per connection. (tiny_http was
+//! used before, but its pool serves each keep-alive connection with one of a few threads for the
+//! connection's whole life; when a client opens more connections at once than it has threads
+//! (`eval` opens 8), the extra connections' requests are never read and the client waits out
+//! its timeout.)
 
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -21,7 +29,7 @@ impl Reply {
     pub fn json(status: u16, body: serde_json::Value) -> Self {
         Reply {
             status,
-            headers: Vec::new(),
+            headers: vec![("Content-Type", "application/json".to_string())],
             body: body.to_string(),
             delay: Duration::ZERO,
         }
@@ -40,7 +48,7 @@ pub struct Seen {
 
 pub struct TestServer {
     pub base: String,
-    server: Arc<tiny_http::Server>,
+    stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Vec<Seen>>>,
     max_in_flight: Arc<AtomicUsize>,
 }
@@ -55,74 +63,138 @@ impl TestServer {
 }
 
 impl Drop for TestServer {
+    /// Stops accepting: the accept loop sees the flag on the connection made to wake it.
     fn drop(&mut self) {
-        self.server.unblock();
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.base.trim_start_matches("http://"));
     }
 }
 
+type Handler = dyn Fn(usize, &serde_json::Value) -> Reply + Send + Sync;
+
+struct Shared {
+    handler: Box<Handler>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    in_flight: AtomicUsize,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
 /// Starts a server on 127.0.0.1 at a free port. `handler(call_number, request_body)` decides the
-/// reply; call numbers count from 0 in arrival order. Each request is handled on its own thread.
+/// reply; call numbers count from 0 in arrival order. Every connection has its own thread.
 pub fn serve<F>(handler: F) -> TestServer
 where
     F: Fn(usize, &serde_json::Value) -> Reply + Send + Sync + 'static,
 {
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let port = server.server_addr().to_ip().unwrap().port();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let in_flight = Arc::new(AtomicUsize::new(0));
     let max_in_flight = Arc::new(AtomicUsize::new(0));
-    let handler = Arc::new(handler);
+    let shared = Arc::new(Shared {
+        handler: Box::new(handler),
+        seen: seen.clone(),
+        in_flight: AtomicUsize::new(0),
+        max_in_flight: max_in_flight.clone(),
+    });
     {
-        let (server, seen, max_in_flight) = (server.clone(), seen.clone(), max_in_flight.clone());
+        let stop = stop.clone();
         thread::spawn(move || {
-            while let Ok(mut request) = server.recv() {
-                let (seen, handler) = (seen.clone(), handler.clone());
-                let (in_flight, max_in_flight) = (in_flight.clone(), max_in_flight.clone());
+            for stream in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let shared = shared.clone();
                 thread::spawn(move || {
-                    let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                    max_in_flight.fetch_max(now, Ordering::SeqCst);
-                    let mut raw = String::new();
-                    request.as_reader().read_to_string(&mut raw).unwrap();
-                    let body = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
-                    let header = |name: &str| {
-                        request
-                            .headers()
-                            .iter()
-                            .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-                            .map(|h| h.value.as_str().to_string())
-                    };
-                    let call = {
-                        let mut seen = seen.lock().unwrap();
-                        seen.push(Seen {
-                            method: request.method().to_string(),
-                            path: request.url().to_string(),
-                            authorization: header("Authorization"),
-                            content_type: header("Content-Type"),
-                            body: body.clone(),
-                        });
-                        seen.len() - 1
-                    };
-                    let reply = handler(call, &body);
-                    thread::sleep(reply.delay);
-                    in_flight.fetch_sub(1, Ordering::SeqCst);
-                    let mut response =
-                        tiny_http::Response::from_string(reply.body).with_status_code(reply.status);
-                    for (name, value) in reply.headers {
-                        response = response.with_header(
-                            tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
-                                .unwrap(),
-                        );
-                    }
-                    let _ = request.respond(response);
+                    let _ = serve_connection(stream, &shared);
                 });
             }
         });
     }
     TestServer {
         base: format!("http://127.0.0.1:{port}"),
-        server,
+        stop,
         seen,
         max_in_flight,
+    }
+}
+
+/// Answers the requests of one keep-alive connection until the client closes it.
+fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_string();
+        let path = parts.next().unwrap_or_default().to_string();
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+            }
+        }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        let length: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut raw = vec![0; length];
+        reader.read_exact(&mut raw)?;
+        let body = serde_json::from_slice(&raw).unwrap_or(serde_json::Value::Null);
+
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let call = {
+            let mut seen = shared.seen.lock().unwrap();
+            seen.push(Seen {
+                method,
+                path,
+                authorization: header("authorization"),
+                content_type: header("content-type"),
+                body: body.clone(),
+            });
+            seen.len() - 1
+        };
+        let reply = (shared.handler)(call, &body);
+        thread::sleep(reply.delay);
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+
+        let mut head = format!("HTTP/1.1 {} {}\r\n", reply.status, reason(reply.status));
+        for (name, value) in &reply.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(&format!("Content-Length: {}\r\n\r\n", reply.body.len()));
+        writer.write_all(head.as_bytes())?;
+        writer.write_all(reply.body.as_bytes())?;
+        writer.flush()?;
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
     }
 }
 
