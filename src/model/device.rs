@@ -15,8 +15,12 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                if let Ok(dev) = Device::new_cuda(0) {
-                    return Ok(dev);
+                // A CUDA build that falls back to the CPU runs many times slower: say why.
+                match Device::new_cuda(0) {
+                    Ok(dev) => return Ok(dev),
+                    Err(err) => tracing::warn!(
+                        "--device auto: CUDA device 0 is not available ({err}); using the CPU"
+                    ),
                 }
             }
             Ok(Device::Cpu)
