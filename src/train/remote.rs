@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::rollout::{Completion, Group, RolloutTimes, SamplingSetup};
+use super::rollout::{groups, Group, RolloutTimes, SamplingSetup};
 use crate::config::TrainOptions;
 use crate::data::{user_message, Theorem};
 use crate::endpoint::{ChatRequest, Choice, EndpointClient, EndpointOptions, Message, StopReason};
@@ -129,24 +129,7 @@ impl RemoteSampler {
                 jobs.len()
             );
         }
-        let mut verdicts = verdicts.into_iter();
-        let groups = sampled
-            .into_iter()
-            .map(|(theorem, group)| Group {
-                theorem,
-                completions: group
-                    .into_iter()
-                    .zip(verdicts.by_ref())
-                    .map(|((tokens, text, truncated), checked)| Completion {
-                        tokens,
-                        text,
-                        truncated,
-                        checked,
-                    })
-                    .collect(),
-            })
-            .collect();
-        Ok((groups, times))
+        Ok((groups(sampled, verdicts), times))
     }
 
     /// (tokens, text to check, truncated) of one server completion, as the local sampler would

@@ -117,25 +117,36 @@ pub fn rollout(
         let (verdicts, busy) = checked?;
         times.checking = busy;
         times.checking_tail = tail_start.elapsed().as_secs_f64();
-        let groups = sampled
-            .into_iter()
-            .zip(verdicts)
-            .map(|((theorem, group), checked)| Group {
-                theorem,
-                completions: group
-                    .into_iter()
-                    .zip(checked)
-                    .map(|((tokens, text, truncated), checked)| Completion {
-                        tokens,
-                        text,
-                        truncated,
-                        checked,
-                    })
-                    .collect(),
-            })
-            .collect();
-        Ok((groups, times))
+        Ok((groups(sampled, verdicts.into_iter().flatten()), times))
     })
+}
+
+/// A sampled completion before checking: (tokens, text, truncated).
+pub(super) type Sampled = (Vec<u32>, String, bool);
+
+/// Pairs sampled groups (theorem index, completions) with their verdicts, which come in the
+/// same order, group after group.
+pub(super) fn groups(
+    sampled: Vec<(usize, Vec<Sampled>)>,
+    verdicts: impl IntoIterator<Item = Checked>,
+) -> Vec<Group> {
+    let mut verdicts = verdicts.into_iter();
+    sampled
+        .into_iter()
+        .map(|(theorem, group)| Group {
+            theorem,
+            completions: group
+                .into_iter()
+                .zip(verdicts.by_ref())
+                .map(|((tokens, text, truncated), checked)| Completion {
+                    tokens,
+                    text,
+                    truncated,
+                    checked,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 /// Samples one group: (tokens, text, truncated) per completion.
