@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod config;
 pub mod decoder;
 pub mod device;
+pub mod gemv;
 pub mod gguf;
 pub mod init;
 pub mod load;

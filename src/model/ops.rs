@@ -13,6 +13,7 @@
 //! and CUDA). The log-softmax kernels have a fast CPU loop and a tensor-op path for other
 //! devices.
 
+use super::gemv;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
@@ -83,6 +84,25 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         lw: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, _) = lw.shape().dims2()?;
+        let contiguous = |l: &Layout| l.contiguous_offsets();
+        if self.swapped && m <= gemv::MAX_ROWS {
+            if let (CpuStorage::F32(xs), Some((xa, xb)), Some((wa, wb))) =
+                (x, contiguous(lx), contiguous(lw))
+            {
+                let weight = match w {
+                    CpuStorage::F32(ws) => Some(gemv::Weight::F32(&ws[wa..wb])),
+                    CpuStorage::F16(ws) => Some(gemv::Weight::F16(&ws[wa..wb])),
+                    _ => None,
+                };
+                if let Some(weight) = weight {
+                    let y = gemv::matmul_t(&xs[xa..xb], m, weight, n, k)
+                        .map_err(candle_core::Error::wrap)?;
+                    return Ok((CpuStorage::F32(y), Shape::from((n, m))));
+                }
+            }
+        }
         self.fwd(x, lx, w, lw)
     }
 
