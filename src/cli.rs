@@ -192,6 +192,10 @@ pub struct ModelArgs {
     /// f32, bf16 or f16 (default f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Sample from a merged copy of the weights in this dtype: the model's, or f16 for an f32
+    /// model on the CPU (about 1.8x faster decoding there). Default: through the adapters.
+    #[arg(long, value_name = "DTYPE")]
+    pub sample_dtype: Option<String>,
 }
 
 impl ModelArgs {
@@ -200,6 +204,7 @@ impl ModelArgs {
         push(out, "model", "adapter", &self.adapter);
         push(out, "model", "device", &self.device);
         push(out, "model", "dtype", &self.dtype);
+        push(out, "model", "sample_dtype", &self.sample_dtype);
     }
 }
 

@@ -54,6 +54,8 @@ fn reduced_bench_prints_every_figure() {
     let mut expected: Vec<String> = [
         "/sampling/batch_1_tokens_per_second",
         "/sampling/batch_8_tokens_per_second",
+        "/sampling/f16_merged_batch_1_tokens_per_second",
+        "/sampling/f16_merged_batch_8_tokens_per_second",
         "/sampling/candle_transformers_batch_1_tokens_per_second",
         "/training/step_seconds",
         "/training/reference_logprobs_seconds",

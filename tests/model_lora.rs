@@ -4,9 +4,10 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use lean_grpo::model::adapter::save_adapter;
+use lean_grpo::model::decoder::SampleWeights;
 use lean_grpo::model::load::load_dir;
 use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs_with_budget, selective_log_softmax};
-use lean_grpo::model::{LoraOptions, ModelOptions, Policy};
+use lean_grpo::model::{argmax, GenerateOptions, LoraOptions, ModelOptions, Policy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
@@ -462,4 +463,100 @@ fn lora_dropout_only_acts_on_gradient_passes_and_is_seeded() {
     let (eval, train) = run();
     assert_ne!(eval, train, "dropout 0.5 must change a training pass");
     assert_eq!(run(), (eval, train), "same seed, same dropout masks");
+}
+
+/// Logits of one 5-token prefill step through `merged` sampling weights (or the adapter path).
+fn step_logits(p: &Policy, adapters: bool, merged: Option<&SampleWeights>) -> Tensor {
+    let dec = p.decoder();
+    let mut cache = dec.new_cache(1, 8).unwrap();
+    let tokens = Tensor::new(&[[295u32, 266, 269, 62, 15]], &Device::Cpu).unwrap();
+    let positions = Tensor::new(&[[0u32, 1, 2, 3, 4]], &Device::Cpu).unwrap();
+    dec.forward_step(&tokens, &positions, &[0], &mut cache, adapters, merged)
+        .unwrap()
+}
+
+#[test]
+fn merged_sampling_weights_match_the_adapter_path_and_follow_the_adapters() {
+    let lora = LoraOptions {
+        r: 4,
+        ..LoraOptions::default()
+    };
+    for name in ["tiny-qwen2", "tiny-llama", "tiny-qwen3"] {
+        let mut p = policy(name, DType::F32, &lora);
+        randomize_b(&p, 0.5, 3);
+        let exact = step_logits(&p, true, None);
+        let base = step_logits(&p, false, None);
+        assert!(
+            max_diff(&exact, &base) > 1e-3,
+            "{name}: the adapters must matter"
+        );
+        let dec = p.decoder();
+        let f32_merged = dec.sample_weights(DType::F32, true).unwrap();
+        let f16_merged = dec.sample_weights(DType::F16, true).unwrap();
+        let base_merged = dec.sample_weights(DType::F32, false).unwrap();
+        let d32 = max_diff(&step_logits(&p, true, Some(&f32_merged)), &exact);
+        let d16 = max_diff(&step_logits(&p, true, Some(&f16_merged)), &exact);
+        let d_base = max_diff(&step_logits(&p, false, Some(&base_merged)), &base);
+        assert!(d32 < 1e-4, "{name}: f32 merged weights differ by {d32}");
+        assert!(d_base < 1e-4, "{name}: base weights differ by {d_base}");
+        // f16 rounds (so the copy is really read) but stays close.
+        assert!(
+            d16 > 0.0 && d16 < 2e-2,
+            "{name}: f16 merged weights differ by {d16}"
+        );
+
+        // Greedy sampling through merged f32 weights gives the adapter path's tokens, also
+        // after the adapters change: the copy is rebuilt per call, never stale.
+        let prompts = vec![vec![295, 266, 269, 62, 15], vec![72, 77]];
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            eos_ids: vec![],
+            adapters: true,
+        };
+        let greedy = |p: &Policy| -> Vec<Vec<u32>> {
+            p.generate(
+                &prompts,
+                2,
+                &opts,
+                &mut |l: &[f32]| Ok(argmax(l)),
+                &mut |_: &[u32]| false,
+            )
+            .unwrap()
+            .into_iter()
+            .map(|g| g.tokens)
+            .collect()
+        };
+        for seed in [3, 4] {
+            randomize_b(&p, 0.5, seed);
+            p.set_sample_dtype(None).unwrap();
+            let want = greedy(&p);
+            p.set_sample_dtype(Some(DType::F32)).unwrap();
+            assert_eq!(greedy(&p), want, "{name}, adapters from seed {seed}");
+        }
+    }
+}
+
+#[test]
+fn sample_dtype_must_be_the_model_dtype_or_f16_on_the_cpu() {
+    let mut p = policy("tiny-qwen2", DType::F32, &LoraOptions::default());
+    p.set_sample_dtype(Some(DType::F16)).unwrap();
+    let err = p
+        .set_sample_dtype(Some(DType::BF16))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("--sample-dtype bf16") && err.contains("model dtype (f32)"),
+        "{err}"
+    );
+    let model = ModelOptions {
+        model: dir("tiny-qwen2").display().to_string(),
+        device: "cpu".into(),
+        sample_dtype: Some("f8".into()),
+        ..ModelOptions::default()
+    };
+    let err = Policy::load(&model, &LoraOptions::default(), 0)
+        .err()
+        .expect("f8 is not a sampling dtype")
+        .to_string();
+    assert!(err.contains("--sample-dtype f8: expected"), "{err}");
 }

@@ -49,8 +49,13 @@ pub struct ModelSettings {
 /// Tokens generated per second, prefill included.
 #[derive(Debug, Clone, Serialize)]
 pub struct SamplingFigures {
+    /// The default: the f32 weights and the LoRA branch, the training forward's arithmetic.
     pub batch_1_tokens_per_second: f64,
     pub batch_8_tokens_per_second: f64,
+    /// `--sample-dtype f16`: an f16 copy of the weights with the adapters merged in, built at
+    /// the start of each sampling call (its cost is included).
+    pub f16_merged_batch_1_tokens_per_second: f64,
+    pub f16_merged_batch_8_tokens_per_second: f64,
     pub candle_transformers_batch_1_tokens_per_second: f64,
 }
 
@@ -80,7 +85,7 @@ pub fn measure(plan: &ModelPlan) -> Result<(ModelSettings, SamplingFigures, Trai
     );
     let baseline = candle_transformers_batch_1(plan, &model.config_json, &model.weights)?;
     let lora = LoraOptions::default();
-    let policy = Policy::from_weights(
+    let mut policy = Policy::from_weights(
         &model.config,
         &model.weights,
         std::path::Path::new("."),
@@ -90,9 +95,15 @@ pub fn measure(plan: &ModelPlan) -> Result<(ModelSettings, SamplingFigures, Trai
         0,
     )?;
     drop(model.weights);
+    let (batch_1, batch_8) = (sampling(&policy, plan, 1)?, sampling(&policy, plan, 8)?);
+    policy.set_sample_dtype(Some(DType::F16))?;
+    let (f16_batch_1, f16_batch_8) = (sampling(&policy, plan, 1)?, sampling(&policy, plan, 8)?);
+    policy.set_sample_dtype(None)?;
     let sampling = SamplingFigures {
-        batch_1_tokens_per_second: sampling(&policy, plan, 1)?,
-        batch_8_tokens_per_second: sampling(&policy, plan, 8)?,
+        batch_1_tokens_per_second: batch_1,
+        batch_8_tokens_per_second: batch_8,
+        f16_merged_batch_1_tokens_per_second: f16_batch_1,
+        f16_merged_batch_8_tokens_per_second: f16_batch_8,
         candle_transformers_batch_1_tokens_per_second: baseline,
     };
     let training = training_step(&policy, plan)?;

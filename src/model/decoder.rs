@@ -70,6 +70,47 @@ struct Layer {
     mlp: Mlp,
 }
 
+/// A sampling copy of the weights: each linear layer's frozen weight with its adapter merged
+/// in, and the LM head, in the sampling dtype. Built per [`super::Policy::generate`] call from
+/// the adapters of that moment, so it is never stale. See [`Decoder::sample_weights`].
+pub struct SampleWeights {
+    /// Per layer, in [`LORA_MODULES`] order.
+    layers: Vec<[Tensor; 7]>,
+    lm_head: Tensor,
+}
+
+/// How one forward applies its linear layers.
+#[derive(Clone, Copy)]
+enum Linears<'a> {
+    /// Frozen weight plus the LoRA branch, as `pass` says.
+    Lora(&'a Pass<'a>),
+    /// Merged sampling weights (in [`LORA_MODULES`] order) for products of few rows, where
+    /// reading the weights is the whole cost; the LoRA path for longer ones (prefill).
+    Merged(&'a Pass<'a>, &'a [Tensor; 7]),
+}
+
+impl Linears<'_> {
+    /// `x · Wᵀ` through the layer `lin`, the `slot`-th of [`LORA_MODULES`].
+    fn apply(self, lin: &LoraLinear, slot: usize, x: &Tensor) -> Result<Tensor> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        match self {
+            Linears::Merged(_, w) if rows <= super::gemv::MAX_ROWS => {
+                lin.forward_merged(x, &w[slot])
+            }
+            Linears::Merged(pass, _) | Linears::Lora(pass) => lin.forward(x, pass),
+        }
+    }
+}
+
+/// Slots of [`LORA_MODULES`].
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
 /// The whole model: frozen weights, adapters, rotary tables.
 pub struct Decoder {
     cfg: Config,
@@ -244,13 +285,14 @@ impl Decoder {
         let eps = self.cfg.rms_norm_eps as f32;
         let rope_t = |x: &Tensor| rope_slow(&x.contiguous()?, &cos, &sin);
         for layer in &self.layers {
+            let lin = Linears::Lora(pass);
             let h = rms_norm_slow(&x, &layer.input_layernorm, eps)?;
-            let (q, k, v) = self.qkv(&layer.self_attn, &h, b, t, pass, false)?;
+            let (q, k, v) = self.qkv(&layer.self_attn, &h, b, t, lin, false)?;
             let (q, k) = (rope_t(&q)?, rope_t(&k)?);
             let o = self.attend(&q, &k, &v.contiguous()?, Some(&mask), false)?;
-            x = (x + layer.self_attn.o_proj.forward(&o, pass)?)?;
+            x = (x + lin.apply(&layer.self_attn.o_proj, O, &o)?)?;
             let h = rms_norm_slow(&x, &layer.post_attention_layernorm, eps)?;
-            x = (&x + self.mlp(&layer.mlp, &h, pass)?)?;
+            x = (&x + self.mlp(&layer.mlp, &h, lin)?)?;
         }
         rms_norm_slow(&x, &self.norm, eps)
     }
@@ -260,9 +302,41 @@ impl Decoder {
         super::ops::frozen_matmul(hidden, &self.lm_head)
     }
 
+    /// The sampling copy of the weights in `dtype`, adapters merged in when `adapters`.
+    ///
+    /// Why: a decoded token reads every weight once, and a LoRA branch per linear layer adds
+    /// two small matmuls each (on the CPU a third of a Qwen2.5-0.5B-shaped step); merged, a
+    /// step is one product per layer. In f16 on the CPU (`gemv`'s f16 kernel) it also reads
+    /// half the bytes. Memory: one more copy of the frozen weights while sampling.
+    pub fn sample_weights(&self, dtype: DType, adapters: bool) -> Result<SampleWeights> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                let merge = |lin: &LoraLinear| lin.merged_weight(adapters, dtype);
+                Ok([
+                    merge(&a.q_proj)?,
+                    merge(&a.k_proj)?,
+                    merge(&a.v_proj)?,
+                    merge(&a.o_proj)?,
+                    merge(&m.gate_proj)?,
+                    merge(&m.up_proj)?,
+                    merge(&m.down_proj)?,
+                ])
+            })
+            .collect::<Result<_>>()?;
+        Ok(SampleWeights {
+            layers,
+            lm_head: super::lora::sampling_copy(&self.lm_head, None, dtype)?,
+        })
+    }
+
     /// One sampling step: `tokens` `[N, t]` at `positions` `[N, t]` (u32, per row), appended to
     /// `cache` at its current length. `key_pad` gives, per row, how many leading cache columns
-    /// are padding (left-padded prompts). Returns the logits of the last position, `[N, vocab]`.
+    /// are padding (left-padded prompts). `merged`: sampling weights from
+    /// [`Self::sample_weights`], used by products of few rows. Returns the logits of the last
+    /// position, `[N, vocab]`.
     pub fn forward_step(
         &self,
         tokens: &Tensor,
@@ -270,6 +344,7 @@ impl Decoder {
         key_pad: &[usize],
         cache: &mut KvCache,
         adapters: bool,
+        merged: Option<&SampleWeights>,
     ) -> Result<Tensor> {
         let (n, t) = tokens.dims2()?;
         if cache.rows != n || key_pad.len() != n {
@@ -293,8 +368,12 @@ impl Decoder {
         let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed(tokens)?;
         for (li, layer) in self.layers.iter().enumerate() {
+            let lin = match merged {
+                Some(m) => Linears::Merged(&pass, &m.layers[li]),
+                None => Linears::Lora(&pass),
+            };
             let h = rms_norm(&x.contiguous()?, &layer.input_layernorm, eps)?;
-            let (q, k, v) = self.qkv(&layer.self_attn, &h, n, t, &pass, true)?;
+            let (q, k, v) = self.qkv(&layer.self_attn, &h, n, t, lin, true)?;
             let q = rope(&q.contiguous()?, &cos, &sin)?;
             let k = rope(&k.contiguous()?, &cos, &sin)?;
             let (ck, cv) = &cache.layers[li];
@@ -304,14 +383,18 @@ impl Decoder {
             let k_all = ck.narrow(2, 0, total)?;
             let v_all = cv.narrow(2, 0, total)?;
             let o = self.attend(&q, &k_all, &v_all, mask.as_ref(), true)?;
-            x = (x + layer.self_attn.o_proj.forward(&o, &pass)?)?;
+            x = (x + lin.apply(&layer.self_attn.o_proj, O, &o)?)?;
             let h = rms_norm(&x.contiguous()?, &layer.post_attention_layernorm, eps)?;
-            x = (&x + self.mlp(&layer.mlp, &h, &pass)?)?;
+            x = (&x + self.mlp(&layer.mlp, &h, lin)?)?;
         }
         cache.len = total;
         let last = x.i((.., t - 1, ..))?.contiguous()?;
         let last = rms_norm(&last, &self.norm, eps)?;
-        self.logits(&last)?.to_dtype(DType::F32)
+        let head = match merged {
+            Some(m) if n <= super::gemv::MAX_ROWS => &m.lm_head,
+            _ => &self.lm_head,
+        };
+        super::ops::frozen_matmul(&last, head)?.to_dtype(DType::F32)
     }
 
     fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
@@ -329,15 +412,15 @@ impl Decoder {
         h: &Tensor,
         b: usize,
         t: usize,
-        pass: &Pass,
+        lin: Linears,
         fused: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let hd = self.cfg.head_dim;
         let eps = self.cfg.rms_norm_eps as f32;
         let split = |x: Tensor, heads: usize| x.reshape((b, t, heads, hd))?.transpose(1, 2);
-        let mut q = split(a.q_proj.forward(h, pass)?, self.cfg.num_attention_heads)?;
-        let mut k = split(a.k_proj.forward(h, pass)?, self.cfg.num_key_value_heads)?;
-        let v = split(a.v_proj.forward(h, pass)?, self.cfg.num_key_value_heads)?;
+        let mut q = split(lin.apply(&a.q_proj, Q, h)?, self.cfg.num_attention_heads)?;
+        let mut k = split(lin.apply(&a.k_proj, K, h)?, self.cfg.num_key_value_heads)?;
+        let v = split(lin.apply(&a.v_proj, V, h)?, self.cfg.num_key_value_heads)?;
         let norm = |x: &Tensor, w: &Tensor| {
             if fused {
                 rms_norm(&x.contiguous()?, w, eps)
@@ -382,10 +465,10 @@ impl Decoder {
             .reshape((b, t, nh * hd))
     }
 
-    fn mlp(&self, m: &Mlp, h: &Tensor, pass: &Pass) -> Result<Tensor> {
-        let gate = m.gate_proj.forward(h, pass)?.silu()?;
-        let up = m.up_proj.forward(h, pass)?;
-        m.down_proj.forward(&(gate * up)?, pass)
+    fn mlp(&self, m: &Mlp, h: &Tensor, lin: Linears) -> Result<Tensor> {
+        let gate = lin.apply(&m.gate_proj, GATE, h)?.silu()?;
+        let up = lin.apply(&m.up_proj, UP, h)?;
+        lin.apply(&m.down_proj, DOWN, &(gate * up)?)
     }
 
     /// An empty cache for `rows` sequences of up to `max_len` tokens.

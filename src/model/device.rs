@@ -65,6 +65,17 @@ pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
     }
 }
 
+/// Parses `--sample-dtype`: `None` (unset) samples through the adapters in the model dtype.
+pub fn parse_sample_dtype(spec: Option<&str>) -> Result<Option<DType>> {
+    match spec.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some("f32") | Some("float32") => Ok(Some(DType::F32)),
+        Some("bf16") | Some("bfloat16") => Ok(Some(DType::BF16)),
+        Some("f16") | Some("float16") => Ok(Some(DType::F16)),
+        Some(other) => bail!("--sample-dtype {other}: expected `f32`, `bf16` or `f16`"),
+    }
+}
+
 /// Keeps large CPU tensors in the malloc heap instead of fresh pages from the kernel.
 ///
 /// candle allocates a new buffer for every op's output and frees it soon after. glibc serves

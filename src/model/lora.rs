@@ -111,6 +111,26 @@ impl LoraLinear {
         (d[1], d[0])
     }
 
+    /// The frozen weight with the adapter merged in, `W + (B·A)·alpha/r` (the base weight when
+    /// `adapters` is off or there is no adapter), in `dtype`: what a sampling step reads
+    /// instead of running the adapter's two small matmuls in every layer.
+    pub fn merged_weight(&self, adapters: bool, dtype: DType) -> Result<Tensor> {
+        sampling_copy(
+            &self.weight,
+            self.adapter.as_ref().filter(|_| adapters),
+            dtype,
+        )
+    }
+
+    /// `x · mergedᵀ + b` for a weight from [`Self::merged_weight`] (no gradient).
+    pub fn forward_merged(&self, x: &Tensor, merged: &Tensor) -> Result<Tensor> {
+        let y = frozen_matmul(x, merged)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
+    }
+
     /// `x` is `[..., in]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let mut y = frozen_matmul(x, &self.weight)?;
@@ -136,6 +156,100 @@ impl LoraLinear {
         let up = up.to_dtype(y.dtype())?;
         y + up
     }
+}
+
+/// `weight + (B·A)·alpha/r` for `adapter` (or `weight` alone), in `dtype`: a sampling copy.
+pub fn sampling_copy(weight: &Tensor, adapter: Option<&Adapter>, dtype: DType) -> Result<Tensor> {
+    let (out_dim, in_dim) = weight.dims2()?;
+    let (a, b, scale) = match adapter {
+        Some(ad) => (
+            ad.a.as_tensor().detach(),
+            ad.b.as_tensor().detach(),
+            ad.scale,
+        ),
+        // Rank 0: the same one-pass conversion with nothing added.
+        None => (
+            Tensor::zeros((0, in_dim), DType::F32, weight.device())?,
+            Tensor::zeros((out_dim, 0), DType::F32, weight.device())?,
+            0.0,
+        ),
+    };
+    if let Some(copy) = copy_on_cpu(weight, &a, &b, scale, dtype)? {
+        return Ok(copy);
+    }
+    let merged = match adapter {
+        Some(_) => (weight.to_dtype(a.dtype())? + (b.matmul(&a)? * scale)?)?,
+        None => weight.clone(),
+    };
+    merged.to_dtype(dtype)
+}
+
+/// [`sampling_copy`] in one parallel pass over the weight, for the common case (CPU, f32
+/// weight and adapters, f32 or f16 result); `None` otherwise. Why: the tensor-op version
+/// (`B·A`, scale, add, convert; candle's f16 conversion is one scalar loop) took 2-4 s for a
+/// Qwen2.5-0.5B-shaped model on the bench machine, paid at every sampling call.
+fn copy_on_cpu(
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    let f32s = [weight, a, b].iter().all(|t| t.dtype() == DType::F32);
+    if !weight.device().is_cpu() || !f32s || !matches!(dtype, DType::F32 | DType::F16) {
+        return Ok(None);
+    }
+    let (out_dim, in_dim) = weight.dims2()?;
+    let r = a.dim(0)?;
+    let (w, a, b) = (weight.contiguous()?, a.contiguous()?, b.contiguous()?);
+    let guards = [
+        w.storage_and_layout(),
+        a.storage_and_layout(),
+        b.storage_and_layout(),
+    ];
+    let mut slices = Vec::with_capacity(3);
+    for (storage, layout) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(v)), Some((lo, hi))) =
+            (&**storage, layout.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        slices.push(&v[lo..hi]);
+    }
+    let (w, a, b) = (slices[0], slices[1], slices[2]);
+    let scale = scale as f32;
+    // Row j of the result: W[j] + scale · Σ_k B[j, k] · A[k].
+    let merged_row = |j: usize, row: &mut [f32]| {
+        row.copy_from_slice(&w[j * in_dim..(j + 1) * in_dim]);
+        for (k, &bjk) in b[j * r..(j + 1) * r].iter().enumerate() {
+            let c = scale * bjk;
+            for (x, &akx) in row.iter_mut().zip(&a[k * in_dim..(k + 1) * in_dim]) {
+                *x += c * akx;
+            }
+        }
+    };
+    let shape = (out_dim, in_dim);
+    let tensor = if dtype == DType::F32 {
+        let mut out = vec![0f32; out_dim * in_dim];
+        out.par_chunks_mut(in_dim)
+            .enumerate()
+            .for_each(|(j, row)| merged_row(j, row));
+        Tensor::from_vec(out, shape, weight.device())?
+    } else {
+        use half::slice::HalfFloatSliceExt;
+        let mut out = vec![half::f16::ZERO; out_dim * in_dim];
+        out.par_chunks_mut(in_dim).enumerate().for_each_init(
+            || vec![0f32; in_dim],
+            |row, (j, dst)| {
+                merged_row(j, row);
+                dst.convert_from_f32_slice(row);
+            },
+        );
+        Tensor::from_vec(out, shape, weight.device())?
+    };
+    Ok(Some(tensor))
 }
 
 /// Inverted dropout with a mask from our seeded RNG (candle's own draws from an unseeded one).

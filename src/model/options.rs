@@ -12,6 +12,9 @@ pub struct ModelOptions {
     pub device: String,
     /// `f32`, `bf16` or `f16`; `None` = f32 on CPU, bf16 on CUDA.
     pub dtype: Option<String>,
+    /// Sample from a copy of the weights with the adapters merged in, in this dtype (the
+    /// model's, or `f16` for an f32 model on the CPU); `None` = through the adapters.
+    pub sample_dtype: Option<String>,
     /// A PEFT adapter directory to start from.
     pub adapter: Option<String>,
 }
@@ -23,6 +26,7 @@ impl Default for ModelOptions {
             revision: "main".into(),
             device: "auto".into(),
             dtype: None,
+            sample_dtype: None,
             adapter: None,
         }
     }

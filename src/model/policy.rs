@@ -5,7 +5,7 @@
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
 use super::decoder::{Decoder, LoraSpec, WeightSource, LORA_MODULES};
-use super::device::{parse_device, parse_dtype, tune_cpu_allocator};
+use super::device::{parse_device, parse_dtype, parse_sample_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings, ModelFiles};
 use super::lora::Pass;
 use super::ops::{lm_head_logprobs, logp_dtype};
@@ -47,6 +47,9 @@ pub struct Policy {
     dir: PathBuf,
     /// Behind a mutex so that the policy is `Sync` (shared by the trainer's threads).
     dropout_rng: std::sync::Mutex<ChaCha8Rng>,
+    /// Sample from merged weights in this dtype (see [`Decoder::sample_weights`]); `None`:
+    /// sample through the frozen weights and the LoRA branch, exactly the training forward.
+    sample_dtype: Option<DType>,
 }
 
 impl Policy {
@@ -55,6 +58,7 @@ impl Policy {
     pub fn load(model: &ModelOptions, lora: &LoraOptions, seed: u64) -> Result<Policy> {
         let device = parse_device(&model.device)?;
         let dtype = parse_dtype(model.dtype.as_deref(), &device)?;
+        let sample_dtype = parse_sample_dtype(model.sample_dtype.as_deref())?;
         let files = load_model(
             &model.model,
             &model.revision,
@@ -63,7 +67,8 @@ impl Policy {
             dtype,
         )
         .with_context(|| format!("loading model {}", model.model))?;
-        let policy = Self::from_files(files, lora, &device, dtype, seed)?;
+        let mut policy = Self::from_files(files, lora, &device, dtype, seed)?;
+        policy.set_sample_dtype(sample_dtype)?;
         if let Some(dir) = &model.adapter {
             let adapter = load_adapter(Path::new(dir), &device)
                 .with_context(|| format!("loading the adapter {dir}"))?;
@@ -140,7 +145,28 @@ impl Policy {
             decoder,
             dir: dir.to_path_buf(),
             dropout_rng,
+            sample_dtype: None,
         })
+    }
+
+    /// Samples from a merged copy of the weights in `dtype` (`None`: through the adapters).
+    /// The copy's dtype must be the model's, or f16 for an f32 model on the CPU (the decode
+    /// kernels read f16 weights with f32 activations).
+    pub fn set_sample_dtype(&mut self, dtype: Option<DType>) -> Result<()> {
+        let model = self.decoder.dtype();
+        if let Some(d) = dtype {
+            let cpu_f16 = d == DType::F16 && model == DType::F32 && self.device().is_cpu();
+            if d != model && !cpu_f16 {
+                bail!(
+                    "--sample-dtype {}: sampling weights must be in the model dtype ({}) or, \
+                     for an f32 model on the CPU, in f16",
+                    d.as_str(),
+                    model.as_str()
+                );
+            }
+        }
+        self.sample_dtype = dtype;
+        Ok(())
     }
 
     pub fn config(&self) -> &Config {
@@ -410,10 +436,19 @@ impl Policy {
         }
         let tokens = Tensor::from_vec(flat, (prompts.len(), c0), dev)?;
         let positions = Tensor::from_vec(pos, (prompts.len(), c0), dev)?;
+        let merged = self
+            .sample_dtype
+            .map(|d| self.decoder.sample_weights(d, opts.adapters))
+            .transpose()?;
         let mut prefill = self.decoder.new_cache(prompts.len(), c0)?;
-        let first =
-            self.decoder
-                .forward_step(&tokens, &positions, &pads, &mut prefill, opts.adapters)?;
+        let first = self.decoder.forward_step(
+            &tokens,
+            &positions,
+            &pads,
+            &mut prefill,
+            opts.adapters,
+            merged.as_ref(),
+        )?;
         let first = first.to_vec2::<f32>()?;
         let owners: Vec<usize> = (0..n).map(|i| i / group_size).collect();
         let mut cache = prefill.expand(&owners, max_len)?;
@@ -457,6 +492,7 @@ impl Policy {
                 &row_pad,
                 &mut cache,
                 opts.adapters,
+                merged.as_ref(),
             )?;
             logits = l.to_vec2::<f32>()?;
         }
