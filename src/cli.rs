@@ -193,7 +193,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub dtype: Option<String>,
     /// Sample from a merged copy of the weights in this dtype: the model's, or f16 for an f32
-    /// model on the CPU (about 1.8x faster decoding there). Default: through the adapters.
+    /// model on the CPU (about 1.4x faster decoding there). Default: through the adapters.
     #[arg(long, value_name = "DTYPE")]
     pub sample_dtype: Option<String>,
 }
