@@ -92,14 +92,18 @@ enum Linears<'a> {
 impl Linears<'_> {
     /// `x · Wᵀ` through the layer `lin`, the `slot`-th of [`LORA_MODULES`].
     fn apply(self, lin: &LoraLinear, slot: usize, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         match self {
-            Linears::Merged(_, w) if rows <= super::gemv::MAX_ROWS => {
-                lin.forward_merged(x, &w[slot])
-            }
+            Linears::Merged(_, w) if few_rows(x) => lin.forward_merged(x, &w[slot]),
             Linears::Merged(pass, _) | Linears::Lora(pass) => lin.forward(x, pass),
         }
     }
+}
+
+/// Whether a product of `x` (`[..., in]`) reads merged sampling weights: few rows, where
+/// reading the weights is the whole cost (see [`super::gemv`]).
+fn few_rows(x: &Tensor) -> bool {
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    rows <= super::gemv::MAX_ROWS
 }
 
 /// Slots of [`LORA_MODULES`].
@@ -391,7 +395,7 @@ impl Decoder {
         let last = x.i((.., t - 1, ..))?.contiguous()?;
         let last = rms_norm(&last, &self.norm, eps)?;
         let head = match merged {
-            Some(m) if n <= super::gemv::MAX_ROWS => &m.lm_head,
+            Some(m) if few_rows(&last) => &m.lm_head,
             _ => &self.lm_head,
         };
         super::ops::frozen_matmul(&last, head)?.to_dtype(DType::F32)
