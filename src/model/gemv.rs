@@ -8,6 +8,12 @@
 //! are scalar). Here each weight row is read once, straight from its row-major storage, and
 //! dotted with every activation row while it sits in registers. An f16 weight (the sampling
 //! copy, see `Policy`) halves the bytes to read.
+//!
+//! Each thread walks its weight rows one after the other, so it reads one sequential stream,
+//! and asks for the bytes [`PREFETCH_BYTES`] ahead before it needs them. Reading 2-4 rows
+//! side by side (short interleaved streams) instead left an f16 Qwen2.5-0.5B-shaped step at
+//! ~100 ms of matmuls at 1 row (~12 GB/s); one stream with prefetch takes ~68 ms (~18.5 GB/s,
+//! what this machine's two cores can read), and at 8 rows 123 ms became 110.
 
 use anyhow::{bail, Result};
 use half::f16;
@@ -16,22 +22,13 @@ use rayon::prelude::*;
 /// Row counts up to this go through [`matmul_t`]; beyond it gemm's packing pays for itself.
 pub const MAX_ROWS: usize = 16;
 
-/// Most weight rows and activation rows in one block (the accumulator array's shape).
-const NR: usize = 4;
+/// Most activation rows in one pass over a weight row (the accumulator array's length): each
+/// weight vector, once loaded, is used for up to 8 rows.
 const MR: usize = 8;
 
-/// The block shape for `m` activation rows: up to 8 activation rows in one pass, so each
-/// weight vector is loaded once per 8 rows (on the 544 MB LM head, 8 rows in one pass and in
-/// two passes of 4 measured the same, ~62 ms, against ~35 ms for 1 row); with few rows,
-/// several weight rows at once keep more reads in flight (one core reads ~8 GB/s here, two
-/// ~19).
-fn block_shape(m: usize) -> (usize, usize) {
-    match m {
-        0..=2 => (4, m.max(1)),
-        3..=4 => (2, m),
-        _ => (1, m.min(MR)),
-    }
-}
+/// How far ahead of the dot product the weight stream is prefetched, in bytes (for f16, 512
+/// and 2048 measured slower than 1024).
+const PREFETCH_BYTES: usize = 1024;
 
 /// Weight rows per parallel task: small enough to spread a 128-row projection over the
 /// threads, large enough that a task is not dominated by its scheduling.
@@ -90,36 +87,28 @@ enum Kernel {
 }
 
 /// Declares the function that fills `out` `[rows, m]` for the weight rows `w` (`[rows, k]`),
-/// block by block of [`block_shape`]. (Splitting `k` into L1-sized slices, so the activation
+/// one weight row at a time, [`MR`] activation rows per pass. (Splitting `k` into L1-sized slices, so the activation
 /// rows stay cached, was tried and ran slower: the weight stream stops being sequential.)
 macro_rules! rows_fn {
     ($name:ident, $elem:ty, $avx:ident, $portable:ident) => {
         fn $name(self, x: &[f32], m: usize, w: &[$elem], k: usize, out: &mut [f32]) {
-            let rows = w.len() / k;
-            debug_assert_eq!(out.len(), rows * m);
-            let (block_nr, block_mr) = block_shape(m);
-            let mut j = 0;
-            while j < rows {
-                let nr = (rows - j).min(block_nr);
+            debug_assert_eq!(out.len(), w.len() / k * m);
+            for (wr, out) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
                 let mut r = 0;
                 while r < m {
-                    let mr = (m - r).min(block_mr);
+                    let mr = (m - r).min(MR);
                     let xs = &x[r * k..(r + mr) * k];
-                    let ws = &w[j * k..(j + nr) * k];
-                    let mut acc = [[0f32; MR]; NR];
+                    let mut acc = [0f32; MR];
                     match self {
                         #[cfg(target_arch = "x86_64")]
                         // SAFETY: `detect` chose Avx2 only when the CPU has AVX2, FMA and
-                        // F16C; `xs` and `ws` hold `mr` and `nr` rows of `k` values.
-                        Kernel::Avx2 => unsafe { avx2::$avx(xs, mr, ws, nr, k, &mut acc) },
-                        Kernel::Portable => portable::$portable(xs, mr, ws, nr, k, &mut acc),
+                        // F16C; `xs` holds `mr` rows of `k` values and `wr` one.
+                        Kernel::Avx2 => unsafe { avx2::$avx(xs, mr, wr, &mut acc) },
+                        Kernel::Portable => portable::$portable(xs, mr, wr, &mut acc),
                     }
-                    for (jj, acc) in acc.iter().enumerate().take(nr) {
-                        out[(j + jj) * m + r..(j + jj) * m + r + mr].copy_from_slice(&acc[..mr]);
-                    }
+                    out[r..r + mr].copy_from_slice(&acc[..mr]);
                     r += mr;
                 }
-                j += nr;
             }
         }
     };
@@ -143,30 +132,19 @@ impl Kernel {
 
 /// Any CPU: plain loops (the compiler vectorises what it can).
 mod portable {
-    use super::{MR, NR};
+    use super::MR;
 
-    /// `acc[j][r] = w[j] · x[r]` for `nr` weight rows and `mr` activation rows of `k` values.
-    pub fn block<E: Copy + Into<f32>>(
-        x: &[f32],
-        mr: usize,
-        w: &[E],
-        nr: usize,
-        k: usize,
-        acc: &mut [[f32; MR]; NR],
-    ) {
-        for j in 0..nr {
-            let wr = &w[j * k..(j + 1) * k];
-            for r in 0..mr {
-                let xr = &x[r * k..(r + 1) * k];
-                acc[j][r] = wr.iter().zip(xr).map(|(&a, &b)| a.into() * b).sum();
-            }
+    /// `acc[r] = w · x[r]` for one weight row `w` and `mr` activation rows of `w.len()` values.
+    pub fn block<E: Copy + Into<f32>>(x: &[f32], mr: usize, w: &[E], acc: &mut [f32; MR]) {
+        for (r, xr) in x.chunks_exact(w.len()).take(mr).enumerate() {
+            acc[r] = w.iter().zip(xr).map(|(&a, &b)| a.into() * b).sum();
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{MR, NR};
+    use super::{MR, PREFETCH_BYTES};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -188,40 +166,59 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// One block with compile-time sizes, so the accumulators live in registers.
+    /// One weight row against `R` activation rows, with `U` independent accumulators per
+    /// row along `k` (one or two rows alone would otherwise wait on a single chain of FMAs).
+    /// Compile-time sizes keep the accumulators in registers.
     macro_rules! block_fixed {
         ($name:ident, $elem:ty, $load:ident) => {
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name<const J: usize, const R: usize>(
+            unsafe fn $name<const R: usize, const U: usize>(
                 x: &[f32],
                 w: &[$elem],
-                k: usize,
-                acc: &mut [[f32; MR]; NR],
+                acc: &mut [f32; MR],
             ) {
+                let k = w.len();
                 let (xp, wp) = (x.as_ptr(), w.as_ptr());
-                let mut v = [[_mm256_setzero_ps(); R]; J];
+                let size = std::mem::size_of::<$elem>();
+                let ahead = PREFETCH_BYTES / size;
+                // f32 at one row streams as fast without hints (measured: ~10% faster).
+                let prefetch = size < 4 || R > 1;
+                let mut v = [[_mm256_setzero_ps(); U]; R];
                 let mut c = 0;
-                while c + 8 <= k {
-                    let mut wv = [_mm256_setzero_ps(); J];
-                    for (j, wv) in wv.iter_mut().enumerate() {
-                        *wv = $load(wp.add(j * k + c));
+                while c + 8 * U <= k {
+                    for u in 0..U {
+                        // One hint per 64-byte line (8 f32 are half a line, 8 f16 a quarter);
+                        // a hint never faults, even past the end of the weights.
+                        if prefetch && (u == 0 || (8 * u * size) % 64 == 0) {
+                            let ahead = wp.wrapping_add(c + 8 * u + ahead);
+                            _mm_prefetch::<_MM_HINT_T0>(ahead as *const i8);
+                        }
+                        let wv = $load(wp.add(c + 8 * u));
+                        for r in 0..R {
+                            let xv = _mm256_loadu_ps(xp.add(r * k + c + 8 * u));
+                            v[r][u] = _mm256_fmadd_ps(wv, xv, v[r][u]);
+                        }
                     }
+                    c += 8 * U;
+                }
+                while c + 8 <= k {
+                    let wv = $load(wp.add(c));
                     for r in 0..R {
                         let xv = _mm256_loadu_ps(xp.add(r * k + c));
-                        for j in 0..J {
-                            v[j][r] = _mm256_fmadd_ps(wv[j], xv, v[j][r]);
-                        }
+                        v[r][0] = _mm256_fmadd_ps(wv, xv, v[r][0]);
                     }
                     c += 8;
                 }
-                for j in 0..J {
-                    for r in 0..R {
-                        let mut s = hsum(v[j][r]);
-                        for cc in c..k {
-                            s += f32::from(w[j * k + cc]) * x[r * k + cc];
-                        }
-                        acc[j][r] = s;
+                for r in 0..R {
+                    let mut t = v[r][0];
+                    for u in 1..U {
+                        t = _mm256_add_ps(t, v[r][u]);
                     }
+                    let mut s = hsum(t);
+                    for cc in c..k {
+                        s += f32::from(w[cc]) * x[r * k + cc];
+                    }
+                    acc[r] = s;
                 }
             }
         };
@@ -233,35 +230,20 @@ mod avx2 {
     macro_rules! block_dispatch {
         ($name:ident, $elem:ty, $fixed:ident) => {
             /// # Safety
-            /// The CPU must have AVX2, FMA and F16C; `x` holds `mr` rows and `w` `nr` rows of
-            /// `k` values, `(nr, mr)` one of [`super::block_shape`]'s shapes.
-            pub unsafe fn $name(
-                x: &[f32],
-                mr: usize,
-                w: &[$elem],
-                nr: usize,
-                k: usize,
-                acc: &mut [[f32; MR]; NR],
-            ) {
-                assert!(x.len() >= mr * k && w.len() >= nr * k);
-                match (nr, mr) {
-                    (4, 2) => $fixed::<4, 2>(x, w, k, acc),
-                    (4, 1) => $fixed::<4, 1>(x, w, k, acc),
-                    (3, 2) => $fixed::<3, 2>(x, w, k, acc),
-                    (3, 1) => $fixed::<3, 1>(x, w, k, acc),
-                    (2, 4) => $fixed::<2, 4>(x, w, k, acc),
-                    (2, 3) => $fixed::<2, 3>(x, w, k, acc),
-                    (2, 2) => $fixed::<2, 2>(x, w, k, acc),
-                    (2, 1) => $fixed::<2, 1>(x, w, k, acc),
-                    (1, 8) => $fixed::<1, 8>(x, w, k, acc),
-                    (1, 7) => $fixed::<1, 7>(x, w, k, acc),
-                    (1, 6) => $fixed::<1, 6>(x, w, k, acc),
-                    (1, 5) => $fixed::<1, 5>(x, w, k, acc),
-                    (1, 4) => $fixed::<1, 4>(x, w, k, acc),
-                    (1, 3) => $fixed::<1, 3>(x, w, k, acc),
-                    (1, 2) => $fixed::<1, 2>(x, w, k, acc),
-                    (1, 1) => $fixed::<1, 1>(x, w, k, acc),
-                    _ => unreachable!("block shape {nr}x{mr} is not one of block_shape's"),
+            /// The CPU must have AVX2, FMA and F16C; `x` holds `mr` (1..=8) rows of `w.len()`
+            /// values.
+            pub unsafe fn $name(x: &[f32], mr: usize, w: &[$elem], acc: &mut [f32; MR]) {
+                assert!(x.len() >= mr * w.len());
+                match mr {
+                    1 => $fixed::<1, 4>(x, w, acc),
+                    2 => $fixed::<2, 2>(x, w, acc),
+                    3 => $fixed::<3, 1>(x, w, acc),
+                    4 => $fixed::<4, 1>(x, w, acc),
+                    5 => $fixed::<5, 1>(x, w, acc),
+                    6 => $fixed::<6, 1>(x, w, acc),
+                    7 => $fixed::<7, 1>(x, w, acc),
+                    8 => $fixed::<8, 1>(x, w, acc),
+                    _ => unreachable!("{mr} activation rows in one pass; at most {MR}"),
                 }
             }
         };
@@ -300,7 +282,7 @@ mod tests {
     #[test]
     fn matches_a_plain_dot_product_for_every_block_shape() {
         // k not a multiple of 8 exercises the tail; n and m not multiples of the block sizes
-        // exercise every (nr, mr) pair; n above TASK_ROWS spreads over several tasks.
+        // exercise every pass length; n above TASK_ROWS spreads over several tasks.
         for (n, k) in [(1, 1), (37, 19), (5, 8), (34, 64), (33, 45)] {
             for m in 1..=MAX_ROWS {
                 let x = values(m * k, 1);
