@@ -56,6 +56,7 @@ fn reduced_bench_prints_every_figure() {
         "/sampling/batch_8_tokens_per_second",
         "/sampling/f16_merged_batch_1_tokens_per_second",
         "/sampling/f16_merged_batch_8_tokens_per_second",
+        "/sampling/f16_merge_seconds",
         "/sampling/candle_transformers_batch_1_tokens_per_second",
         "/training/step_seconds",
         "/training/reference_logprobs_seconds",

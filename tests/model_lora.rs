@@ -11,6 +11,7 @@ use lean_grpo::model::{argmax, GenerateOptions, LoraOptions, ModelOptions, Polic
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -533,6 +534,33 @@ fn merged_sampling_weights_match_the_adapter_path_and_follow_the_adapters() {
             p.set_sample_dtype(Some(DType::F32)).unwrap();
             assert_eq!(greedy(&p), want, "{name}, adapters from seed {seed}");
         }
+
+        // The merged copy is kept while the adapters stay the same, and merged again when
+        // they change or when a gradient pass (before an optimizer step) has freed it.
+        let kept = p.sampling_weights(true).unwrap().unwrap();
+        assert!(Arc::ptr_eq(
+            &kept,
+            &p.sampling_weights(true).unwrap().unwrap()
+        ));
+        randomize_b(&p, 0.5, 5);
+        let changed = p.sampling_weights(true).unwrap().unwrap();
+        assert!(
+            !Arc::ptr_eq(&kept, &changed),
+            "{name}: stale copy after new adapters"
+        );
+        p.logprobs(&prompts, &prompts, 1.0, true, true).unwrap();
+        let after_grad = p.sampling_weights(true).unwrap().unwrap();
+        assert!(
+            !Arc::ptr_eq(&changed, &after_grad),
+            "{name}: kept through a gradient pass"
+        );
+        let base = p.sampling_weights(false).unwrap().unwrap();
+        assert!(
+            !Arc::ptr_eq(&after_grad, &base),
+            "{name}: base and adapted copies differ"
+        );
+        p.set_sample_dtype(None).unwrap();
+        assert!(p.sampling_weights(true).unwrap().is_none());
     }
 }
 

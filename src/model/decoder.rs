@@ -71,8 +71,9 @@ struct Layer {
 }
 
 /// A sampling copy of the weights: each linear layer's frozen weight with its adapter merged
-/// in, and the LM head, in the sampling dtype. Built per [`super::Policy::generate`] call from
-/// the adapters of that moment, so it is never stale. See [`Decoder::sample_weights`].
+/// in, and the LM head, in the sampling dtype. [`super::Policy::sampling_weights`] keeps it
+/// only while the adapters it was merged from are unchanged, so it is never stale. See
+/// [`Decoder::sample_weights`].
 pub struct SampleWeights {
     /// Per layer, in [`LORA_MODULES`] order.
     layers: Vec<[Tensor; 7]>,

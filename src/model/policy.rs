@@ -4,7 +4,7 @@
 
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
-use super::decoder::{Decoder, LoraSpec, WeightSource, LORA_MODULES};
+use super::decoder::{Decoder, LoraSpec, SampleWeights, WeightSource, LORA_MODULES};
 use super::device::{parse_device, parse_dtype, parse_sample_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings, ModelFiles};
 use super::lora::Pass;
@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, MutexGuard};
 
 /// Rows per forward when log-probs are computed without gradient (bounds the attention
 /// scores, which grow as rows × heads × length²).
@@ -50,6 +51,23 @@ pub struct Policy {
     /// Sample from merged weights in this dtype (see [`Decoder::sample_weights`]); `None`:
     /// sample through the frozen weights and the LoRA branch, exactly the training forward.
     sample_dtype: Option<DType>,
+    /// The merged copy last built, kept while the adapters stay as they were.
+    sampling_copy: std::sync::Mutex<Option<SamplingCopy>>,
+}
+
+/// A merged sampling copy and what it was built from.
+///
+/// Why keep it: `train` and `eval` sample one theorem's group per [`Policy::generate`] call,
+/// and a merge reads every weight (about a second for a 0.5B model on two cores), as long as
+/// sampling a few dozen tokens. Between optimizer steps the adapters do not change, so one
+/// merge serves every group of a step, and every theorem of an evaluation.
+struct SamplingCopy {
+    dtype: DType,
+    adapters: bool,
+    /// Every adapter tensor (A, B per adapted linear, [`Policy::lora_vars`] order) as it was
+    /// when the copy was merged: the copy is reused only while they are all still equal.
+    lora: Vec<Tensor>,
+    weights: Arc<SampleWeights>,
 }
 
 impl Policy {
@@ -146,6 +164,7 @@ impl Policy {
             dir: dir.to_path_buf(),
             dropout_rng,
             sample_dtype: None,
+            sampling_copy: std::sync::Mutex::new(None),
         })
     }
 
@@ -171,6 +190,51 @@ impl Policy {
 
     pub fn config(&self) -> &Config {
         self.decoder.config()
+    }
+
+    /// The merged weights [`Self::generate`] samples from (`None` without a sample dtype):
+    /// the copy kept from an earlier call when it was built for the same dtype and `adapters`
+    /// from adapters equal to the current ones, a fresh merge otherwise.
+    pub fn sampling_weights(&self, adapters: bool) -> Result<Option<Arc<SampleWeights>>> {
+        let Some(dtype) = self.sample_dtype else {
+            return Ok(None);
+        };
+        let lora: Vec<Tensor> = if adapters {
+            self.lora_vars()
+                .into_iter()
+                .flat_map(|(_, a, b)| [a.as_tensor().clone(), b.as_tensor().clone()])
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut kept = self.sampling_copy_slot();
+        if let Some(copy) = kept.as_ref() {
+            if copy.dtype == dtype && copy.adapters == adapters && same(&copy.lora, &lora)? {
+                return Ok(Some(copy.weights.clone()));
+            }
+        }
+        // Free the old copy before building the new one: never two copies at once.
+        *kept = None;
+        let weights = Arc::new(self.decoder.sample_weights(dtype, adapters)?);
+        // `copy`: a variable's tensor shares its storage, which the optimizer overwrites.
+        let lora = lora
+            .iter()
+            .map(Tensor::copy)
+            .collect::<candle_core::Result<_>>()?;
+        *kept = Some(SamplingCopy {
+            dtype,
+            adapters,
+            lora,
+            weights: weights.clone(),
+        });
+        Ok(Some(weights))
+    }
+
+    fn sampling_copy_slot(&self) -> MutexGuard<'_, Option<SamplingCopy>> {
+        // A panic while the lock was held left at worst a stale `None` or a complete copy.
+        self.sampling_copy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn device(&self) -> &Device {
@@ -285,6 +349,11 @@ impl Policy {
             );
         }
         let width = completions.iter().map(Vec::len).max().unwrap_or(0);
+        if grad {
+            // A gradient pass comes before an optimizer step, after which the kept sampling
+            // copy is stale anyway: free its memory for the backward.
+            *self.sampling_copy_slot() = None;
+        }
         if grad || prompts.len() <= NO_GRAD_ROWS {
             return self.logprobs_rows(prompts, completions, width, temperature, grad, adapters);
         }
@@ -436,10 +505,7 @@ impl Policy {
         }
         let tokens = Tensor::from_vec(flat, (prompts.len(), c0), dev)?;
         let positions = Tensor::from_vec(pos, (prompts.len(), c0), dev)?;
-        let merged = self
-            .sample_dtype
-            .map(|d| self.decoder.sample_weights(d, opts.adapters))
-            .transpose()?;
+        let merged = self.sampling_weights(opts.adapters)?;
         let mut prefill = self.decoder.new_cache(prompts.len(), c0)?;
         let first = self.decoder.forward_step(
             &tokens,
@@ -447,7 +513,7 @@ impl Policy {
             &pads,
             &mut prefill,
             opts.adapters,
-            merged.as_ref(),
+            merged.as_deref(),
         )?;
         let first = first.to_vec2::<f32>()?;
         let owners: Vec<usize> = (0..n).map(|i| i / group_size).collect();
@@ -492,12 +558,25 @@ impl Policy {
                 &row_pad,
                 &mut cache,
                 opts.adapters,
-                merged.as_ref(),
+                merged.as_deref(),
             )?;
             logits = l.to_vec2::<f32>()?;
         }
         Ok(out)
     }
+}
+
+/// Whether two lists of tensors are equal element by element (same shapes, same values).
+fn same(a: &[Tensor], b: &[Tensor]) -> Result<bool> {
+    if a.len() != b.len() {
+        return Ok(false);
+    }
+    for (a, b) in a.iter().zip(b) {
+        if a.dims() != b.dims() || a.ne(b)?.max_all()?.to_scalar::<u8>()? != 0 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Index of the largest logit (greedy decoding); ties go to the lowest id.
