@@ -6,7 +6,9 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use lean_grpo::model::adapter::save_adapter;
 use lean_grpo::model::decoder::SampleWeights;
 use lean_grpo::model::load::load_dir;
-use lean_grpo::model::ops::{frozen_matmul, lm_head_logprobs_with_budget, selective_log_softmax};
+use lean_grpo::model::ops::{
+    frozen_matmul, lm_head_logprobs_tiled, selective_log_softmax, LogitTiles,
+};
 use lean_grpo::model::{argmax, GenerateOptions, LoraOptions, ModelOptions, Policy};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -344,6 +346,8 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .max_all()
         .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
         .to_scalar::<f32>()
         .unwrap()
 }
@@ -371,34 +375,66 @@ fn selective_log_softmax_matches_autograd() {
 }
 
 #[test]
-fn fused_lm_head_logprobs_match_autograd_across_chunks() {
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    // 150 rows: four chunks of the fused op (48 rows each), the last one partial.
+fn fused_lm_head_logprobs_match_autograd_across_tiles() {
     let (n, d, v, t) = (150, 8, 29, 1.3);
-    let hidden = Var::from_tensor(&random(&[n, d], 1.0, &mut rng, DType::F32)).unwrap();
-    let w = random(&[v, d], 1.0, &mut rng, DType::F32);
-    let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
-    let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
-    let g = random(&[n], 1.0, &mut rng, DType::F32);
-    // Budget 0: logits recomputed in the backward; 1 GiB: kept from the forward.
-    for budget in [0, 1 << 30] {
-        let ours =
-            lm_head_logprobs_with_budget(hidden.as_tensor(), &w, &targets, t, budget).unwrap();
+    let keep = 1 << 30;
+    let tiles = |rows, vocab, keep_bytes| LogitTiles {
+        rows,
+        vocab,
+        keep_bytes,
+    };
+    for (dtype, tiles) in [
+        // Four row blocks (the last partial) times five vocabulary slices (the last partial),
+        // logits recomputed in the backward, then kept from the forward.
+        (DType::F32, tiles(48, 7, 0)),
+        (DType::F32, tiles(48, 7, keep)),
+        // One slice per row; one tile for everything; the default tiling.
+        (DType::F32, tiles(150, 1, keep)),
+        (DType::F32, tiles(1024, 29, keep)),
+        (DType::F32, LogitTiles::for_shape(n, v)),
+        // f64 runs the tensor-op path (the one other devices take).
+        (DType::F64, tiles(48, 7, 0)),
+        (DType::F64, tiles(48, 7, keep)),
+    ] {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let hidden = Var::from_tensor(&random(&[n, d], 1.0, &mut rng, dtype)).unwrap();
+        let w = random(&[v, d], 1.0, &mut rng, dtype);
+        let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let g = random(&[n], 1.0, &mut rng, dtype);
+        let ours = lm_head_logprobs_tiled(hidden.as_tensor(), &w, &targets, t, tiles).unwrap();
         let plain = plain_logp(
             &hidden.as_tensor().matmul(&w.t().unwrap()).unwrap(),
             &targets,
             t,
         );
-        assert!(max_diff(&ours, &plain) < 1e-5);
+        let d_value = max_diff(&ours, &plain);
+        assert!(
+            d_value < 1e-5,
+            "{dtype:?} {tiles:?}: log-probs differ by {d_value}"
+        );
         let ga = (ours * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let gb = (plain * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let d = max_diff(
+        let d_grad = max_diff(
             ga.get(hidden.as_tensor()).unwrap(),
             gb.get(hidden.as_tensor()).unwrap(),
         );
-        assert!(d < 1e-5, "gradient differs by {d}");
+        assert!(
+            d_grad < 1e-5,
+            "{dtype:?} {tiles:?}: gradient differs by {d_grad}"
+        );
         assert!(ga.get(&w).is_none());
     }
+    // A target outside the vocabulary is an error, also when the tiles are slices.
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let hidden = random(&[2, d], 1.0, &mut rng, DType::F32);
+    let w = random(&[v, d], 1.0, &mut rng, DType::F32);
+    let bad = Tensor::new(&[3u32, v as u32], &Device::Cpu).unwrap();
+    let err = lm_head_logprobs_tiled(&hidden, &w, &bad, 1.0, tiles(1, 7, keep)).unwrap_err();
+    assert!(
+        err.to_string().contains("outside the vocabulary of 29"),
+        "{err}"
+    );
 }
 
 #[test]

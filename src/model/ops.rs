@@ -6,8 +6,9 @@
 //! * [`selective_log_softmax`] and [`lm_head_logprobs`]: `log_softmax(logits / T)[target]` per
 //!   row, in f32, with the backward `(onehot − softmax) · g / T` computed in one pass instead of
 //!   autograd's chain through log_softmax and gather over a 152k vocabulary.
-//!   `lm_head_logprobs` fuses the LM head too and works chunk by chunk over rows, so the
-//!   `[rows, vocab]` logits never exist at once, neither in the forward nor in the backward.
+//!   `lm_head_logprobs` fuses the LM head too and works tile by tile (a block of rows times a
+//!   slice of the vocabulary, with a running log-sum-exp per row), so the `[rows, vocab]`
+//!   logits never exist at once, neither in the forward nor in the backward.
 //!
 //! Forwards run candle kernels (matmul through the storage backend, so the same code serves CPU
 //! and CUDA). The log-softmax kernels have a fast CPU loop and a tensor-op path for other
@@ -21,10 +22,14 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// Rows per chunk in [`lm_head_logprobs`] and the no-grad log-prob paths: 48 rows × 152k vocab
-/// is 29 MB of f32 logits at a time, under the 32 MiB up to which
-/// [`super::device::tune_cpu_allocator`] keeps buffers in the heap.
-pub const LOGPROB_CHUNK_ROWS: usize = 48;
+/// Most bytes of f32 logits in one tile of [`lm_head_logprobs`]: under the 32 MiB up to which
+/// [`super::device::tune_cpu_allocator`] keeps buffers in the heap (a larger buffer is a fresh
+/// mapping, zeroed and faulted in page by page at every allocation).
+pub const TILE_BYTES: usize = 24 << 20;
+
+/// Most rows in one tile of [`lm_head_logprobs`]; the vocabulary slice is what fits beside
+/// them in [`TILE_BYTES`].
+pub const TILE_ROWS: usize = 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Frozen linear.
@@ -158,13 +163,41 @@ pub fn selective_log_softmax(
 }
 
 /// Logits up to this size are kept from the forward for the backward of
-/// [`lm_head_logprobs`]; beyond it they are recomputed chunk by chunk (one more LM-head matmul,
+/// [`lm_head_logprobs`]; beyond it they are recomputed tile by tile (one more LM-head matmul,
 /// bounded memory).
 pub const KEEP_LOGITS_BYTES: usize = 1 << 30;
 
-/// [`selective_log_softmax`] of `hidden · weightᵀ`, fused and chunked: `hidden` `[N, d]`,
+/// How [`lm_head_logprobs_tiled`] cuts the `[N, V]` logits: blocks of `rows` rows times
+/// slices of `vocab` tokens, and how many bytes of them it may keep for the backward.
+///
+/// Why slices of the vocabulary rather than chunks of rows: every tile multiplies by a part of
+/// the LM head, and the CPU gemm repacks that part for each product. Cut by rows (48 rows of a
+/// 152k vocabulary fill 29 MB), the whole 544 MB head is repacked for every 48 rows and the
+/// products run at half speed; cut by vocabulary, each part of the head is packed once per
+/// block of up to [`TILE_ROWS`] rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogitTiles {
+    pub rows: usize,
+    pub vocab: usize,
+    pub keep_bytes: usize,
+}
+
+impl LogitTiles {
+    /// Tiles of at most [`TILE_ROWS`] rows and [`TILE_BYTES`] of f32 logits for `n` rows
+    /// over a vocabulary of `v`; logits kept up to [`KEEP_LOGITS_BYTES`].
+    pub fn for_shape(n: usize, v: usize) -> LogitTiles {
+        let rows = n.clamp(1, TILE_ROWS);
+        LogitTiles {
+            rows,
+            vocab: (TILE_BYTES / 4 / rows).clamp(1, v.max(1)),
+            keep_bytes: KEEP_LOGITS_BYTES,
+        }
+    }
+}
+
+/// [`selective_log_softmax`] of `hidden · weightᵀ`, fused and tiled: `hidden` `[N, d]`,
 /// `weight` `[V, d]` (frozen, e.g. the LM head or tied embeddings), `targets` `[N]`. Only
-/// `hidden` gets a gradient. The forward never holds more than one chunk of temporaries; the
+/// `hidden` gets a gradient. The forward never holds more than one tile of temporaries; the
 /// logits themselves are kept for the backward while they fit in [`KEEP_LOGITS_BYTES`], and
 /// recomputed otherwise.
 pub fn lm_head_logprobs(
@@ -173,45 +206,65 @@ pub fn lm_head_logprobs(
     targets: &Tensor,
     temperature: f64,
 ) -> Result<Tensor> {
-    lm_head_logprobs_with_budget(hidden, weight, targets, temperature, KEEP_LOGITS_BYTES)
+    let tiles = LogitTiles::for_shape(hidden.dim(0)?, weight.dim(0)?);
+    lm_head_logprobs_tiled(hidden, weight, targets, temperature, tiles)
 }
 
-/// [`lm_head_logprobs`] keeping at most `keep_bytes` of logits for the backward.
-pub fn lm_head_logprobs_with_budget(
+/// [`lm_head_logprobs`] with the given tiling.
+pub fn lm_head_logprobs_tiled(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &Tensor,
     temperature: f64,
-    keep_bytes: usize,
+    tiles: LogitTiles,
 ) -> Result<Tensor> {
     check_temperature(temperature)?;
+    if tiles.rows == 0 || tiles.vocab == 0 {
+        bail!("lm_head_logprobs: empty tiles {tiles:?}");
+    }
     let (n, _) = hidden.dims2()?;
+    let v = weight.dim(0)?;
     let targets = targets.to_dtype(DType::U32)?.contiguous()?;
-    let h = hidden.detach();
-    let dtype = logp_dtype(weight.dtype());
-    let keep = hidden.track_op() && n * weight.dim(0)? * dtype.size_in_bytes() <= keep_bytes;
-    let mut parts = Vec::with_capacity(n.div_ceil(LOGPROB_CHUNK_ROWS));
-    let mut kept = Vec::new();
-    for start in (0..n).step_by(LOGPROB_CHUNK_ROWS) {
-        let len = LOGPROB_CHUNK_ROWS.min(n - start);
-        let logits = h
-            .narrow(0, start, len)?
-            .matmul(&weight.t()?)?
-            .to_dtype(dtype)?;
-        parts.push(logp_forward(
-            &logits,
-            &targets.narrow(0, start, len)?,
-            temperature,
-        )?);
-        if keep {
-            kept.push(logits);
+    if targets.dims1()? != n {
+        bail!("{} targets for {n} rows of hidden states", targets.dim(0)?);
+    }
+    if n > 0 {
+        let top = targets.max_all()?.to_scalar::<u32>()?;
+        if top as usize >= v {
+            bail!("target token {top} is outside the vocabulary of {v}");
         }
     }
-    let logp = if parts.is_empty() {
-        Tensor::zeros(0, logp_dtype(weight.dtype()), hidden.device())?
-    } else {
-        Tensor::cat(&parts, 0)?
-    };
+    let h = hidden.detach();
+    let dtype = logp_dtype(weight.dtype());
+    let keep = hidden.track_op() && n * v * dtype.size_in_bytes() <= tiles.keep_bytes;
+    let mut logp_parts = Vec::with_capacity(n.div_ceil(tiles.rows));
+    let mut lse_parts = Vec::with_capacity(n.div_ceil(tiles.rows));
+    let mut kept = Vec::new();
+    for (r0, rn) in spans(n, tiles.rows) {
+        let hb = h.narrow(0, r0, rn)?;
+        let tb = targets.narrow(0, r0, rn)?;
+        let mut running: Option<SliceStats> = None;
+        for (v0, vn) in spans(v, tiles.vocab) {
+            let logits = tile_logits(&hb, weight, v0, vn, dtype)?;
+            let stats = slice_stats(&logits, &tb, v0, temperature)?;
+            running = Some(match running {
+                None => stats,
+                Some(r) => r.merge(&stats)?,
+            });
+            if keep {
+                kept.push(logits);
+            }
+        }
+        if let Some(r) = running {
+            let lse = r.log_sum_exp()?;
+            logp_parts.push((&r.picked - &lse)?);
+            lse_parts.push(lse);
+        }
+    }
+    if logp_parts.is_empty() {
+        return Ok(Tensor::zeros(0, dtype, hidden.device())?);
+    }
+    let logp = Tensor::cat(&logp_parts, 0)?;
     if !hidden.track_op() {
         return Ok(logp);
     }
@@ -220,10 +273,91 @@ pub fn lm_head_logprobs_with_budget(
         temperature,
         lm_head: Some(LmHead {
             weight: weight.detach(),
+            tiles,
+            lse: Tensor::cat(&lse_parts, 0)?,
             logits: kept,
         }),
     };
     hidden.apply_op2(&logp, op)
+}
+
+/// `(start, len)` of consecutive pieces of at most `step` (≥ 1) covering `0..n`.
+fn spans(n: usize, step: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(step).map(move |s| (s, step.min(n - s)))
+}
+
+/// Logits of the rows `hb` over tokens `v0 .. v0 + vn`, in `dtype`.
+fn tile_logits(hb: &Tensor, weight: &Tensor, v0: usize, vn: usize, dtype: DType) -> Result<Tensor> {
+    hb.matmul(&weight.narrow(0, v0, vn)?.t()?)?.to_dtype(dtype)
+}
+
+/// Per row of one vocabulary slice of `logits / T`: the largest value, the sum of
+/// `exp(value − largest)`, and the target's value (−∞ when the target is in another slice).
+struct SliceStats {
+    max: Tensor,
+    sum: Tensor,
+    picked: Tensor,
+}
+
+impl SliceStats {
+    /// The statistics of the two slices together (a running log-sum-exp).
+    fn merge(&self, other: &SliceStats) -> Result<SliceStats> {
+        let max = self.max.maximum(&other.max)?;
+        let sum = ((&self.sum * (&self.max - &max)?.exp()?)?
+            + (&other.sum * (&other.max - &max)?.exp()?)?)?;
+        Ok(SliceStats {
+            max,
+            sum,
+            picked: self.picked.maximum(&other.picked)?,
+        })
+    }
+
+    fn log_sum_exp(&self) -> Result<Tensor> {
+        &self.max + self.sum.log()?
+    }
+}
+
+/// [`SliceStats`] of `logits` `[rows, vn]`, the tokens `offset .. offset + vn`: one pass per
+/// row on the CPU, tensor ops elsewhere.
+fn slice_stats(
+    logits: &Tensor,
+    targets: &Tensor,
+    offset: usize,
+    temperature: f64,
+) -> Result<SliceStats> {
+    let inv_t = 1.0 / temperature;
+    let stats = if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
+        logits.contiguous()?.apply_op2_no_bwd(
+            targets,
+            &SliceStatsCpu {
+                inv_t: inv_t as f32,
+                offset,
+            },
+        )?
+    } else {
+        let scaled = (logits * inv_t)?;
+        let max = scaled.max_keepdim(D::Minus1)?;
+        let sum = scaled.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+        let hit = in_slice(targets, offset, logits.dim(1)?)?;
+        let neg_inf = Tensor::full(f32::NEG_INFINITY, scaled.shape(), scaled.device())?
+            .to_dtype(scaled.dtype())?;
+        let picked = hit.where_cond(&scaled, &neg_inf)?.max_keepdim(D::Minus1)?;
+        Tensor::cat(&[max, sum, picked], 1)?
+    };
+    Ok(SliceStats {
+        max: stats.narrow(1, 0, 1)?.squeeze(1)?,
+        sum: stats.narrow(1, 1, 1)?.squeeze(1)?,
+        picked: stats.narrow(1, 2, 1)?.squeeze(1)?,
+    })
+}
+
+/// `[rows, vn]` u8 mask: column `j` is row `i`'s target `offset + j`.
+fn in_slice(targets: &Tensor, offset: usize, vn: usize) -> Result<Tensor> {
+    let rows = targets.dim(0)?;
+    let ids = Tensor::arange(offset as u32, (offset + vn) as u32, targets.device())?
+        .unsqueeze(0)?
+        .broadcast_as((rows, vn))?;
+    targets.unsqueeze(1)?.broadcast_as((rows, vn))?.eq(&ids)
 }
 
 /// Log-probs are computed in f32 whatever the model dtype (bf16/f16 are upcast), except for
@@ -263,7 +397,11 @@ struct LogProbGrad {
 
 struct LmHead {
     weight: Tensor,
-    /// The forward's logits per chunk, or empty to recompute them.
+    tiles: LogitTiles,
+    /// Per row, the log-sum-exp of `logits / T` (from the forward).
+    lse: Tensor,
+    /// The forward's logits per tile (row block by row block, slice by slice), or empty to
+    /// recompute them.
     logits: Vec<Tensor>,
 }
 
@@ -301,36 +439,76 @@ impl CustomOp2 for LogProbGrad {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let Some(LmHead {
             weight,
+            tiles,
+            lse,
             logits: kept,
         }) = &self.lm_head
         else {
             let g = logp_backward(arg, &self.targets, logp, grad, self.temperature)?;
             return Ok((Some(g), None));
         };
-        let n = arg.dim(0)?;
-        let wt = weight.t()?;
-        let mut parts = Vec::with_capacity(n.div_ceil(LOGPROB_CHUNK_ROWS));
-        for start in (0..n).step_by(LOGPROB_CHUNK_ROWS) {
-            let len = LOGPROB_CHUNK_ROWS.min(n - start);
-            let logits = match kept.get(start / LOGPROB_CHUNK_ROWS) {
-                Some(l) => l.clone(),
-                None => arg
-                    .narrow(0, start, len)?
-                    .matmul(&wt)?
-                    .to_dtype(logp_dtype(weight.dtype()))?,
-            };
-            let g_logits = logp_backward(
-                &logits,
-                &self.targets.narrow(0, start, len)?,
-                &logp.narrow(0, start, len)?,
-                &grad.narrow(0, start, len)?,
-                self.temperature,
-            )?;
-            parts.push(g_logits.to_dtype(weight.dtype())?.matmul(weight)?);
+        let (n, v) = (arg.dim(0)?, weight.dim(0)?);
+        let dtype = logp_dtype(weight.dtype());
+        let h = arg.detach();
+        // Per row: (g / T, log-sum-exp of the row / T).
+        let coef = Tensor::stack(
+            &[
+                (grad.to_dtype(dtype)? / self.temperature)?,
+                lse.to_dtype(dtype)?,
+            ],
+            1,
+        )?
+        .contiguous()?;
+        let mut kept = kept.iter();
+        let mut parts = Vec::with_capacity(n.div_ceil(tiles.rows));
+        for (r0, rn) in spans(n, tiles.rows) {
+            let tb = self.targets.narrow(0, r0, rn)?;
+            let cb = coef.narrow(0, r0, rn)?;
+            let mut g_hidden: Option<Tensor> = None;
+            for (v0, vn) in spans(v, tiles.vocab) {
+                let logits = match kept.next() {
+                    Some(l) => l.clone(),
+                    None => tile_logits(&h.narrow(0, r0, rn)?, weight, v0, vn, dtype)?,
+                };
+                let g_logits = slice_grad(&logits, &tb, v0, &cb, self.temperature)?;
+                let part = g_logits
+                    .to_dtype(weight.dtype())?
+                    .matmul(&weight.narrow(0, v0, vn)?)?;
+                g_hidden = Some(match g_hidden {
+                    None => part,
+                    Some(acc) => (acc + part)?,
+                });
+            }
+            parts.extend(g_hidden);
         }
         let g = Tensor::cat(&parts, 0)?.to_dtype(arg.dtype())?;
         Ok((Some(g), None))
     }
+}
+
+/// `dL/dlogits` of one tile: `(onehot(target) − exp(logits / T − lse)) · g / T` for the
+/// tokens `offset .. offset + vn`, with `coef` `[rows, 2]` holding `(g / T, lse)` per row.
+fn slice_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    offset: usize,
+    coef: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
+        let op = LogpGradCpu {
+            inv_t: (1.0 / temperature) as f32,
+            slice: Some(offset),
+        };
+        return logits
+            .contiguous()?
+            .apply_op3_no_bwd(targets, &coef.contiguous()?, &op);
+    }
+    let g = coef.narrow(1, 0, 1)?;
+    let lse = coef.narrow(1, 1, 1)?;
+    let probs = (logits / temperature)?.broadcast_sub(&lse)?.exp()?;
+    let onehot = in_slice(targets, offset, logits.dim(1)?)?.to_dtype(logits.dtype())?;
+    (onehot - probs)?.broadcast_mul(&g)
 }
 
 /// Forward value, no graph: a single pass per row on the CPU, tensor ops elsewhere.
@@ -376,6 +554,7 @@ fn logp_backward(
         let coef = Tensor::stack(&[(&grad / temperature)?, lse], 1)?.contiguous()?;
         let op = LogpGradCpu {
             inv_t: (1.0 / temperature) as f32,
+            slice: None,
         };
         return logits.apply_op3_no_bwd(&targets, &coef, &op);
     }
@@ -404,7 +583,14 @@ fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32],
     Ok((&data[a..b], v))
 }
 
-fn u32_targets<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, v: usize) -> Result<&'a [u32]> {
+/// The `rows` targets, each checked to be below `vocab` when given (a vocabulary slice holds
+/// the targets of other slices too).
+fn u32_targets<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    rows: usize,
+    vocab: Option<usize>,
+) -> Result<&'a [u32]> {
     let data = s.as_slice::<u32>()?;
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("targets must be contiguous")
@@ -413,8 +599,10 @@ fn u32_targets<'a>(s: &'a CpuStorage, l: &Layout, rows: usize, v: usize) -> Resu
     if t.len() != rows {
         bail!("{} targets for {rows} rows of logits", t.len());
     }
-    if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
-        bail!("target token {bad} is outside the vocabulary of {v}");
+    if let Some(v) = vocab {
+        if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
+            bail!("target token {bad} is outside the vocabulary of {v}");
+        }
     }
     Ok(t)
 }
@@ -444,7 +632,7 @@ impl CustomOp2 for LogpCpu {
     ) -> Result<(CpuStorage, Shape)> {
         let (logits, v) = f32_rows(s1, l1, "logits")?;
         let rows = l1.dims()[0];
-        let targets = u32_targets(s2, l2, rows, v)?;
+        let targets = u32_targets(s2, l2, rows, Some(v))?;
         let inv_t = self.inv_t;
         let out: Vec<f32> = logits
             .par_chunks(v)
@@ -457,6 +645,9 @@ impl CustomOp2 for LogpCpu {
 
 struct LogpGradCpu {
     inv_t: f32,
+    /// The first token of the logits' vocabulary slice (`None`: whole rows, whose targets
+    /// must all be inside).
+    slice: Option<usize>,
 }
 
 impl CustomOp3 for LogpGradCpu {
@@ -475,10 +666,11 @@ impl CustomOp3 for LogpGradCpu {
     ) -> Result<(CpuStorage, Shape)> {
         let (logits, v) = f32_rows(s1, l1, "logits")?;
         let rows = l1.dims()[0];
-        let targets = u32_targets(s2, l2, rows, v)?;
+        let whole = self.slice.is_none().then_some(v);
+        let targets = u32_targets(s2, l2, rows, whole)?;
         // Per row: (g / T, log-sum-exp of the row / T).
         let (coef, _) = f32_rows(s3, l3, "grad")?;
-        let inv_t = self.inv_t;
+        let (inv_t, offset) = (self.inv_t, self.slice.unwrap_or(0));
         let mut out = vec![0f32; rows * v];
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
@@ -488,8 +680,52 @@ impl CustomOp3 for LogpGradCpu {
                 for (o, &x) in o.iter_mut().zip(row) {
                     *o = -(x * inv_t - lse).exp() * g;
                 }
-                o[targets[i] as usize] += g;
+                if let Some(o) = (targets[i] as usize)
+                    .checked_sub(offset)
+                    .and_then(|t| o.get_mut(t))
+                {
+                    *o += g;
+                }
             });
         Ok((CpuStorage::F32(out), Shape::from((rows, v))))
+    }
+}
+
+/// [`SliceStats`] of a `[rows, vn]` f32 tile in one pass per row: `[rows, 3]`.
+struct SliceStatsCpu {
+    inv_t: f32,
+    offset: usize,
+}
+
+impl CustomOp2 for SliceStatsCpu {
+    fn name(&self) -> &'static str {
+        "log-sum-exp-slice"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (logits, v) = f32_rows(s1, l1, "logits")?;
+        let rows = l1.dims()[0];
+        let targets = u32_targets(s2, l2, rows, None)?;
+        let (inv_t, offset) = (self.inv_t, self.offset);
+        let mut out = vec![0f32; rows * 3];
+        out.par_chunks_mut(3)
+            .zip(logits.par_chunks(v))
+            .zip(targets.par_iter())
+            .for_each(|((o, row), &t)| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * inv_t));
+                o[0] = max;
+                o[1] = row.iter().map(|&x| (x * inv_t - max).exp()).sum();
+                o[2] = (t as usize)
+                    .checked_sub(offset)
+                    .and_then(|j| row.get(j))
+                    .map_or(f32::NEG_INFINITY, |&x| x * inv_t);
+            });
+        Ok((CpuStorage::F32(out), Shape::from((rows, 3))))
     }
 }
