@@ -262,7 +262,7 @@ pub fn lm_head_logprobs_tiled(
         }
     }
     if logp_parts.is_empty() {
-        return Ok(Tensor::zeros(0, dtype, hidden.device())?);
+        return Tensor::zeros(0, dtype, hidden.device());
     }
     let logp = Tensor::cat(&logp_parts, 0)?;
     if !hidden.track_op() {
