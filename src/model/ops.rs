@@ -607,11 +607,16 @@ fn u32_targets<'a>(
     Ok(t)
 }
 
-/// Max and log-sum-exp of one row of `x · inv_t`.
+/// Log-sum-exp of one row of `x · inv_t`.
 fn row_lse(row: &[f32], inv_t: f32) -> f32 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * inv_t));
-    let sum: f32 = row.iter().map(|&x| (x * inv_t - max).exp()).sum();
+    let (max, sum) = row_max_sum(row, inv_t);
     max + sum.ln()
+}
+
+/// Max of one row of `x · inv_t`, and the sum of `exp(x · inv_t − max)`.
+fn row_max_sum(row: &[f32], inv_t: f32) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * inv_t));
+    (max, row.iter().map(|&x| (x * inv_t - max).exp()).sum())
 }
 
 struct LogpCpu {
@@ -718,9 +723,7 @@ impl CustomOp2 for SliceStatsCpu {
             .zip(logits.par_chunks(v))
             .zip(targets.par_iter())
             .for_each(|((o, row), &t)| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * inv_t));
-                o[0] = max;
-                o[1] = row.iter().map(|&x| (x * inv_t - max).exp()).sum();
+                (o[0], o[1]) = row_max_sum(row, inv_t);
                 o[2] = (t as usize)
                     .checked_sub(offset)
                     .and_then(|j| row.get(j))
