@@ -50,8 +50,12 @@ impl Weight<'_> {
     }
 }
 
-/// `W · xᵀ`, `[n, m]` row-major (row `j` holds the `m` dot products of weight row `j`), for
-/// `x` `[m, k]` and `w` `[n, k]`, both row-major. f32 accumulation.
+/// `x · wᵀ`, `[m, n]` row-major, for `x` `[m, k]` (at most [`MAX_ROWS`] rows) and `w`
+/// `[n, k]`, both row-major. f32 accumulation.
+///
+/// The result is written in the caller's layout: producing `[n, m]` (what the kernel computes
+/// weight row by weight row) and transposing it afterwards was a single-threaded strided copy
+/// of ~12 ms per batch-8 step of a Qwen2.5-0.5B-shaped model.
 pub fn matmul_t(x: &[f32], m: usize, w: Weight, n: usize, k: usize) -> Result<Vec<f32>> {
     if x.len() != m * k || w.len() != n * k {
         bail!(
@@ -60,22 +64,51 @@ pub fn matmul_t(x: &[f32], m: usize, w: Weight, n: usize, k: usize) -> Result<Ve
             w.len()
         );
     }
-    let mut out = vec![0f32; n * m];
+    if m > MAX_ROWS {
+        bail!("gemv: {m} rows, at most {MAX_ROWS}");
+    }
+    let mut out = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return Ok(out);
     }
     let kernel = Kernel::detect();
-    out.par_chunks_mut(TASK_ROWS * m)
-        .enumerate()
-        .for_each(|(task, out)| {
-            let j0 = task * TASK_ROWS;
-            let rows = out.len() / m;
-            match w {
-                Weight::F32(w) => kernel.rows_f32(x, m, &w[j0 * k..(j0 + rows) * k], k, out),
-                Weight::F16(w) => kernel.rows_f16(x, m, &w[j0 * k..(j0 + rows) * k], k, out),
+    let dst = Columns(out.as_mut_ptr());
+    (0..n.div_ceil(TASK_ROWS)).into_par_iter().for_each(|task| {
+        let j0 = task * TASK_ROWS;
+        let rows = TASK_ROWS.min(n - j0);
+        // `[rows, m]`: the m dot products of each weight row of the task.
+        let mut block = [0f32; TASK_ROWS * MAX_ROWS];
+        let block = &mut block[..rows * m];
+        match w {
+            Weight::F32(w) => kernel.rows_f32(x, m, &w[j0 * k..(j0 + rows) * k], k, block),
+            Weight::F16(w) => kernel.rows_f16(x, m, &w[j0 * k..(j0 + rows) * k], k, block),
+        }
+        for r in 0..m {
+            for (jj, values) in block.chunks_exact(m).enumerate() {
+                // SAFETY: `r < m` and `j0 + jj < n`, so the index is inside `out` (`m · n`
+                // values); columns `j0 .. j0 + rows` belong to this task alone, so no two
+                // tasks write the same value, and `out` is not read until they all finish.
+                unsafe { dst.write(r * n + j0 + jj, values[r]) };
             }
-        });
+        }
+    });
     Ok(out)
+}
+
+/// The result buffer of [`matmul_t`], shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+struct Columns(*mut f32);
+
+// SAFETY: tasks write disjoint elements (see `matmul_t`); the pointer outlives them.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// # Safety
+    /// `i` is inside the buffer and no other thread accesses element `i` meanwhile.
+    unsafe fn write(self, i: usize, value: f32) {
+        *self.0.add(i) = value;
+    }
 }
 
 /// The instruction set the dot products run on, chosen once per call.
@@ -264,7 +297,7 @@ mod tests {
                 let s: f64 = (0..k)
                     .map(|c| w[j * k + c] as f64 * x[r * k + c] as f64)
                     .sum();
-                out[j * m + r] = s as f32;
+                out[r * n + j] = s as f32;
             }
         }
         out
@@ -318,8 +351,11 @@ mod tests {
     }
 
     #[test]
-    fn mismatched_lengths_are_an_error() {
+    fn mismatched_lengths_and_too_many_rows_are_errors() {
         let err = matmul_t(&[0.0; 5], 2, Weight::F32(&[0.0; 6]), 2, 3).unwrap_err();
         assert!(err.to_string().contains("[2, 3]"), "{err}");
+        let rows = MAX_ROWS + 1;
+        let err = matmul_t(&vec![0.0; rows], rows, Weight::F32(&[0.0; 2]), 2, 1).unwrap_err();
+        assert!(err.to_string().contains("at most 16"), "{err}");
     }
 }

@@ -34,8 +34,9 @@ pub const TILE_ROWS: usize = 1024;
 // ---------------------------------------------------------------------------------------------
 // Frozen linear.
 
-/// Up to this many rows, [`frozen_matmul`] computes `(W · xᵀ)ᵀ`: with few rows (decoding) the
-/// CPU gemm is up to twice as fast with the weight as the left operand.
+/// Up to this many rows, [`frozen_matmul`] computes `(W · xᵀ)ᵀ` where it does not use
+/// [`gemv`]: with few rows (decoding) the gemm is up to twice as fast with the weight as the
+/// left operand.
 const SWAP_MAX_ROWS: usize = 32;
 
 /// `x · wᵀ` where `w` (`[out, in]`) never receives a gradient. `x` is `[..., in]`.
@@ -50,7 +51,10 @@ pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, inner))?;
-    let swapped = rows <= SWAP_MAX_ROWS;
+    // On the CPU, up to gemv::MAX_ROWS rows go through gemv (see `cpu_fwd`), which writes
+    // `x · Wᵀ` directly.
+    let gemv_rows = x.device().is_cpu() && rows <= gemv::MAX_ROWS;
+    let swapped = rows <= SWAP_MAX_ROWS && !gemv_rows;
     let y = x2.apply_op2(w, FrozenMatmul { swapped })?;
     let y = if swapped { y.t()?.contiguous()? } else { y };
     let mut out_dims = lead.to_vec();
@@ -92,7 +96,7 @@ impl CustomOp2 for FrozenMatmul {
         let (m, k) = lx.shape().dims2()?;
         let (n, _) = lw.shape().dims2()?;
         let contiguous = |l: &Layout| l.contiguous_offsets();
-        if self.swapped && m <= gemv::MAX_ROWS {
+        if !self.swapped && m <= gemv::MAX_ROWS {
             if let (CpuStorage::F32(xs), Some((xa, xb)), Some((wa, wb))) =
                 (x, contiguous(lx), contiguous(lw))
             {
@@ -104,7 +108,7 @@ impl CustomOp2 for FrozenMatmul {
                 if let Some(weight) = weight {
                     let y = gemv::matmul_t(&xs[xa..xb], m, weight, n, k)
                         .map_err(candle_core::Error::wrap)?;
-                    return Ok((CpuStorage::F32(y), Shape::from((n, m))));
+                    return Ok((CpuStorage::F32(y), Shape::from((m, n))));
                 }
             }
         }
