@@ -153,7 +153,8 @@ pub fn selective_log_softmax(
 ) -> Result<Tensor> {
     check_temperature(temperature)?;
     let logits = logits.to_dtype(logp_dtype(logits.dtype()))?.contiguous()?;
-    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    let (n, v) = logits.dims2()?;
+    let targets = checked_targets(targets, n, v)?;
     let logp = logp_forward(&logits.detach(), &targets, temperature)?;
     if !logits.track_op() {
         return Ok(logp);
@@ -228,16 +229,7 @@ pub fn lm_head_logprobs_tiled(
     }
     let (n, _) = hidden.dims2()?;
     let v = weight.dim(0)?;
-    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
-    if targets.dims1()? != n {
-        bail!("{} targets for {n} rows of hidden states", targets.dim(0)?);
-    }
-    if n > 0 {
-        let top = targets.max_all()?.to_scalar::<u32>()?;
-        if top as usize >= v {
-            bail!("target token {top} is outside the vocabulary of {v}");
-        }
-    }
+    let targets = checked_targets(targets, n, v)?;
     let h = hidden.detach();
     let dtype = logp_dtype(weight.dtype());
     let keep = hidden.track_op() && n * v * dtype.size_in_bytes() <= tiles.keep_bytes;
@@ -374,6 +366,22 @@ pub fn logp_dtype(model: DType) -> DType {
     }
 }
 
+/// `targets` as contiguous u32, checked once here (one per row of `n`, each below the
+/// vocabulary `v`) so that the per-tile kernels can take any target of any slice.
+fn checked_targets(targets: &Tensor, n: usize, v: usize) -> Result<Tensor> {
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    if targets.dims1()? != n {
+        bail!("{} targets for {n} rows", targets.dim(0)?);
+    }
+    if n > 0 {
+        let top = targets.max_all()?.to_scalar::<u32>()?;
+        if top as usize >= v {
+            bail!("target token {top} is outside the vocabulary of {v}");
+        }
+    }
+    Ok(targets)
+}
+
 fn check_temperature(t: f64) -> Result<()> {
     if !(t.is_finite() && t > 0.0) {
         bail!("log-prob temperature must be a positive number, got {t}");
@@ -502,7 +510,7 @@ fn slice_grad(
     if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
         let op = LogpGradCpu {
             inv_t: (1.0 / temperature) as f32,
-            slice: Some(offset),
+            offset,
         };
         return logits
             .contiguous()?
@@ -515,28 +523,10 @@ fn slice_grad(
     (onehot - probs)?.broadcast_mul(&g)
 }
 
-/// Forward value, no graph: a single pass per row on the CPU, tensor ops elsewhere.
+/// Forward value, no graph: whole rows are one vocabulary slice.
 fn logp_forward(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
-        let logits = logits.contiguous()?;
-        let targets = targets.contiguous()?;
-        return logits.apply_op2_no_bwd(
-            &targets,
-            &LogpCpu {
-                inv_t: (1.0 / temperature) as f32,
-            },
-        );
-    }
-    let scaled = (logits / temperature)?;
-    let max = scaled.max_keepdim(D::Minus1)?;
-    let lse = scaled
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .add(&max)?;
-    let picked = scaled.gather(&targets.unsqueeze(1)?, 1)?;
-    picked.sub(&lse)?.squeeze(1)
+    let stats = slice_stats(logits, targets, 0, temperature)?;
+    &stats.picked - stats.log_sum_exp()?
 }
 
 /// `dL/dlogits = (onehot(target) − softmax(logits / T)) · g / T`, shape `[N, V]`, f32.
@@ -550,28 +540,11 @@ fn logp_backward(
     temperature: f64,
 ) -> Result<Tensor> {
     let logits = logits.to_dtype(logp_dtype(logits.dtype()))?.contiguous()?;
-    let grad = grad.to_dtype(logits.dtype())?.contiguous()?;
-    if matches!(logits.device(), Device::Cpu) && logits.dtype() == DType::F32 {
-        let targets = targets.contiguous()?;
-        let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-        let lse = ((picked / temperature)? - logp.to_dtype(DType::F32)?)?;
-        let coef = Tensor::stack(&[(&grad / temperature)?, lse], 1)?.contiguous()?;
-        let op = LogpGradCpu {
-            inv_t: (1.0 / temperature) as f32,
-            slice: None,
-        };
-        return logits.apply_op3_no_bwd(&targets, &coef, &op);
-    }
-    let v = logits.dim(1)?;
-    let probs = candle_nn::ops::softmax_last_dim(&(&logits / temperature)?)?;
-    let onehot = targets
-        .unsqueeze(1)?
-        .broadcast_as((targets.dim(0)?, v))?
-        .eq(&Tensor::arange(0u32, v as u32, logits.device())?
-            .unsqueeze(0)?
-            .broadcast_as((targets.dim(0)?, v))?)?
-        .to_dtype(logits.dtype())?;
-    (onehot - probs)?.broadcast_mul(&(grad / temperature)?.unsqueeze(1)?)
+    let grad = grad.to_dtype(logits.dtype())?;
+    let picked = logits.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let lse = ((picked / temperature)? - logp.to_dtype(logits.dtype())?)?;
+    let coef = Tensor::stack(&[(grad / temperature)?, lse], 1)?;
+    slice_grad(&logits, targets, 0, &coef, temperature)
 }
 
 fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32], usize)> {
@@ -587,14 +560,9 @@ fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<(&'a [f32],
     Ok((&data[a..b], v))
 }
 
-/// The `rows` targets, each checked to be below `vocab` when given (a vocabulary slice holds
-/// the targets of other slices too).
-fn u32_targets<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    rows: usize,
-    vocab: Option<usize>,
-) -> Result<&'a [u32]> {
+/// The `rows` targets (checked against the vocabulary by [`checked_targets`]; a vocabulary
+/// slice holds the targets of other slices too).
+fn u32_targets<'a>(s: &'a CpuStorage, l: &Layout, rows: usize) -> Result<&'a [u32]> {
     let data = s.as_slice::<u32>()?;
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("targets must be contiguous")
@@ -603,18 +571,7 @@ fn u32_targets<'a>(
     if t.len() != rows {
         bail!("{} targets for {rows} rows of logits", t.len());
     }
-    if let Some(v) = vocab {
-        if let Some(bad) = t.iter().find(|&&x| x as usize >= v) {
-            bail!("target token {bad} is outside the vocabulary of {v}");
-        }
-    }
     Ok(t)
-}
-
-/// Log-sum-exp of one row of `x · inv_t`.
-fn row_lse(row: &[f32], inv_t: f32) -> f32 {
-    let (max, sum) = row_max_sum(row, inv_t);
-    max + sum.ln()
 }
 
 /// Max of one row of `x · inv_t`, and the sum of `exp(x · inv_t − max)`.
@@ -623,40 +580,10 @@ fn row_max_sum(row: &[f32], inv_t: f32) -> (f32, f32) {
     (max, row.iter().map(|&x| (x * inv_t - max).exp()).sum())
 }
 
-struct LogpCpu {
-    inv_t: f32,
-}
-
-impl CustomOp2 for LogpCpu {
-    fn name(&self) -> &'static str {
-        "selective-log-softmax-fwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (logits, v) = f32_rows(s1, l1, "logits")?;
-        let rows = l1.dims()[0];
-        let targets = u32_targets(s2, l2, rows, Some(v))?;
-        let inv_t = self.inv_t;
-        let out: Vec<f32> = logits
-            .par_chunks(v)
-            .zip(targets.par_iter())
-            .map(|(row, &t)| row[t as usize] * inv_t - row_lse(row, inv_t))
-            .collect();
-        Ok((CpuStorage::F32(out), Shape::from(rows)))
-    }
-}
-
 struct LogpGradCpu {
     inv_t: f32,
-    /// The first token of the logits' vocabulary slice (`None`: whole rows, whose targets
-    /// must all be inside).
-    slice: Option<usize>,
+    /// The first token of the logits' vocabulary slice.
+    offset: usize,
 }
 
 impl CustomOp3 for LogpGradCpu {
@@ -675,11 +602,10 @@ impl CustomOp3 for LogpGradCpu {
     ) -> Result<(CpuStorage, Shape)> {
         let (logits, v) = f32_rows(s1, l1, "logits")?;
         let rows = l1.dims()[0];
-        let whole = self.slice.is_none().then_some(v);
-        let targets = u32_targets(s2, l2, rows, whole)?;
+        let targets = u32_targets(s2, l2, rows)?;
         // Per row: (g / T, log-sum-exp of the row / T).
         let (coef, _) = f32_rows(s3, l3, "grad")?;
-        let (inv_t, offset) = (self.inv_t, self.slice.unwrap_or(0));
+        let (inv_t, offset) = (self.inv_t, self.offset);
         let mut out = vec![0f32; rows * v];
         out.par_chunks_mut(v)
             .zip(logits.par_chunks(v))
@@ -720,7 +646,7 @@ impl CustomOp2 for SliceStatsCpu {
     ) -> Result<(CpuStorage, Shape)> {
         let (logits, v) = f32_rows(s1, l1, "logits")?;
         let rows = l1.dims()[0];
-        let targets = u32_targets(s2, l2, rows, None)?;
+        let targets = u32_targets(s2, l2, rows)?;
         let (inv_t, offset) = (self.inv_t, self.offset);
         let mut out = vec![0f32; rows * 3];
         out.par_chunks_mut(3)
