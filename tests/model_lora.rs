@@ -49,12 +49,18 @@ fn randomize_b(p: &Policy, scale: f64, seed: u64) {
     p.set_lora_weights(&w).unwrap();
 }
 
+/// Prompts of different lengths, two of them shared by two rows (as a group shares one), and
+/// completions of 0 to 6 tokens.
 fn batch() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-    let prompts = vec![vec![295, 266, 269, 62, 15], vec![72, 77], vec![5, 6, 7]];
+    let a = vec![295, 266, 269, 62, 15];
+    let c = vec![5, 6, 7];
+    let prompts = vec![a.clone(), vec![72, 77], a, c.clone(), c];
     let completions = vec![
         vec![62, 17, 256, 262],
         vec![67, 315, 280, 258, 220, 86],
+        vec![17, 62],
         vec![],
+        vec![9],
     ];
     (prompts, completions)
 }
@@ -171,7 +177,7 @@ fn logprobs_are_log_softmax_of_logits_at_the_completion_tokens() {
     let (prompts, completions) = batch();
     let t = 0.7;
     let lp = p.logprobs(&prompts, &completions, t, false, true).unwrap();
-    assert_eq!(lp.dims(), &[3, 6]);
+    assert_eq!(lp.dims(), &[5, 6]);
     let lp = lp.to_vec2::<f32>().unwrap();
     for (i, (pr, c)) in prompts.iter().zip(&completions).enumerate() {
         let row = [pr.as_slice(), c].concat();
@@ -198,6 +204,61 @@ fn logprobs_are_log_softmax_of_logits_at_the_completion_tokens() {
         .to_vec2::<f32>()
         .unwrap();
     assert_eq!(lpg, lp);
+}
+
+#[test]
+fn rows_sharing_a_prompt_match_rows_computed_alone_with_gradients() {
+    let p = policy(
+        "tiny-qwen3",
+        DType::F64,
+        &LoraOptions {
+            r: 4,
+            ..LoraOptions::default()
+        },
+    );
+    randomize_b(&p, 0.2, 4);
+    let (prompts, completions) = batch();
+    let vars = p.trainable_vars();
+    let weights: Vec<f64> = (0..prompts.len()).map(|i| 1.0 + i as f64).collect();
+    let weighted = |lp: Tensor, w: f64| (lp.sum_all().unwrap() * w).unwrap();
+    let shared = p.logprobs(&prompts, &completions, 0.9, true, true).unwrap();
+    let shared_loss = (0..prompts.len())
+        .map(|i| weighted(shared.get(i).unwrap(), weights[i]))
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    let shared_grads = shared_loss.backward().unwrap();
+    let mut alone_loss = None::<Tensor>;
+    for i in 0..prompts.len() {
+        let lp = p
+            .logprobs(&prompts[i..=i], &completions[i..=i], 0.9, true, true)
+            .unwrap();
+        let row = lp.get(0).unwrap();
+        let width = completions[i].len();
+        assert!(
+            width == 0
+                || max_diff(
+                    &row.narrow(0, 0, width).unwrap(),
+                    &shared.get(i).unwrap().narrow(0, 0, width).unwrap()
+                ) < 1e-10,
+            "row {i}: log-probs differ"
+        );
+        let l = weighted(row, weights[i]);
+        alone_loss = Some(match alone_loss {
+            Some(acc) => (acc + l).unwrap(),
+            None => l,
+        });
+    }
+    let alone_grads = alone_loss.unwrap().backward().unwrap();
+    for (k, v) in vars.iter().enumerate() {
+        let (a, b) = (
+            shared_grads.get(v.as_tensor()).expect("shared gradient"),
+            alone_grads.get(v.as_tensor()).expect("gradient"),
+        );
+        assert!(
+            max_diff(a, b) < 1e-10,
+            "trainable tensor {k}: gradients differ"
+        );
+    }
 }
 
 #[test]

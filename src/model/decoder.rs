@@ -5,10 +5,11 @@
 //!
 //! There are two forwards, because candle's fused kernels have no backward (see
 //! `shared/spec/model.md`):
-//! * [`Decoder::forward_train`]: differentiable ops only (`rms_norm_slow`, `rope_slow`,
-//!   `softmax`, matmul), all positions, for log-probs with or without gradient. Batches are
-//!   right-padded: with a causal mask, padding at the end of a row is never attended to by the
-//!   real tokens before it, and every row keeps its true positions 0, 1, ...
+//! * [`Decoder::forward_shared`] (and [`Decoder::forward_train`], its case without shared
+//!   prompts): differentiable ops only ([`super::fused`]'s kernels, matmul), all positions, for
+//!   log-probs with or without gradient. Each prompt is computed once for the rows that continue
+//!   it. Batches are right-padded: with a causal mask, padding at the end of a row is never
+//!   attended to by the real tokens before it, and every row keeps its true positions.
 //! * [`Decoder::forward_step`]: sampling, with fused kernels, per-row positions (prompts are
 //!   left-padded), a key-padding mask and a preallocated [`KvCache`].
 //!
@@ -16,10 +17,11 @@
 //! a key head are folded into the row dimension of one matmul.
 
 use super::config::Config;
+use super::fused;
 use super::lora::{Adapter, LoraLinear, Pass};
-use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
-use candle_nn::ops::{rms_norm, rms_norm_slow, softmax, softmax_last_dim};
-use candle_nn::rotary_emb::{rope, rope_slow};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_nn::ops::{rms_norm, softmax_last_dim};
+use candle_nn::rotary_emb::rope;
 
 /// Source of the frozen weights by HF tensor name (`model.layers.0.self_attn.q_proj.weight`).
 pub trait WeightSource {
@@ -277,29 +279,116 @@ impl Decoder {
     /// differentiable w.r.t. the adapters when `pass.grad`.
     pub fn forward_train(&self, tokens: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        if t > self.max_positions() {
+        let batch = SharedBatch {
+            prefixes: tokens.clone(),
+            prefix_lens: vec![t; b],
+            tails: Tensor::zeros((0, 0), DType::U32, &self.device)?,
+            prefix_of: Vec::new(),
+        };
+        self.forward_shared(&batch, pass)?
+            .reshape((b, t, self.cfg.hidden_size))
+    }
+
+    /// Final hidden states of a batch whose rows share prompts, differentiable w.r.t. the
+    /// adapters when `pass.grad`: `[k·P + B·C, hidden]`, the `k × P` prefix positions row by
+    /// row, then the `B × C` tail positions.
+    ///
+    /// Why: a group's G completions continue one prompt, and prompts are long (a Mathlib
+    /// header and instructions: hundreds of tokens). Each prompt's positions go through the
+    /// model once instead of G times, forward and backward, and the attention scores kept for
+    /// the backward are `C × (P + C)` per row instead of `(P + C)²`.
+    pub fn forward_shared(&self, batch: &SharedBatch, pass: &Pass) -> Result<Tensor> {
+        let (k, p) = batch.prefixes.dims2()?;
+        let (bt, c) = batch.tails.dims2()?;
+        if batch.prefix_lens.len() != k || batch.prefix_of.len() != bt {
             candle_core::bail!(
-                "sequence of {t} tokens exceeds the {} positions of the model",
+                "{k} prefixes with {} lengths, {bt} tails with {} prefix indices",
+                batch.prefix_lens.len(),
+                batch.prefix_of.len()
+            );
+        }
+        if let Some(&u) = batch.prefix_of.iter().find(|&&u| u >= k) {
+            candle_core::bail!("a tail continues prefix {u} of {k}");
+        }
+        let tail_pos: Vec<u32> = batch
+            .prefix_of
+            .iter()
+            .flat_map(|&u| (0..c).map(move |j| (batch.prefix_lens[u] + j) as u32))
+            .collect();
+        let longest = tail_pos.iter().map(|&q| q as usize + 1).max().unwrap_or(0);
+        if p.max(longest) > self.max_positions() {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the {} positions of the model",
+                p.max(longest),
                 self.max_positions()
             );
         }
-        let mut x = self.embed(tokens)?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let mask = causal_mask(t, &self.device, self.dtype)?;
+        let (np, nt) = (k * p, bt * c);
+        let (nh, nkv, hd) = (
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        );
+        let tokens = Tensor::cat(
+            &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
+            0,
+        )?;
+        let mut x = self.embed_tokens.index_select(&tokens, 0)?;
+        let (cos_p, sin_p) = (self.cos.narrow(0, 0, p)?, self.sin.narrow(0, 0, p)?);
+        let prefix_mask = causal_mask(p, &self.device, self.dtype)?;
+        let tail = if nt == 0 {
+            None
+        } else {
+            let pos = Tensor::new(tail_pos.as_slice(), &self.device)?;
+            let table = |t: &Tensor| t.index_select(&pos, 0)?.reshape((bt, c, hd / 2));
+            let rows = Tensor::new(
+                batch
+                    .prefix_of
+                    .iter()
+                    .map(|&u| u as u32)
+                    .collect::<Vec<_>>(),
+                &self.device,
+            )?;
+            let lens: Vec<usize> = batch
+                .prefix_of
+                .iter()
+                .map(|&u| batch.prefix_lens[u])
+                .collect();
+            let mask = tail_mask(&lens, p, c, &self.device, self.dtype)?;
+            Some((table(&self.cos)?, table(&self.sin)?, rows, mask))
+        };
+        // `[rows, heads·d]` → `[b, heads, t, d]` for the `b × t` positions from `start`.
+        let heads = |x: &Tensor, start: usize, b: usize, t: usize, n: usize| {
+            x.narrow(0, start, b * t)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)
+        };
         let eps = self.cfg.rms_norm_eps as f32;
-        let rope_t = |x: &Tensor| rope_slow(&x.contiguous()?, &cos, &sin);
         for layer in &self.layers {
             let lin = Linears::Lora(pass);
-            let h = rms_norm_slow(&x, &layer.input_layernorm, eps)?;
-            let (q, k, v) = self.qkv(&layer.self_attn, &h, b, t, lin, false)?;
-            let (q, k) = (rope_t(&q)?, rope_t(&k)?);
-            let o = self.attend(&q, &k, &v.contiguous()?, Some(&mask), false)?;
+            let h = fused::rms_norm(&x, &layer.input_layernorm, eps)?;
+            let (q, kk, v) = self.qkv(&layer.self_attn, &h, lin, false)?;
+            let qp = fused::rope(&heads(&q, 0, k, p, nh)?, &cos_p, &sin_p)?;
+            let kp = fused::rope(&heads(&kk, 0, k, p, nkv)?, &cos_p, &sin_p)?;
+            let vp = heads(&v, 0, k, p, nkv)?.contiguous()?;
+            let mut o = self
+                .attend(&qp, &kp, &vp, Some(&prefix_mask), false)?
+                .reshape((np, nh * hd))?;
+            if let Some((cos_t, sin_t, rows, mask)) = &tail {
+                let qt = fused::rope(&heads(&q, np, bt, c, nh)?, cos_t, sin_t)?;
+                let kt = fused::rope(&heads(&kk, np, bt, c, nkv)?, cos_t, sin_t)?;
+                let vt = heads(&v, np, bt, c, nkv)?.contiguous()?;
+                // Each tail row attends to its prefix's keys, then to its own.
+                let keys = Tensor::cat(&[&kp.index_select(rows, 0)?, &kt], 2)?;
+                let values = Tensor::cat(&[&vp.index_select(rows, 0)?, &vt], 2)?;
+                let ot = self.attend(&qt, &keys, &values, Some(mask), false)?;
+                o = Tensor::cat(&[o, ot.reshape((nt, nh * hd))?], 0)?;
+            }
             x = (x + lin.apply(&layer.self_attn.o_proj, O, &o)?)?;
-            let h = rms_norm_slow(&x, &layer.post_attention_layernorm, eps)?;
+            let h = fused::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
             x = (&x + self.mlp(&layer.mlp, &h, lin)?)?;
         }
-        rms_norm_slow(&x, &self.norm, eps)
+        fused::rms_norm(&x, &self.norm, eps)
     }
 
     /// Logits `[..., vocab]` of hidden states (no gradient to the LM head).
@@ -364,7 +453,8 @@ impl Decoder {
             candle_core::bail!("KV cache full: {start} + {t} > {}", cache.max_len);
         }
         let pass = Pass::inference(adapters);
-        let hd2 = self.cfg.head_dim / 2;
+        let hd = self.cfg.head_dim;
+        let hd2 = hd / 2;
         let flat = positions.flatten_all()?;
         let cos = self.cos.index_select(&flat, 0)?.reshape((n, t, hd2))?;
         let sin = self.sin.index_select(&flat, 0)?.reshape((n, t, hd2))?;
@@ -378,7 +468,9 @@ impl Decoder {
                 None => Linears::Lora(&pass),
             };
             let h = rms_norm(&x.contiguous()?, &layer.input_layernorm, eps)?;
-            let (q, k, v) = self.qkv(&layer.self_attn, &h, n, t, lin, true)?;
+            let (q, k, v) = self.qkv(&layer.self_attn, &h, lin, true)?;
+            let heads = |x: &Tensor| x.reshape((n, t, (), hd))?.transpose(1, 2);
+            let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&v)?);
             let q = rope(&q.contiguous()?, &cos, &sin)?;
             let k = rope(&k.contiguous()?, &cos, &sin)?;
             let (ck, cv) = &cache.layers[li];
@@ -410,28 +502,30 @@ impl Decoder {
             .reshape((b, t, self.cfg.hidden_size))
     }
 
-    /// Projections to `[b, heads, t, head_dim]`, with Qwen3's q/k norm.
+    /// Projections of `h` `[..., hidden]`, flattened to `[rows, heads·head_dim]`, with
+    /// Qwen3's per-head q/k norm.
     fn qkv(
         &self,
         a: &Attention,
         h: &Tensor,
-        b: usize,
-        t: usize,
         lin: Linears,
-        fused: bool,
+        sampling: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let hd = self.cfg.head_dim;
         let eps = self.cfg.rms_norm_eps as f32;
-        let split = |x: Tensor, heads: usize| x.reshape((b, t, heads, hd))?.transpose(1, 2);
-        let mut q = split(lin.apply(&a.q_proj, Q, h)?, self.cfg.num_attention_heads)?;
-        let mut k = split(lin.apply(&a.k_proj, K, h)?, self.cfg.num_key_value_heads)?;
-        let v = split(lin.apply(&a.v_proj, V, h)?, self.cfg.num_key_value_heads)?;
+        let rows = h.elem_count() / self.cfg.hidden_size;
+        let flat = |x: Tensor| x.reshape((rows, ()));
+        let mut q = flat(lin.apply(&a.q_proj, Q, h)?)?;
+        let mut k = flat(lin.apply(&a.k_proj, K, h)?)?;
+        let v = flat(lin.apply(&a.v_proj, V, h)?)?;
         let norm = |x: &Tensor, w: &Tensor| {
-            if fused {
-                rms_norm(&x.contiguous()?, w, eps)
+            let heads = x.reshape((rows, (), hd))?;
+            let y = if sampling {
+                rms_norm(&heads.contiguous()?, w, eps)?
             } else {
-                rms_norm_slow(x, w, eps)
-            }
+                fused::rms_norm(&heads, w, eps)?
+            };
+            y.reshape((rows, ()))
         };
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
             q = norm(&q, qn)?;
@@ -448,7 +542,7 @@ impl Decoder {
         k: &Tensor,
         v: &Tensor,
         mask: Option<&Tensor>,
-        fused: bool,
+        sampling: bool,
     ) -> Result<Tensor> {
         let (b, nh, t, hd) = q.dims4()?;
         let (_, nkv, l, _) = k.dims4()?;
@@ -459,10 +553,10 @@ impl Decoder {
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
         }
-        let p = if fused {
+        let p = if sampling {
             softmax_last_dim(&scores)?
         } else {
-            softmax(&scores, D::Minus1)?
+            fused::softmax_last_dim(&scores)?
         };
         let o = p.reshape((b, nkv, rep * t, l))?.matmul(v)?;
         o.reshape((b, nh, t, hd))?
@@ -471,9 +565,9 @@ impl Decoder {
     }
 
     fn mlp(&self, m: &Mlp, h: &Tensor, lin: Linears) -> Result<Tensor> {
-        let gate = lin.apply(&m.gate_proj, GATE, h)?.silu()?;
+        let gate = lin.apply(&m.gate_proj, GATE, h)?;
         let up = lin.apply(&m.up_proj, UP, h)?;
-        lin.apply(&m.down_proj, DOWN, &(gate * up)?)
+        lin.apply(&m.down_proj, DOWN, &fused::swiglu(&gate, &up)?)
     }
 
     /// An empty cache for `rows` sequences of up to `max_len` tokens.
@@ -499,6 +593,33 @@ impl Decoder {
             max_len,
         })
     }
+}
+
+/// A training batch for [`Decoder::forward_shared`]: prompts, each computed once, and the rows
+/// that continue them.
+pub struct SharedBatch {
+    /// `[k, P]` u32 prompts, right-padded.
+    pub prefixes: Tensor,
+    /// The true length of each prompt.
+    pub prefix_lens: Vec<usize>,
+    /// `[B, C]` u32 continuations, right-padded.
+    pub tails: Tensor,
+    /// Which prompt each continuation continues.
+    pub prefix_of: Vec<usize>,
+}
+
+/// `[B, 1, C, P + C]` mask for tails after right-padded prefixes: key column `j < P` is
+/// visible to row `r` when it is a real prefix token (`j < lens[r]`), tail column `P + j'`
+/// when it is not in the future (`j' <= i`).
+fn tail_mask(lens: &[usize], p: usize, c: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let mut m = Vec::with_capacity(lens.len() * c * (p + c));
+    for &len in lens {
+        for i in 0..c {
+            m.extend((0..p).map(|j| if j < len { 0.0 } else { f32::NEG_INFINITY }));
+            m.extend((0..c).map(|j| if j <= i { 0.0 } else { f32::NEG_INFINITY }));
+        }
+    }
+    Tensor::from_vec(m, (lens.len(), 1, c, p + c), device)?.to_dtype(dtype)
 }
 
 /// `[t, t]`: 0 on and below the diagonal, −∞ above.

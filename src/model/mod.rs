@@ -1,7 +1,7 @@
 //! The policy: a Llama/Qwen2/Qwen3 decoder with LoRA adapters, sampling and log-probs.
 //!
 //! Read in this order: [`device`] (where it runs), [`config`] and [`load`] (what is loaded),
-//! [`decoder`] with [`lora`] and [`ops`] (the maths), [`policy`] (what the trainer calls).
+//! [`decoder`] with [`lora`], [`ops`] and [`fused`] (the maths), [`policy`] (what the trainer calls).
 //! Around it: [`tokenizer`] (text and chat template), [`sampler`] (one token from logits),
 //! [`optim`] (AdamW, schedules, clipping) and [`adapter`] (PEFT save/load, merged export).
 
@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod config;
 pub mod decoder;
 pub mod device;
+pub mod fused;
 pub mod gemv;
 pub mod gguf;
 pub mod init;

@@ -4,7 +4,7 @@
 
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
-use super::decoder::{Decoder, LoraSpec, SampleWeights, WeightSource, LORA_MODULES};
+use super::decoder::{Decoder, LoraSpec, SampleWeights, SharedBatch, WeightSource, LORA_MODULES};
 use super::device::{parse_device, parse_dtype, parse_sample_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings, ModelFiles};
 use super::lora::Pass;
@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 
@@ -330,8 +331,11 @@ impl Policy {
     /// token (algorithms.md §1). With `grad` the result carries gradient to the adapters;
     /// `adapters = false` gives the reference policy.
     ///
-    /// Memory: a gradient pass keeps, per layer, attention scores of B × heads × T² floats;
-    /// the trainer should bound B·T² with micro-batches. Without gradient, rows are processed
+    /// Rows with the same prompt share its computation: each distinct prompt of length P goes
+    /// through the model once, and its rows' completions (up to C tokens) attend to it.
+    ///
+    /// Memory: a gradient pass keeps, per layer, attention scores of heads × (distinct
+    /// prompts × P² + B × C × (P + C)) floats; the trainer bounds B with micro-batches. Without gradient, rows are processed
     /// a few at a time.
     pub fn logprobs(
         &self,
@@ -378,28 +382,53 @@ impl Policy {
         if let Some(i) = prompts.iter().position(Vec::is_empty) {
             bail!("prompt {i} is empty: a completion needs at least one prompt token before it");
         }
-        let rows: Vec<Vec<u32>> = prompts
+        self.check_vocab(completions)?;
+        // Each distinct prompt is computed once (a group's completions share theirs).
+        let mut seen: HashMap<&[u32], usize> = HashMap::new();
+        let mut unique: Vec<Vec<u32>> = Vec::new();
+        let prefix_of: Vec<usize> = prompts
             .iter()
-            .zip(completions)
-            .map(|(p, c)| [p.as_slice(), c].concat())
+            .map(|p| {
+                *seen.entry(p.as_slice()).or_insert_with(|| {
+                    unique.push(p.clone());
+                    unique.len() - 1
+                })
+            })
             .collect();
-        let (tokens, t) = self.right_padded(&rows)?;
+        // A completion's last token is only a target: no position reads it.
+        let tails: Vec<Vec<u32>> = completions
+            .iter()
+            .map(|c| c[..c.len().saturating_sub(1)].to_vec())
+            .collect();
+        let (prefixes, p) = self.right_padded(&unique)?;
+        let (tails, c) = self.right_padded(&tails)?;
         let pass = Pass {
             adapters,
             grad,
             dropout_rng: grad.then_some(&self.dropout_rng),
         };
-        let hidden = self.decoder.forward_train(&tokens, &pass)?;
-        let hidden = hidden.reshape((b * t, self.config().hidden_size))?;
-        // Row of `hidden` predicting each completion token, and where it goes in the output.
+        let prefix_rows = unique.len() * p;
+        let batch = SharedBatch {
+            prefixes,
+            prefix_lens: unique.iter().map(Vec::len).collect(),
+            tails,
+            prefix_of,
+        };
+        let hidden = self.decoder.forward_shared(&batch, &pass)?;
+        // Row of `hidden` predicting each completion token, and where it goes in the output:
+        // the prompt's last position for the first token, the tail's positions after it.
         let mut pick = Vec::new();
         let mut targets = Vec::new();
         let n_total: usize = completions.iter().map(Vec::len).sum();
         let mut place = vec![n_total as u32; b * width];
-        for (i, (p, c)) in prompts.iter().zip(completions).enumerate() {
-            for (j, &tok) in c.iter().enumerate() {
+        for (i, (prompt, comp)) in prompts.iter().zip(completions).enumerate() {
+            for (j, &tok) in comp.iter().enumerate() {
                 place[i * width + j] = pick.len() as u32;
-                pick.push((i * t + p.len() - 1 + j) as u32);
+                pick.push(if j == 0 {
+                    (batch.prefix_of[i] * p + prompt.len() - 1) as u32
+                } else {
+                    (prefix_rows + i * c + j - 1) as u32
+                });
                 targets.push(tok);
             }
         }
