@@ -616,7 +616,7 @@ fn merged_sampling_weights_match_the_adapter_path_and_follow_the_adapters() {
                 &prompts,
                 2,
                 &opts,
-                &mut |l: &[f32]| Ok(argmax(l)),
+                &mut |rows: &[Vec<f32>]| Ok(rows.iter().map(|l| argmax(l)).collect()),
                 &mut |_: &[u32]| false,
             )
             .unwrap()

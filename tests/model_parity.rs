@@ -82,7 +82,7 @@ fn generate_greedy(policy: &Policy, prompts: &[Vec<u32>], group: usize, n: usize
             prompts,
             group,
             &greedy_opts(n),
-            &mut |l: &[f32]| Ok(argmax(l)),
+            &mut |rows: &[Vec<f32>]| Ok(rows.iter().map(|l| argmax(l)).collect()),
             &mut |_: &[u32]| false,
         )
         .unwrap();
@@ -194,7 +194,7 @@ fn eos_and_stop_end_completions_and_leave_the_batch() {
             &r.batch_greedy.prompts,
             2,
             &opts,
-            &mut |l: &[f32]| Ok(argmax(l)),
+            &mut |rows: &[Vec<f32>]| Ok(rows.iter().map(|l| argmax(l)).collect()),
             &mut |_: &[u32]| false,
         )
         .unwrap();
@@ -217,7 +217,7 @@ fn eos_and_stop_end_completions_and_leave_the_batch() {
             &r.batch_greedy.prompts[1..],
             1,
             &greedy_opts(20),
-            &mut |l: &[f32]| Ok(argmax(l)),
+            &mut |rows: &[Vec<f32>]| Ok(rows.iter().map(|l| argmax(l)).collect()),
             &mut |t: &[u32]| t.len() == 3,
         )
         .unwrap();
@@ -242,7 +242,7 @@ fn seeded_sampling_is_reproducible_and_groups_differ() {
                 &r.batch_greedy.prompts,
                 4,
                 &greedy_opts(12),
-                &mut |l: &[f32]| sampler.sample(l),
+                &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
                 &mut |_: &[u32]| false,
             )
             .unwrap()
@@ -266,7 +266,7 @@ fn seeded_sampling_is_reproducible_and_groups_differ() {
             &r.batch_greedy.prompts,
             1,
             &greedy_opts(20),
-            &mut |l: &[f32]| sampler.sample(l),
+            &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
             &mut |_: &[u32]| false,
         )
         .unwrap();
@@ -283,7 +283,7 @@ fn bad_inputs_are_refused_with_a_reason() {
                 prompts,
                 1,
                 &greedy_opts(n),
-                &mut |l: &[f32]| Ok(argmax(l)),
+                &mut |rows: &[Vec<f32>]| Ok(rows.iter().map(|l| argmax(l)).collect()),
                 &mut |_: &[u32]| false,
             )
             .unwrap_err()

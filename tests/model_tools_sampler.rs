@@ -275,3 +275,34 @@ fn stop_strings_incremental_search_catches_matches_across_chunks() {
         Some(StopMatch { start: 3, end: 4 })
     );
 }
+
+#[test]
+fn a_batch_of_rows_draws_what_row_by_row_sampling_draws() {
+    let rows: Vec<Vec<f32>> = (0..9)
+        .map(|r| {
+            (0..400)
+                .map(|i| ((i * (r + 3)) as f32 * 0.013).sin() * 4.0)
+                .collect()
+        })
+        .collect();
+    for o in [
+        opts(1.0, 0, 1.0, 0.0),
+        opts(0.7, 40, 0.9, 0.02),
+        opts(0.0, 0, 1.0, 0.0),
+    ] {
+        let (mut batch, mut single) = (Sampler::new(&o, 42), Sampler::new(&o, 42));
+        for _ in 0..20 {
+            let together = batch.sample_rows(&rows).unwrap();
+            let one_by_one: Vec<u32> = rows.iter().map(|r| single.sample(r).unwrap()).collect();
+            assert_eq!(together, one_by_one);
+        }
+        assert_eq!(batch.state(), single.state());
+    }
+    let mut bad = rows.clone();
+    bad[4] = vec![f32::NAN; 400];
+    let err = Sampler::new(&opts(1.0, 0, 1.0, 0.0), 1)
+        .sample_rows(&bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("none of the 400 logits is finite"), "{err}");
+}

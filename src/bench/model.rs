@@ -146,7 +146,7 @@ fn sampling(policy: &Policy, plan: &ModelPlan, batch: usize) -> Result<f64> {
             &prompts,
             batch,
             &opts,
-            &mut |l: &[f32]| sampler.sample(l),
+            &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
             &mut |_: &[u32]| false,
         )?;
         Ok(gens.iter().map(|g| g.tokens.len()).sum::<usize>())

@@ -479,7 +479,10 @@ impl Decoder {
             cv.slice_set(&v.contiguous()?, 2, start)?;
             let k_all = ck.narrow(2, 0, total)?;
             let v_all = cv.narrow(2, 0, total)?;
-            let o = self.attend(&q, &k_all, &v_all, mask.as_ref(), true)?;
+            let o = match super::attention::decode_step(&q, &k_all, &v_all, key_pad)? {
+                Some(o) => o,
+                None => self.attend(&q, &k_all, &v_all, mask.as_ref(), true)?,
+            };
             x = (x + lin.apply(&layer.self_attn.o_proj, O, &o)?)?;
             let h = rms_norm(&x.contiguous()?, &layer.post_attention_layernorm, eps)?;
             x = (&x + self.mlp(&layer.mlp, &h, lin)?)?;

@@ -6,6 +6,7 @@
 //! [`optim`] (AdamW, schedules, clipping) and [`adapter`] (PEFT save/load, merged export).
 
 pub mod adapter;
+mod attention;
 pub mod config;
 pub mod decoder;
 pub mod device;

@@ -484,16 +484,17 @@ impl Policy {
     /// completions of prompt p at indices `p·G .. (p+1)·G`.
     ///
     /// Each prompt is prefilled once (left-padded batch) and its KV cache copied to its G
-    /// rows. `next_token(logits)` picks a token from f32 logits over the vocabulary (the
-    /// caller's [`super::sampler::Sampler::sample`]: temperature, top-p, ...), called row by
-    /// row in index order so a seeded sampler is reproducible. `stop(tokens)` is asked after every token whether the
-    /// completion so far should end (stop strings). Finished rows leave the batch.
+    /// rows. `next_tokens(rows)` picks one token per row of f32 logits over the vocabulary
+    /// (the caller's [`super::sampler::Sampler::sample_rows`]: temperature, top-p, ...), rows
+    /// in batch order so a seeded sampler is reproducible. `stop(tokens)` is asked after every
+    /// token whether the completion so far should end (stop strings). Finished rows leave the
+    /// batch.
     pub fn generate(
         &self,
         prompts: &[Vec<u32>],
         group_size: usize,
         opts: &GenerateOptions,
-        next_token: &mut dyn FnMut(&[f32]) -> Result<u32>,
+        next_tokens: &mut PickTokens,
         stop: &mut dyn FnMut(&[u32]) -> bool,
     ) -> Result<Vec<Generation>> {
         let n = prompts.len() * group_size;
@@ -555,8 +556,11 @@ impl Policy {
         loop {
             let mut keep = Vec::with_capacity(active.len());
             let mut step_tokens = Vec::with_capacity(active.len());
-            for (r, &i) in active.iter().enumerate() {
-                let tok = next_token(&logits[r])?;
+            let picked = next_tokens(&logits)?;
+            if picked.len() != active.len() {
+                bail!("{} tokens picked for {} rows", picked.len(), active.len());
+            }
+            for (r, (&i, &tok)) in active.iter().zip(&picked).enumerate() {
                 let g = &mut out[i];
                 g.tokens.push(tok);
                 // The first reason wins: EOS, then a stop string, then the length limit.
@@ -594,6 +598,9 @@ impl Policy {
         Ok(out)
     }
 }
+
+/// Picks one token per row of logits for [`Policy::generate`].
+pub type PickTokens<'a> = dyn FnMut(&[Vec<f32>]) -> Result<Vec<u32>> + 'a;
 
 /// Whether two lists of tensors are equal element by element (same shapes, same values).
 fn same(a: &[Tensor], b: &[Tensor]) -> Result<bool> {

@@ -8,6 +8,7 @@
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::SamplingOptions;
@@ -21,12 +22,23 @@ pub struct SamplerState {
 /// Draws token ids from logits according to [`SamplingOptions`].
 #[derive(Debug, Clone)]
 pub struct Sampler {
+    filters: Filters,
+    rng: ChaCha8Rng,
+    scratch: Scratch,
+}
+
+/// The distribution filters, applied to one row given its uniform draw.
+#[derive(Debug, Clone, Copy)]
+struct Filters {
     temperature: f64,
     top_k: usize,
     top_p: f64,
     min_p: f64,
-    rng: ChaCha8Rng,
-    /// Scratch buffers reused across calls (one row of vocabulary each).
+}
+
+/// Buffers reused across calls (one row of vocabulary each).
+#[derive(Debug, Clone, Default)]
+struct Scratch {
     probs: Vec<f32>,
     order: Vec<u64>,
 }
@@ -45,13 +57,14 @@ impl Sampler {
     /// Resumes the random stream saved by [`Self::state`].
     pub fn from_state(opts: &SamplingOptions, state: SamplerState) -> Self {
         Self {
-            temperature: opts.temperature,
-            top_k: opts.top_k,
-            top_p: opts.top_p,
-            min_p: opts.min_p,
+            filters: Filters {
+                temperature: opts.temperature,
+                top_k: opts.top_k,
+                top_p: opts.top_p,
+                min_p: opts.min_p,
+            },
             rng: state.rng,
-            probs: Vec::new(),
-            order: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 
@@ -64,7 +77,7 @@ impl Sampler {
 
     /// Whether draws are deterministic argmax (temperature 0).
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
+        self.filters.temperature <= 0.0
     }
 
     /// The next token id for one row of logits (length = vocabulary size).
@@ -75,40 +88,67 @@ impl Sampler {
     /// impossible tokens; a row with no finite logit is an error (the forward pass produced
     /// garbage).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
-        let Some((best, max)) = argmax(logits) else {
-            bail!(
-                "cannot sample: none of the {} logits is finite (NaN or inf in the forward pass)",
-                logits.len()
-            );
-        };
+        let (best, max) = finite_argmax(logits)?;
         if self.is_greedy() {
             return Ok(best);
         }
         let u: f64 = self.rng.random();
+        Ok(self.filters.pick(logits, best, max, u, &mut self.scratch))
+    }
 
+    /// The next token of every row: what [`Self::sample`] called on each row in order gives
+    /// (the uniform numbers are drawn in row order first), with the rows picked in parallel.
+    ///
+    /// Why: a decoding step of a batch of 8 spends ~10% of its time here, over 152k logits
+    /// per row, on one core while the other waits.
+    pub fn sample_rows(&mut self, rows: &[Vec<f32>]) -> Result<Vec<u32>> {
+        let bests = rows
+            .par_iter()
+            .map(|row| finite_argmax(row))
+            .collect::<Result<Vec<_>>>()?;
+        if self.is_greedy() {
+            return Ok(bests.into_iter().map(|(best, _)| best).collect());
+        }
+        let draws: Vec<f64> = rows.iter().map(|_| self.rng.random()).collect();
+        let filters = self.filters;
+        Ok(rows
+            .par_iter()
+            .zip(bests)
+            .zip(draws)
+            .map_init(Scratch::default, |scratch, ((row, (best, max)), u)| {
+                filters.pick(row, best, max, u, scratch)
+            })
+            .collect())
+    }
+}
+
+impl Filters {
+    /// The token where `u` falls in the distribution of `logits` (largest finite logit `max`
+    /// at `best`) after temperature, top-k, top-p and min-p.
+    fn pick(&self, logits: &[f32], best: u32, max: f32, u: f64, scratch: &mut Scratch) -> u32 {
         // Temperature, then unnormalised probabilities relative to the best token (whose weight
         // is exactly 1, so min-p is a plain threshold).
         let inv_t = (1.0 / self.temperature) as f32;
-        self.probs.clear();
-        self.probs.extend(logits.iter().map(|&l| {
+        scratch.probs.clear();
+        scratch.probs.extend(logits.iter().map(|&l| {
             if l.is_finite() {
                 ((l - max) * inv_t).exp()
             } else {
                 0.0
             }
         }));
-        let probs = &self.probs;
+        let probs = &scratch.probs;
         let filtered =
             (self.top_k > 0 && self.top_k < logits.len()) || self.top_p < 1.0 || self.min_p > 0.0;
         if !filtered {
-            return Ok(draw(u, probs, 0..logits.len() as u32).unwrap_or(best));
+            return draw(u, probs, 0..logits.len() as u32).unwrap_or(best);
         }
 
         // Candidates as rank keys: the probability's bits (monotonic for positive floats) above
         // the complemented id, so a descending key order is "more probable first, lower id
         // first among equals" and every comparison is one integer compare.
-        self.order.clear();
-        self.order.extend(
+        scratch.order.clear();
+        scratch.order.extend(
             probs
                 .iter()
                 .enumerate()
@@ -118,9 +158,11 @@ impl Sampler {
         let by_rank = |a: &u64, b: &u64| b.cmp(a);
 
         // Top-k: the k best-ranked tokens.
-        if self.top_k > 0 && self.top_k < self.order.len() {
-            self.order.select_nth_unstable_by(self.top_k - 1, by_rank);
-            self.order.truncate(self.top_k);
+        if self.top_k > 0 && self.top_k < scratch.order.len() {
+            scratch
+                .order
+                .select_nth_unstable_by(self.top_k - 1, by_rank);
+            scratch.order.truncate(self.top_k);
         }
 
         // Top-p: keep a token when the mass ranked above it is below top_p of the kept mass
@@ -129,30 +171,30 @@ impl Sampler {
         // `order[hi..]` dropped, and everything in `order[lo..hi]` ranks between them.
         if self.top_p < 1.0 {
             let mass_of = |keys: &[u64]| keys.iter().map(|&k| f64::from(key_prob(k))).sum::<f64>();
-            let target = self.top_p * mass_of(&self.order);
-            let (mut lo, mut hi, mut above) = (0, self.order.len(), 0.0);
+            let target = self.top_p * mass_of(&scratch.order);
+            let (mut lo, mut hi, mut above) = (0, scratch.order.len(), 0.0);
             while lo < hi {
                 let mid = lo + (hi - lo) / 2;
-                self.order[lo..hi].select_nth_unstable_by(mid - lo, by_rank);
-                let upper = mass_of(&self.order[lo..mid]);
+                scratch.order[lo..hi].select_nth_unstable_by(mid - lo, by_rank);
+                let upper = mass_of(&scratch.order[lo..mid]);
                 if above + upper >= target {
                     hi = mid;
                 } else {
-                    above += upper + f64::from(key_prob(self.order[mid]));
+                    above += upper + f64::from(key_prob(scratch.order[mid]));
                     lo = mid + 1;
                 }
             }
             // lo = 0 only when top_p is 0; the last partition put the best token first.
-            self.order.truncate(lo.max(1));
+            scratch.order.truncate(lo.max(1));
         }
 
         // Min-p: drop tokens less probable than min_p times the best one.
         if self.min_p > 0.0 {
             let threshold = self.min_p as f32;
-            self.order.retain(|&k| key_prob(k) >= threshold);
+            scratch.order.retain(|&k| key_prob(k) >= threshold);
         }
 
-        Ok(draw(u, probs, self.order.iter().map(|&k| key_id(k))).unwrap_or(best))
+        draw(u, probs, scratch.order.iter().map(|&k| key_id(k))).unwrap_or(best)
     }
 }
 
@@ -186,6 +228,17 @@ fn key_prob(key: u64) -> f32 {
 
 fn key_id(key: u64) -> u32 {
     u32::MAX - key as u32
+}
+
+/// [`argmax`], or the error a row without a finite logit is.
+fn finite_argmax(logits: &[f32]) -> Result<(u32, f32)> {
+    match argmax(logits) {
+        Some(found) => Ok(found),
+        None => bail!(
+            "cannot sample: none of the {} logits is finite (NaN or inf in the forward pass)",
+            logits.len()
+        ),
+    }
 }
 
 /// Index and value of the largest finite logit (first one on ties).

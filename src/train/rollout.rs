@@ -157,7 +157,7 @@ fn sample_group(
     group_size: usize,
 ) -> Result<Vec<(Vec<u32>, String, bool)>> {
     let tokenizer = setup.tokenizer;
-    let mut next_token = |logits: &[f32]| sampler.sample(logits);
+    let mut next_tokens = |rows: &[Vec<f32>]| sampler.sample_rows(rows);
     let stop = &setup.stop;
     let mut stop_check = |tokens: &[u32]| {
         !stop.is_empty()
@@ -169,7 +169,7 @@ fn sample_group(
         &[prompt.to_vec()],
         group_size,
         &setup.generate,
-        &mut next_token,
+        &mut next_tokens,
         &mut stop_check,
     )?;
     generations
