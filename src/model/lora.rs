@@ -7,7 +7,10 @@
 //! away (f64 models, used by gradient checks, get f64 adapters).
 
 use super::ops::frozen_matmul;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var,
+};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Mutex;
@@ -133,29 +136,164 @@ impl LoraLinear {
 
     /// `x` is `[..., in]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
-        let mut y = frozen_matmul(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
         let Some(ad) = self.adapter.as_ref().filter(|_| pass.adapters) else {
-            return Ok(y);
+            return self.add_bias(frozen_matmul(x, &self.weight)?);
         };
         let (a, b) = if pass.grad {
             (ad.a.as_tensor().clone(), ad.b.as_tensor().clone())
         } else {
             (ad.a.as_tensor().detach(), ad.b.as_tensor().detach())
         };
+        let mask = match (pass.dropout_rng, ad.dropout > 0.0) {
+            (Some(rng), true) => {
+                // A poisoned lock only means another pass panicked; the RNG state is still valid.
+                let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
+                Some(dropout_mask(x, a.dtype(), ad.dropout, &mut rng)?)
+            }
+            _ => None,
+        };
+        let (inner, out) = self.dims();
+        let rows = x.elem_count() / inner.max(1);
+        let fused = x.device().is_cpu()
+            && x.dtype() == a.dtype()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && rows > super::gemv::MAX_ROWS;
+        if fused {
+            let mut dims = x.dims().to_vec();
+            let x2 = x.reshape((rows, inner))?;
+            let mask = mask.map(|m| m.reshape((rows, inner))).transpose()?;
+            let op = LoraMatmul {
+                weight: self.weight.clone(),
+                x_in: mask.as_ref().map(|m| x2.detach() * m).transpose()?,
+                mask,
+                scale: ad.scale,
+            };
+            let y = x2.apply_op3(&a, &b, op)?;
+            if let Some(last) = dims.last_mut() {
+                *last = out;
+            }
+            return self.add_bias(y.reshape(dims)?);
+        }
+        let y = self.add_bias(frozen_matmul(x, &self.weight)?)?;
         let mut xin = x.to_dtype(a.dtype())?;
-        if let (Some(rng), true) = (pass.dropout_rng, ad.dropout > 0.0) {
-            // A poisoned lock only means another pass panicked; the RNG state is still valid.
-            let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
-            xin = dropout(&xin, ad.dropout, &mut rng)?;
+        if let Some(mask) = &mask {
+            xin = xin.mul(mask)?;
         }
         let low = xin.broadcast_matmul(&a.t()?)?;
         let up = (low.broadcast_matmul(&b.t()?)? * ad.scale)?;
         let up = up.to_dtype(y.dtype())?;
         y + up
     }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x·Wᵀ + s·(x_in·Aᵀ)·Bᵀ` for a frozen `W` as one autograd node, on the CPU (f32, f64);
+/// `x_in` is `x` or its dropout. Why: composed, a LoRA linear is five nodes (frozen product,
+/// two products, scale, add), and in the backward every node's output gradient is a zeroed
+/// buffer plus an add, over `[rows, out]` (out = 4864 for an MLP projection), and the input
+/// gradient gathers two contributions. Here the forward adds the branch in place and the
+/// backward returns `dL/dx`, `dL/dA` and `dL/dB` at once.
+struct LoraMatmul {
+    weight: Tensor,
+    /// `x` with dropout applied, when dropout is on (no gradient flows through the mask).
+    x_in: Option<Tensor>,
+    /// The dropout mask (zeros and `1/(1-p)`), for `dL/dx` of the branch.
+    mask: Option<Tensor>,
+    scale: f64,
+}
+
+impl CustomOp3 for LoraMatmul {
+    fn name(&self) -> &'static str {
+        "lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (r, _) = la.shape().dims2()?;
+        let (n, _) = lb.shape().dims2()?;
+        let (w, lw) = self.weight.storage_and_layout();
+        let Storage::Cpu(w) = &*w else {
+            bail!("lora-matmul: the frozen weight is not on the CPU")
+        };
+        let y = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
+        let x_in = self.x_in.as_ref().map(Tensor::storage_and_layout);
+        let (xs, lxs) = match &x_in {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(s) => (s, *l),
+                _ => bail!("lora-matmul: the dropout input is not on the CPU"),
+            },
+            None => (x, lx),
+        };
+        let low = xs.matmul(a, (1, m, r, k), lxs, &la.transpose(0, 1)?)?;
+        let up = low.matmul(
+            b,
+            (1, m, n, r),
+            &Layout::contiguous((m, r)),
+            &lb.transpose(0, 1)?,
+        )?;
+        let y = match (y, up) {
+            (CpuStorage::F32(mut y), CpuStorage::F32(up)) => {
+                add_scaled(&mut y, &up, self.scale as f32);
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::F64(mut y), CpuStorage::F64(up)) => {
+                add_scaled(&mut y, &up, self.scale);
+                CpuStorage::F64(y)
+            }
+            _ => bail!("lora-matmul: expected f32 or f64 throughout"),
+        };
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (a, b, g) = (a.detach(), b.detach(), grad.detach());
+        let x_in = self.x_in.clone().unwrap_or_else(|| x.detach());
+        let gb = (g.matmul(&b)? * self.scale)?;
+        let da = gb.t()?.matmul(&x_in)?;
+        let db = (g.t()?.matmul(&x_in.matmul(&a.t()?)?)? * self.scale)?;
+        let mut branch = gb.matmul(&a)?;
+        if let Some(mask) = &self.mask {
+            branch = (branch * mask)?;
+        }
+        let dx = (g.matmul(&self.weight)? + branch)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+/// `y += s·u`, in parallel.
+fn add_scaled<T>(y: &mut [T], u: &[T], s: T)
+where
+    T: Copy + Send + Sync + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
+{
+    use rayon::prelude::*;
+    y.par_chunks_mut(1 << 14)
+        .zip(u.par_chunks(1 << 14))
+        .for_each(|(ys, us)| {
+            for (y, &u) in ys.iter_mut().zip(us) {
+                *y = *y + s * u;
+            }
+        });
 }
 
 /// `weight + (B·A)·alpha/r` for `adapter` (or `weight` alone), in `dtype`: a sampling copy.
@@ -195,7 +333,6 @@ fn copy_on_cpu(
     scale: f64,
     dtype: DType,
 ) -> Result<Option<Tensor>> {
-    use candle_core::{CpuStorage, Storage};
     use rayon::prelude::*;
     let f32s = [weight, a, b].iter().all(|t| t.dtype() == DType::F32);
     if !weight.device().is_cpu() || !f32s || !matches!(dtype, DType::F32 | DType::F16) {
@@ -252,18 +389,19 @@ fn copy_on_cpu(
     Ok(Some(tensor))
 }
 
-/// Inverted dropout with a mask from our seeded RNG (candle's own draws from an unseeded one).
-fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
+/// An inverted-dropout mask for `x` (zeros and `1/(1-p)`, in `dtype`) from our seeded RNG
+/// (candle's own dropout draws from an unseeded one).
+fn dropout_mask(x: &Tensor, dtype: DType, p: f64, rng: &mut ChaCha8Rng) -> Result<Tensor> {
     let keep = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.random::<f64>() < p {
-                0.0
-            } else {
-                keep as f32
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
+    let draws = (0..x.elem_count()).map(|_| rng.random::<f64>() >= p);
+    let mask = if dtype == DType::F64 {
+        let mask: Vec<f64> = draws.map(|kept| if kept { keep } else { 0.0 }).collect();
+        Tensor::from_vec(mask, x.shape(), x.device())?
+    } else {
+        let mask: Vec<f32> = draws
+            .map(|kept| if kept { keep as f32 } else { 0.0 })
+            .collect();
+        Tensor::from_vec(mask, x.shape(), x.device())?
+    };
+    mask.to_dtype(dtype)
 }
