@@ -16,6 +16,18 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
+/// `run` (a kernel call whose slices come from [`slice`]) in the float type of `storage`,
+/// wrapped back into a storage; inputs of another dtype than `storage` fail in [`slice`].
+macro_rules! per_float {
+    ($op:literal, $storage:expr, $run:expr) => {
+        match $storage {
+            CpuStorage::F32(_) => CpuStorage::F32($run),
+            CpuStorage::F64(_) => CpuStorage::F64($run),
+            _ => bail!(concat!($op, ": expected f32 or f64")),
+        }
+    };
+}
+
 /// Rows of at most this many elements form one parallel task (small rows are batched).
 const TASK_ELEMS: usize = 1 << 14;
 
@@ -70,15 +82,11 @@ impl CustomOp2 for RmsNorm {
         }
         let n = last_dim(lw)?;
         check_last(lx, n, "rms-norm input")?;
-        let y = match (x, w) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(run(slice(x, lx)?, slice(w, lw)?, self.eps))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(run(slice(x, lx)?, slice(w, lw)?, self.eps))
-            }
-            _ => bail!("fused-rms-norm: input and weight must both be f32 or f64"),
-        };
+        let y = per_float!(
+            "fused-rms-norm",
+            x,
+            run(slice(x, lx)?, slice(w, lw)?, self.eps)
+        );
         Ok((y, lx.shape().clone()))
     }
 
@@ -137,15 +145,11 @@ impl CustomOp3 for RmsNormGrad {
         }
         let n = last_dim(lw)?;
         check_last(lx, n, "rms-norm input")?;
-        let dx = match x {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(run(slice(x, lx)?, slice(w, lw)?, slice(g, lg)?, self.eps))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(run(slice(x, lx)?, slice(w, lw)?, slice(g, lg)?, self.eps))
-            }
-            _ => bail!("fused-rms-norm-grad: expected f32 or f64"),
-        };
+        let dx = per_float!(
+            "fused-rms-norm-grad",
+            x,
+            run(slice(x, lx)?, slice(w, lw)?, slice(g, lg)?, self.eps)
+        );
         Ok((dx, lx.shape().clone()))
     }
 }
@@ -260,23 +264,17 @@ impl CustomOp3 for Rope {
         }
         let dims = lx.shape().dims4()?;
         let dims = [dims.0, dims.1, dims.2, dims.3];
-        let y = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(run(
+        let y = per_float!(
+            "fused-rope",
+            x,
+            run(
                 slice(x, lx)?,
                 slice(cos, lc)?,
                 slice(sin, ls)?,
                 dims,
-                self.inverse,
-            )),
-            CpuStorage::F64(_) => CpuStorage::F64(run(
-                slice(x, lx)?,
-                slice(cos, lc)?,
-                slice(sin, ls)?,
-                dims,
-                self.inverse,
-            )),
-            _ => bail!("fused-rope: expected f32 or f64"),
-        };
+                self.inverse
+            )
+        );
         Ok((y, lx.shape().clone()))
     }
 
@@ -334,11 +332,7 @@ impl CustomOp1 for Softmax {
             y
         }
         let n = last_dim(lx)?;
-        let y = match x {
-            CpuStorage::F32(_) => CpuStorage::F32(run(slice(x, lx)?, n)),
-            CpuStorage::F64(_) => CpuStorage::F64(run(slice(x, lx)?, n)),
-            _ => bail!("fused-softmax: expected f32 or f64"),
-        };
+        let y = per_float!("fused-softmax", x, run(slice(x, lx)?, n));
         Ok((y, lx.shape().clone()))
     }
 
@@ -380,11 +374,11 @@ impl CustomOp2 for SoftmaxGrad {
             dx
         }
         let n = last_dim(ly)?;
-        let dx = match y {
-            CpuStorage::F32(_) => CpuStorage::F32(run(slice(y, ly)?, slice(g, lg)?, n)),
-            CpuStorage::F64(_) => CpuStorage::F64(run(slice(y, ly)?, slice(g, lg)?, n)),
-            _ => bail!("fused-softmax-grad: expected f32 or f64"),
-        };
+        let dx = per_float!(
+            "fused-softmax-grad",
+            y,
+            run(slice(y, ly)?, slice(g, lg)?, n)
+        );
         Ok((dx, ly.shape().clone()))
     }
 }
@@ -432,15 +426,7 @@ impl CustomOp2 for Swiglu {
                 });
             y
         }
-        let y = match (g, u) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(run(slice(g, lg)?, slice(u, lu)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(run(slice(g, lg)?, slice(u, lu)?))
-            }
-            _ => bail!("fused-swiglu: gate and up must both be f32 or f64"),
-        };
+        let y = per_float!("fused-swiglu", g, run(slice(g, lg)?, slice(u, lu)?));
         Ok((y, lg.shape().clone()))
     }
 
@@ -495,15 +481,11 @@ impl CustomOp3 for SwigluGrad {
                 });
             out
         }
-        let out = match g {
-            CpuStorage::F32(_) => {
-                CpuStorage::F32(run(slice(g, lg)?, slice(u, lu)?, slice(dy, ld)?, self.up))
-            }
-            CpuStorage::F64(_) => {
-                CpuStorage::F64(run(slice(g, lg)?, slice(u, lu)?, slice(dy, ld)?, self.up))
-            }
-            _ => bail!("fused-swiglu-grad: expected f32 or f64"),
-        };
+        let out = per_float!(
+            "fused-swiglu-grad",
+            g,
+            run(slice(g, lg)?, slice(u, lu)?, slice(dy, ld)?, self.up)
+        );
         Ok((out, lg.shape().clone()))
     }
 }
