@@ -272,6 +272,11 @@ impl CustomOp3 for LoraMatmul {
         let gb = (g.matmul(&b)? * self.scale)?;
         let da = gb.t()?.matmul(&x_in)?;
         let db = (g.t()?.matmul(&x_in.matmul(&a.t()?)?)? * self.scale)?;
+        // The first layer's input (normed embeddings) has no gradient to carry: skipping its
+        // dx saves one frozen product of every adapted projection of that layer.
+        if !x.track_op() {
+            return Ok((None, Some(da), Some(db)));
+        }
         let mut branch = gb.matmul(&a)?;
         if let Some(mask) = &self.mask {
             branch = (branch * mask)?;
