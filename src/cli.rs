@@ -130,10 +130,11 @@ lean-grpo init-model --corpus data/prelude.jsonl --output tiny --hidden 128 --la
 object: checker proofs/s at one job and at one job per core (against a bare loop of the same Lean \
 command), sampling tokens/s at batch 1 and 8, one training step (the trainer's update of a group \
 of 4 completions: forward with gradient through the LoRA adapters, GRPO loss, backward, AdamW \
-step; timed after one untimed step, as every step of a run but its first), and the loss + backward of each algorithm, with the date, the machine and the settings. \
-The default (full) mode uses a Qwen2.5-0.5B-shaped random model and every proof of the file; \
-`--reduced` runs the same code on small shapes and 12 proofs in well under a minute. Without \
-`--lean-cmd` the checker section is reported as skipped. Progress goes to stderr.",
+step; timed after one untimed step, as every step of a run but its first), and the loss + \
+backward of each algorithm, with the date, the machine and the settings. The default (full) \
+mode uses a Qwen2.5-0.5B-shaped random model and every proof of the file; `--reduced` runs the \
+same code on small shapes and 12 proofs in well under a minute. Without `--lean-cmd` the \
+checker section is reported as skipped. Progress goes to stderr.",
         after_help = "Examples:\n  lean-grpo bench --lean-cmd \"$(scripts/test-lean.sh) --json\" --output bench.json\n  \
 lean-grpo bench data/prelude.jsonl --reduced --lean-cmd \"lean --json\"\n  \
 lean-grpo bench --reduced | jq .figures.sampling"

@@ -101,12 +101,11 @@ pub fn measure(plan: &ModelPlan) -> Result<(ModelSettings, SamplingFigures, Trai
     drop(model.weights);
     let (batch_1, batch_8) = (sampling(&policy, plan, 1)?, sampling(&policy, plan, 8)?);
     policy.set_sample_dtype(Some(DType::F16))?;
+    let merge = || Ok(policy.decoder().sample_weights(DType::F16, true)?);
     // The first merges of a process also fault in the gigabyte they write (2-3 s against
     // ~0.8 s after); a run merges once per optimizer step, so one is run here untimed.
-    policy.decoder().sample_weights(DType::F16, true)?;
-    let (f16_merge_seconds, _) = best_of(plan.rounds, || {
-        Ok(policy.decoder().sample_weights(DType::F16, true)?)
-    })?;
+    merge()?;
+    let (f16_merge_seconds, _) = best_of(plan.rounds, merge)?;
     // Builds the copy that the timed calls then reuse.
     policy.sampling_weights(true)?;
     let (f16_batch_1, f16_batch_8) = (sampling(&policy, plan, 1)?, sampling(&policy, plan, 8)?);
@@ -181,16 +180,16 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
         micro_batches: 1,
         max_grad_norm: train.max_grad_norm,
     };
-    // A run's first update also touches its activation memory for the first time and creates
-    // the optimizer's moments (~1.3 s more on the bench machine); a run pays that once in
-    // hundreds of steps, so it is run here untimed.
-    let warmup = update.run_tokens(&prepared, &prompts, &completions, &mut optimizer)?;
-    ensure!(warmup.stepped, "the training step took no optimizer step");
-    let (step_seconds, _) = best_of(plan.rounds, || {
+    let mut step = || {
         let outcome = update.run_tokens(&prepared, &prompts, &completions, &mut optimizer)?;
         ensure!(outcome.stepped, "the training step took no optimizer step");
         Ok(())
-    })?;
+    };
+    // A run's first update also touches its activation memory for the first time and creates
+    // the optimizer's moments (1-1.3 s more on the bench machine); a run pays that once in
+    // hundreds of steps, so it is run here untimed.
+    step()?;
+    let (step_seconds, _) = best_of(plan.rounds, step)?;
     tracing::info!("bench: training step {step_seconds:.3} s");
     let (reference_logprobs_seconds, _) = best_of(plan.rounds, || {
         policy.logprobs(&prompts, &completions, 1.0, false, false)
