@@ -1,6 +1,6 @@
 //! LoRA and the training path: adapters start as the identity, log-prob gradients match finite
-//! differences, every trainable tensor receives a gradient, and the custom ops' gradients equal
-//! candle's autograd on the plain path.
+//! differences, every trainable tensor receives a gradient, one AdamW step moves the adapters
+//! and nothing frozen, and the custom ops' gradients equal candle's autograd on the plain path.
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use lean_grpo::model::adapter::save_adapter;
@@ -772,5 +772,79 @@ fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
                 "{rows} rows: gradient w.r.t. {name} differs by {d}"
             );
         }
+    }
+}
+
+/// The bits of a tensor, for exact before/after comparisons.
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+#[test]
+fn one_adamw_step_moves_every_adapter_tensor_and_nothing_frozen() {
+    use lean_grpo::config::TrainOptions;
+    use lean_grpo::train::Optimizer;
+    let train = TrainOptions {
+        learning_rate: 1e-3,
+        lr_scheduler_type: "constant".into(),
+        warmup_ratio: 0.0,
+        ..TrainOptions::default()
+    };
+    let rows = vec![vec![295, 266, 269, 62, 15, 17], vec![72, 77, 67]];
+    for name in ["tiny-qwen2", "tiny-llama", "tiny-qwen3"] {
+        let p = policy(
+            name,
+            DType::F32,
+            &LoraOptions {
+                r: 4,
+                ..LoraOptions::default()
+            },
+        );
+        // B ≠ 0, so that A gets a gradient too.
+        randomize_b(&p, 0.1, 6);
+        let frozen = |p: &Policy| -> Vec<(String, Vec<u32>)> {
+            let dec = p.decoder();
+            let mut all: Vec<_> = dec
+                .linears()
+                .into_iter()
+                .map(|(n, lin)| (n, bits(lin.weight())))
+                .collect();
+            all.push(("lm_head".into(), bits(dec.lm_head())));
+            // Embeddings, norms and biases: the base model's logits, bit for bit.
+            all.push(("base logits".into(), bits(&p.logits(&rows, false).unwrap())));
+            all
+        };
+        let adapters = |p: &Policy| -> Vec<(String, Vec<u32>, Vec<u32>)> {
+            p.lora_vars()
+                .into_iter()
+                .map(|(n, a, b)| (n, bits(a.as_tensor()), bits(b.as_tensor())))
+                .collect()
+        };
+        let (frozen_before, adapters_before) = (frozen(&p), adapters(&p));
+        let adapted_before = bits(&p.logits(&rows, true).unwrap());
+
+        let mut optimizer = Optimizer::new(&p.lora_vars(), &train, 1).unwrap();
+        let mut grads = objective(&p, true).backward().unwrap();
+        optimizer.step(&mut grads, train.max_grad_norm).unwrap();
+
+        for ((n, before), (_, after)) in frozen_before.iter().zip(frozen(&p)) {
+            assert!(before == &after, "{name}: frozen {n} moved");
+        }
+        for ((n, a0, b0), (_, a1, b1)) in adapters_before.iter().zip(adapters(&p)) {
+            assert!(a0 != &a1, "{name} {n}: lora_A did not move");
+            assert!(b0 != &b1, "{name} {n}: lora_B did not move");
+        }
+        assert!(
+            bits(&p.logits(&rows, true).unwrap()) != adapted_before,
+            "{name}: the adapted model did not change"
+        );
     }
 }
