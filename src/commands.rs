@@ -61,7 +61,7 @@ fn configure(
 ) -> Result<Option<Config>> {
     let config = Config::load(args.config.as_deref(), flags, algo_config)?;
     if args.print_config {
-        print!("{}", config.to_yaml());
+        print!("{}", config.with_resolved_algorithm()?.to_yaml());
         return Ok(None);
     }
     Ok(Some(config))

@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::algo::{AlgoConfig, AlgoError};
 use crate::lean::CheckerOptions;
 use crate::model::{LoraOptions, ModelOptions, SamplingOptions};
 
@@ -117,8 +118,8 @@ impl Default for TrainOptions {
 pub struct EvalOptions {
     /// Samples per problem (n of pass@k).
     pub num_samples: usize,
-    /// The k values to report.
-    pub k: Vec<usize>,
+    /// The k values to report; `None`: [`DEFAULT_K`], those of them that fit `num_samples`.
+    pub k: Option<Vec<usize>>,
     /// Evaluate only records of this split.
     pub split: Option<String>,
     /// Directory for the per-problem results and the summary; `None` = `evals/<time>`.
@@ -132,7 +133,7 @@ impl Default for EvalOptions {
     fn default() -> Self {
         Self {
             num_samples: 8,
-            k: vec![1, 8],
+            k: None,
             split: None,
             output_dir: None,
             concurrency: 8,
@@ -140,6 +141,9 @@ impl Default for EvalOptions {
         }
     }
 }
+
+/// The pass@k values `eval` reports unless `eval.k` names others.
+pub const DEFAULT_K: [usize; 2] = [1, 8];
 
 /// A configuration that cannot be used. Always an input error (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +154,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             origin: origin.into(),
             message: message.into(),
@@ -223,7 +227,7 @@ impl Config {
                 section.extend(overrides);
             }
         }
-        Ok(Config {
+        let config = Config {
             model: section(&merged, "model", &origin)?,
             lora: section(&merged, "lora", &origin)?,
             sampling: section(&merged, "sampling", &origin)?,
@@ -231,6 +235,42 @@ impl Config {
             algorithm_config: section(&merged, "algorithm_config", &origin)?,
             checker: section(&merged, "checker", &origin)?,
             eval: section(&merged, "eval", &origin)?,
+        };
+        // A bad algorithm key fails here, before any model is loaded.
+        config
+            .algorithm()
+            .map_err(|e| ConfigError::new(&origin, e.to_string()))?;
+        Ok(config)
+    }
+
+    /// The run's algorithm: `train.algorithm`'s preset with the `algorithm_config` overrides,
+    /// for the trainer's group size and completion length.
+    pub fn algorithm(&self) -> Result<AlgoConfig, AlgoError> {
+        AlgoConfig::resolve(
+            &self.train.algorithm,
+            &self.algorithm_config,
+            self.train.num_generations,
+            self.sampling.max_completion_length,
+        )
+    }
+
+    /// This configuration with every algorithm key written out (the preset's values included),
+    /// as `--print-config` shows it: reading it back resolves to the same algorithm.
+    pub fn with_resolved_algorithm(&self) -> Result<Config, AlgoError> {
+        let resolved = serde_json::to_value(self.algorithm()?).map_err(|e| {
+            AlgoError::Batch(format!("cannot serialise the algorithm configuration: {e}"))
+        })?;
+        let mut keys = match resolved {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        // The preset is `train.algorithm`, and G and L_max are the trainer's keys.
+        for trainer_key in ["algorithm", "group_size", "max_completion_length"] {
+            keys.remove(trainer_key);
+        }
+        Ok(Config {
+            algorithm_config: keys,
+            ..self.clone()
         })
     }
 

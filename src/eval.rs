@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, DEFAULT_K};
 use crate::data::{user_message, Theorem};
 use crate::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message};
 use crate::lean::{progress_bar, Checked, Checker, Evidence, Job};
@@ -72,12 +72,7 @@ pub fn evaluate(
     if eval.num_samples == 0 {
         bail!("eval.num_samples (-n) must be at least 1");
     }
-    if let Some(&k) = eval.k.iter().find(|&&k| k == 0 || k > eval.num_samples) {
-        bail!(
-            "pass@{k} needs 1 <= k <= n, and n (-n / eval.num_samples) is {}",
-            eval.num_samples
-        );
-    }
+    let ks = k_values(eval.k.as_deref(), eval.num_samples)?;
     let output_dir = eval.output_dir.clone().unwrap_or_else(default_output_dir);
     std::fs::create_dir_all(&output_dir).with_context(|| {
         format!(
@@ -120,7 +115,7 @@ pub fn evaluate(
     }
     bar.finish_and_clear();
     results.flush()?;
-    let summary = passk::summarize(&counts, &eval.k);
+    let summary = passk::summarize(&counts, &ks);
     let summary_path = output_dir.join("summary.json");
     std::fs::write(&summary_path, serde_json::to_vec_pretty(&summary)?)
         .with_context(|| format!("cannot write {}", summary_path.display()))?;
@@ -128,6 +123,30 @@ pub fn evaluate(
         output_dir,
         summary,
     })
+}
+
+/// The k values to report for `n` samples: the explicit `--k` values (each must lie in 1..=n),
+/// or those of [`DEFAULT_K`] that fit n, saying which were left out.
+fn k_values(explicit: Option<&[usize]>, n: usize) -> Result<Vec<usize>> {
+    if let Some(ks) = explicit {
+        if let Some(&k) = ks.iter().find(|&&k| k == 0 || k > n) {
+            return Err(ConfigError::new(
+                "eval.k (--k)",
+                format!("pass@{k} needs 1 <= k <= n, and n (-n / eval.num_samples) is {n}; lower --k or raise -n"),
+            )
+            .into());
+        }
+        return Ok(ks.to_vec());
+    }
+    let (fit, dropped): (Vec<usize>, Vec<usize>) = DEFAULT_K.iter().partition(|&&k| k <= n);
+    if !dropped.is_empty() {
+        let dropped: Vec<String> = dropped.iter().map(|k| format!("pass@{k}")).collect();
+        tracing::info!(
+            "reporting pass@k for k <= n = {n} only; {} left out (raise -n to get them)",
+            dropped.join(", ")
+        );
+    }
+    Ok(fit)
 }
 
 /// Theorems sampled per rollout: enough to overlap sampling with checking, few enough for a

@@ -31,8 +31,9 @@ fn soft_overlong_punishment_makes_a_failed_group_non_constant() {
     assert_eq!(cfg.overlong_cache, 2);
     let p = prep(&cfg, &[0.0; 4], &[9, 10, 5, 4]);
     assert_eq!(p.shaped_rewards, [-0.5, -1.0, 0.0, 0.0]);
-    assert_eq!(p.kept, [true; 4]);
     assert_eq!(p.zero_variance_groups, 0);
+    // ... and yet dynamic sampling drops it, since it filters on the task reward (§3.2).
+    assert_eq!(p.kept, [false; 4]);
     // Longer than L_max gets the full penalty, scaled by the factor.
     let cfg = config("dapo", json!({"overlong_penalty_factor": 0.5}), 4, 10);
     assert_eq!(lean_grpo::algo::overlong_penalty(&cfg, 11), -0.5);
@@ -57,6 +58,57 @@ fn dynamic_sampling_drops_zero_variance_groups_and_reports_the_fraction() {
     let p = prep(&cfg, &[0.3, 0.3, 0.0, 1.0], &[3; 4]);
     assert_eq!(p.kept, [true; 4]);
     assert_eq!(&p.advantages[..2], [0.0, 0.0]);
+}
+
+/// docs/algorithms.md §3.1–§3.2: four failed proofs of lengths 9, 10, 5, 4 with L = 10, C = 2
+/// have shaped rewards −0.5, −1, 0, 0. Filtering on the task reward drops the group (nothing
+/// was accepted, so only length would be learned); filtering on the shaped reward keeps it.
+#[test]
+fn failed_proofs_of_different_lengths_are_dropped_on_task_reward_kept_on_shaped() {
+    let failed = [0.0; 4];
+    let lengths = [9, 10, 5, 4];
+    let on_reward = config("dapo", json!({"overlong_cache": 2}), 4, 10);
+    assert_eq!(
+        on_reward.dynamic_sampling_metric,
+        lean_grpo::algo::DynamicSamplingMetric::Reward,
+        "the dapo preset filters like the paper"
+    );
+    let p = prep(&on_reward, &failed, &lengths);
+    assert_close(
+        &p.shaped_rewards
+            .iter()
+            .map(|&r| r as f32)
+            .collect::<Vec<_>>(),
+        &[-0.5, -1.0, 0.0, 0.0],
+    );
+    assert_eq!(p.kept, [false; 4]);
+    assert!(p.kept_rows().is_empty());
+    assert_eq!(p.dropped_flat_task_reward(), 1);
+    assert_eq!(p.zero_variance_groups, 0, "the shaped rewards do differ");
+
+    let on_shaped = config(
+        "dapo",
+        json!({"overlong_cache": 2, "dynamic_sampling_metric": "shaped_reward"}),
+        4,
+        10,
+    );
+    let p = prep(&on_shaped, &failed, &lengths);
+    assert_eq!(p.kept, [true; 4]);
+    assert_eq!(p.dropped_flat_task_reward(), 0);
+    // The kept group learns length alone: the shortest replies get the positive advantages.
+    assert!(p.advantages[2] > 0.0 && p.advantages[3] > 0.0 && p.advantages[1] < 0.0);
+
+    // A group with a spread in task reward is kept under both, and its advantages use the shaped
+    // rewards (§3.3): the long accepted proof gains less than the short one.
+    let mixed = [1.0, 0.0, 1.0, 0.0];
+    let a = prep(&on_reward, &mixed, &lengths);
+    let b = prep(&on_shaped, &mixed, &lengths);
+    assert_eq!(
+        (a.kept.clone(), b.kept.clone()),
+        (vec![true; 4], vec![true; 4])
+    );
+    assert_eq!(a.advantages, b.advantages);
+    assert!(a.advantages[2] > a.advantages[0]);
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! messages a user sees.
 
 use lean_grpo::algo::{
-    catalog_json, presets, table, AdvantageNorm, AlgoConfig, ImportanceLevel, KlEstimator, LossAgg,
-    ScaleRewards, KEYS,
+    catalog_json, presets, table, AdvantageNorm, AlgoConfig, DynamicSamplingMetric,
+    ImportanceLevel, KlEstimator, LossAgg, ScaleRewards, KEYS,
 };
 use serde_json::{json, Map, Value};
 
@@ -64,6 +64,16 @@ fn dapo_preset_and_its_overlong_window() {
     assert_eq!((c.epsilon, c.epsilon_high()), (0.2, 0.28));
     assert_eq!(c.loss_agg, LossAgg::TokenMean);
     assert!(c.dynamic_sampling && c.mask_truncated_completions);
+    assert_eq!(
+        c.dynamic_sampling_metric,
+        DynamicSamplingMetric::Reward,
+        "filters on accuracy, like the paper"
+    );
+    assert_eq!(
+        resolve("dapo", json!({"dynamic_sampling_metric": "shaped_reward"}))
+            .dynamic_sampling_metric,
+        DynamicSamplingMetric::ShapedReward
+    );
     assert_eq!(c.overlong_cache, 102, "floor(512 / 5)");
     assert_eq!(c.beta, 0.0);
     for (l, want) in [(10, 2), (4, 0), (1024, 204), (4096, 819)] {
@@ -122,7 +132,7 @@ fn unknown_key_lists_every_valid_key() {
         &["unknown algorithm_config key `epsilonhigh`", "valid keys: "],
     );
     assert_contains(&msg, KEYS);
-    assert_eq!(KEYS.len(), 30, "spec §5 has 30 keys");
+    assert_eq!(KEYS.len(), 31, "docs/algorithms.md §5 has 31 keys");
 }
 
 #[test]
@@ -213,6 +223,10 @@ fn range_errors_name_the_key_and_the_allowed_range() {
         (
             json!({"dynamic_sampling": "yes"}),
             "`dynamic_sampling` must be true or false",
+        ),
+        (
+            json!({"dynamic_sampling_metric": "accuracy"}),
+            "`dynamic_sampling_metric` must be one of reward, shaped_reward, got \"accuracy\"",
         ),
         (
             json!({"group_size": 4}),

@@ -81,6 +81,12 @@ fn print_config_round_trips_through_the_cli() {
     assert!(out.status.success(), "{}", stderr(&out));
     let printed = stdout(&out);
     assert!(printed.contains("algorithm: dapo"));
+    // Every algorithm key is written out, the preset's included.
+    assert!(
+        printed.contains("dynamic_sampling_metric: reward"),
+        "{printed}"
+    );
+    assert!(printed.contains("epsilon_high: 0.28"), "{printed}");
     let path = dir.path().join("effective.yaml");
     std::fs::write(&path, &printed).unwrap();
     let again = lean_grpo(&[
@@ -109,4 +115,11 @@ fn algorithms_lists_all_five_as_text_and_json() {
     for name in ["grpo", "dapo", "drgrpo", "gspo", "dgpo"] {
         assert!(text.contains(&format!("\"{name}\"")), "JSON lacks {name}");
     }
+    let dapo = &json["algorithms"][1];
+    assert_eq!(dapo["name"], "dapo");
+    assert_eq!(dapo["resolved"]["dynamic_sampling_metric"], "reward");
+    assert!(dapo["advantage"]
+        .as_str()
+        .unwrap()
+        .contains("groups with equal task rewards dropped"));
 }

@@ -462,10 +462,30 @@ fn check_command_writes_jsonl_and_summarises() {
 
     let completions = dir.path().join("completions.jsonl");
     std::fs::write(&completions, "{\"name\": \"a\", \"completion\": \"by\\n  trivial\"}\n\n{\"name\": \"zz\", \"completion\": \"rfl\"}\n").unwrap();
-    let err = run_check(&[a, b], Some(&completions), Some(&out), &opts(), false).unwrap_err();
+    let err = run_check(
+        &[a.clone(), b.clone()],
+        Some(&completions),
+        Some(&out),
+        &opts(),
+        false,
+    )
+    .unwrap_err();
     assert!(
         format!("{err:#}").contains("completions.jsonl:3: no theorem named `zz`"),
         "{err:#}"
+    );
+
+    // Extra fields are ignored, as in theorem files: a file written for another tool checks.
+    std::fs::write(
+        &completions,
+        "{\"name\": \"a\", \"completion\": \"by\\n  trivial\", \"expect_accepted\": true}\n\
+         {\"name\": \"b\", \"completion\": \"by\\n  -- fake:error\\n  trivial\", \"model\": \"m\"}\n",
+    )
+    .unwrap();
+    let summary = run_check(&[a, b], Some(&completions), Some(&out), &opts(), false).unwrap();
+    assert_eq!(
+        summary.to_string(),
+        "1 accepted, 1 rejected (lean_error: 1)"
     );
 }
 

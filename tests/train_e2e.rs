@@ -549,6 +549,59 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
     }
 }
 
+/// `eval -n 1` reports the default k values that fit n (pass@1) instead of failing on pass@8;
+/// an explicit `--k` that does not fit is an input error naming the fix.
+#[test]
+fn eval_with_one_sample_reports_the_default_ks_that_fit() {
+    let Some(lean) = real_lean() else { return };
+    let theorems =
+        lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), Some("test"))
+            .unwrap();
+    let server = fake_openai(&theorems, |theorem, n| {
+        (0..n)
+            .map(|_| (reply(theorem.proof.as_deref().unwrap()), "stop"))
+            .collect()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let eval = |out: &Path, extra: &[&str]| {
+        let mut cmd = lean_grpo();
+        cmd.args([
+            "eval",
+            "data/prelude.jsonl",
+            "--split",
+            "test",
+            "--endpoint",
+            &server.base,
+            "--served-model",
+            "prover",
+            "-n",
+            "1",
+            "--lean-cmd",
+            &format!("{lean} --json"),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .args(extra);
+        cmd.output().unwrap()
+    };
+    let out = tmp.path().join("one");
+    let result = eval(&out, &[]);
+    assert!(result.status.success(), "{result:?}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let ks: Vec<&String> = summary["pass_at_k"].as_object().unwrap().keys().collect();
+    assert_eq!(ks, ["1"], "{summary}");
+    assert_eq!(summary["pass_at_k"]["1"], 1.0);
+
+    let result = eval(&tmp.path().join("bad"), &["--k", "1,4"]);
+    assert_eq!(result.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("pass@4 needs 1 <= k <= n") && stderr.contains("lower --k or raise -n"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn eval_with_a_local_model_and_plot_of_a_run() {
     let Some(lean) = real_lean() else { return };
@@ -766,4 +819,80 @@ fn train_endpoint_without_served_model_is_a_clear_error() {
         "{stderr}"
     );
     assert!(!out.exists(), "no run directory is left behind");
+}
+
+/// docs/algorithms.md §3.2: DAPO filters groups on the task reward. A server whose proofs all fail
+/// (real Lean says so), some short, some long enough for the overlong penalty, gives groups whose
+/// shaped rewards differ only by length: under the default `dynamic_sampling_metric: reward` no
+/// group is kept, no optimizer step is taken and the adapter stays where it started; under
+/// `shaped_reward` the same samples train the policy on length alone.
+#[test]
+fn dapo_takes_no_step_when_every_proof_fails_whatever_the_lengths() {
+    let Some(lean) = real_lean() else { return };
+    let theorems =
+        lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), Some("train"))
+            .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let tokenizer = lean_grpo::model::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    // L = 64, C = ⌊64/5⌋ = 12: a reply of more than 52 tokens is penalised, a short one is not.
+    let mut long = String::from("```lean\nN.z");
+    while tokenizer.encode(&long, false).unwrap().len() < 58 {
+        long.push_str(" N.z");
+    }
+    let short = String::from("```lean\nN.z");
+    let server = fake_openai(&theorems, move |_, n| {
+        (0..n)
+            .map(|i| (if i % 2 == 0 { &short } else { &long }.clone(), "stop"))
+            .collect()
+    });
+    let run_dapo = |metric: &str| {
+        let out = tmp.path().join(metric);
+        let mut args = train_args(&model, &lean, &out, "dapo", 1);
+        let at = args
+            .iter()
+            .position(|a| a == "--max-completion-length")
+            .unwrap();
+        args[at + 1] = "64".into();
+        args.extend(
+            [
+                "--endpoint",
+                &server.base,
+                "--served-model",
+                "prover",
+                "--algo-config",
+                &format!(r#"{{"dynamic_sampling_metric": "{metric}"}}"#),
+            ]
+            .map(String::from),
+        );
+        assert!(run(lean_grpo().args(&args)).status.success());
+        let samples = json_lines(&out.join("samples.jsonl"));
+        assert!(samples.iter().all(|s| s["accepted"] == false));
+        let lengths: std::collections::BTreeSet<u64> = samples
+            .iter()
+            .map(|s| s["tokens"].as_u64().unwrap())
+            .collect();
+        assert!(lengths.len() > 1 && lengths.iter().any(|&l| l > 52));
+        let metrics = json_lines(&out.join("metrics.jsonl"));
+        assert_eq!(metrics.len(), 1);
+        (metrics[0].clone(), lora_b_max_abs(&out.join("adapter")))
+    };
+
+    let (m, moved) = run_dapo("reward");
+    assert_eq!(m["optimizer_step"], false, "{m}");
+    assert_eq!(
+        m["resample_rounds"], 3,
+        "DAPO resampled before giving up: {m}"
+    );
+    let groups = m["completions"].as_u64().unwrap() / 2;
+    assert_eq!(m["groups_dropped"], groups, "{m}");
+    assert_eq!(m["groups_dropped_flat_reward"], groups, "{m}");
+    assert_eq!(m["kept_groups_none_accepted"], 0, "{m}");
+    assert_eq!(moved, 0.0, "no step was taken, so LoRA B is still zero");
+
+    let (m, moved) = run_dapo("shaped_reward");
+    assert_eq!(m["optimizer_step"], true, "{m}");
+    assert_eq!(m["groups_dropped"], 0, "{m}");
+    assert_eq!(m["kept_groups_none_accepted"], 2, "{m}");
+    assert!(moved > 0.0, "the length-only groups moved the adapter");
 }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::batch::{Row, StepBatch};
-use super::config::{AdvantageNorm, AlgoConfig, ScaleRewards};
+use super::config::{AdvantageNorm, AlgoConfig, DynamicSamplingMetric, ScaleRewards};
 use super::AlgoError;
 
 /// A group is zero-variance when its shaped rewards span at most this much (spec §3.2).
@@ -24,6 +24,8 @@ pub struct Prepared {
     pub truncated: Vec<bool>,
     /// Groups whose shaped rewards are all equal (dropped or not).
     pub zero_variance_groups: usize,
+    /// Per group: its task rewards (before shaping) are all equal, e.g. every proof failed.
+    pub flat_task_reward: Vec<bool>,
 }
 
 impl Prepared {
@@ -38,6 +40,16 @@ impl Prepared {
             0 => 0.0,
             n => self.zero_variance_groups as f64 / n as f64,
         }
+    }
+
+    /// Groups dropped by dynamic sampling whose task rewards were all equal: under the default
+    /// `dynamic_sampling_metric: reward`, every dropped group.
+    pub fn dropped_flat_task_reward(&self) -> usize {
+        self.flat_task_reward
+            .iter()
+            .enumerate()
+            .filter(|&(g, flat)| *flat && !self.kept[g * self.group_size])
+            .count()
     }
 
     /// Indices of the groups that stay in the batch. With dynamic sampling the loop refills
@@ -120,8 +132,13 @@ pub fn prepare(
         .map(|(r, &len)| r + overlong_penalty(cfg, len))
         .collect();
     let zero_var: Vec<bool> = shaped.chunks(g).map(is_zero_variance).collect();
+    let flat_task_reward: Vec<bool> = rewards.chunks(g).map(is_zero_variance).collect();
+    let no_spread = match cfg.dynamic_sampling_metric {
+        DynamicSamplingMetric::Reward => &flat_task_reward,
+        DynamicSamplingMetric::ShapedReward => &zero_var,
+    };
     let kept: Vec<bool> = (0..b)
-        .map(|i| !(cfg.dynamic_sampling && zero_var[i / g]))
+        .map(|i| !(cfg.dynamic_sampling && no_spread[i / g]))
         .collect();
     let advantages = advantages(cfg, &shaped, &kept, &zero_var);
     Ok(Prepared {
@@ -132,6 +149,7 @@ pub fn prepare(
         lengths: lengths.to_vec(),
         truncated: truncated.to_vec(),
         zero_variance_groups: zero_var.iter().filter(|z| **z).count(),
+        flat_task_reward,
     })
 }
 
@@ -149,7 +167,7 @@ pub fn overlong_penalty(cfg: &AlgoConfig, len: usize) -> f64 {
     }
 }
 
-/// max − min of a group's shaped rewards ≤ 1e-9.
+/// max − min of a group's rewards ≤ 1e-9.
 pub fn is_zero_variance(group: &[f64]) -> bool {
     let max = group.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let min = group.iter().copied().fold(f64::INFINITY, f64::min);

@@ -20,6 +20,18 @@ pub enum ScaleRewards {
     None,
 }
 
+/// What dynamic sampling measures a group's spread on (docs/algorithms.md §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DynamicSamplingMetric {
+    /// The task reward before overlong shaping: for binary rewards, "some but not all proofs
+    /// accepted" (the DAPO paper's filter). A group of failed proofs that differ only in length
+    /// is dropped, so length alone never drives an update.
+    Reward,
+    /// The shaped reward (task reward plus the overlong penalty): keeps such groups.
+    ShapedReward,
+}
+
 /// Z-score (mean, then `scale_rewards`) or within-group ranks mapped to [−1, 1].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -81,6 +93,12 @@ impl Choice for ScaleRewards {
         ("none", Self::None),
     ];
 }
+impl Choice for DynamicSamplingMetric {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("reward", Self::Reward),
+        ("shaped_reward", Self::ShapedReward),
+    ];
+}
 impl Choice for AdvantageNorm {
     const CHOICES: &'static [(&'static str, Self)] =
         &[("zscore", Self::Zscore), ("rank", Self::Rank)];
@@ -112,6 +130,7 @@ macro_rules! display_choice {
 }
 display_choice!(
     ScaleRewards,
+    DynamicSamplingMetric,
     AdvantageNorm,
     ImportanceLevel,
     KlEstimator,
@@ -129,6 +148,7 @@ pub const KEYS: &[&str] = &[
     "positive_advantage_scale",
     "negative_advantage_scale",
     "dynamic_sampling",
+    "dynamic_sampling_metric",
     "max_resample_rounds",
     "mask_truncated_completions",
     "overlong_cache",
@@ -167,6 +187,7 @@ pub struct AlgoConfig {
     pub positive_advantage_scale: f64,
     pub negative_advantage_scale: f64,
     pub dynamic_sampling: bool,
+    pub dynamic_sampling_metric: DynamicSamplingMetric,
     pub max_resample_rounds: usize,
     pub mask_truncated_completions: bool,
     pub overlong_cache: usize,
@@ -205,6 +226,7 @@ impl AlgoConfig {
             positive_advantage_scale: 1.0,
             negative_advantage_scale: 1.0,
             dynamic_sampling: false,
+            dynamic_sampling_metric: DynamicSamplingMetric::Reward,
             max_resample_rounds: 3,
             mask_truncated_completions: false,
             overlong_cache: 0,
@@ -329,6 +351,7 @@ impl AlgoConfig {
                 self.negative_advantage_scale = parse_f64(key, v, |x| x >= 0.0, "a number ≥ 0")?
             }
             "dynamic_sampling" => self.dynamic_sampling = parse_bool(key, v)?,
+            "dynamic_sampling_metric" => self.dynamic_sampling_metric = parse_choice(key, v)?,
             "max_resample_rounds" => {
                 self.max_resample_rounds = parse_usize(key, v, 0, "an integer ≥ 0")?
             }

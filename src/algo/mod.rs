@@ -25,7 +25,8 @@ mod seed_keys;
 pub use advantage::{overlong_penalty, prepare, Prepared};
 pub use batch::{Denominators, Row, StepBatch};
 pub use config::{
-    AdvantageNorm, AlgoConfig, ImportanceLevel, KlEstimator, LossAgg, ScaleRewards, KEYS,
+    AdvantageNorm, AlgoConfig, DynamicSamplingMetric, ImportanceLevel, KlEstimator, LossAgg,
+    ScaleRewards, KEYS,
 };
 pub use loss::{loss, Diagnostics, LogProbs, LossOutput};
 pub use presets::{catalog_json, table};

@@ -4,7 +4,9 @@
 
 use serde_json::{json, Map, Value};
 
-use super::config::{AdvantageNorm, AlgoConfig, ImportanceLevel, ScaleRewards};
+use super::config::{
+    AdvantageNorm, AlgoConfig, DynamicSamplingMetric, ImportanceLevel, ScaleRewards,
+};
 use super::AlgoError;
 
 /// A preset override value. `FifthOfMaxCompletionLength` is DAPO's overlong window ⌊L_max/5⌋.
@@ -176,10 +178,14 @@ fn advantage_text(c: &AlgoConfig) -> String {
         (AdvantageNorm::Zscore, ScaleRewards::Batch) => "(r - group mean) / batch std",
         (AdvantageNorm::Zscore, ScaleRewards::None) => "r - group mean",
     };
-    if c.dynamic_sampling {
-        format!("{base}, zero-variance groups dropped")
-    } else {
-        base.to_string()
+    match (c.dynamic_sampling, c.dynamic_sampling_metric) {
+        (false, _) => base.to_string(),
+        (true, DynamicSamplingMetric::Reward) => {
+            format!("{base}, groups with equal task rewards dropped")
+        }
+        (true, DynamicSamplingMetric::ShapedReward) => {
+            format!("{base}, groups with equal shaped rewards dropped")
+        }
     }
 }
 

@@ -41,8 +41,9 @@ impl fmt::Display for CheckSummary {
     }
 }
 
+/// One line of a completions file. Other fields (`expect_accepted`, a model name, ...) are
+/// ignored, as they are in theorem files, so a file written for another tool checks as is.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct CompletionRecord {
     name: String,
     completion: String,

@@ -27,6 +27,14 @@ pub struct StepMetrics {
     pub zero_variance_fraction: f64,
     /// Groups dropped by dynamic sampling, and the extra sampling rounds it took.
     pub groups_dropped: usize,
+    /// Of the dropped groups, those whose task rewards (before overlong shaping) were all
+    /// equal: all proofs failed, or all passed.
+    #[serde(default)]
+    pub groups_dropped_flat_reward: usize,
+    /// Groups trained on in which Lean accepted no proof: their only signal is partial credit
+    /// or length (none under DAPO's default filter with binary rewards).
+    #[serde(default)]
+    pub kept_groups_none_accepted: usize,
     pub resample_rounds: usize,
     /// False when nothing was left to learn from (no optimizer step).
     pub optimizer_step: bool,

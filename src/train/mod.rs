@@ -74,12 +74,7 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
     if train.batch_size == 0 {
         bail!("train.batch_size (theorems per step) must be at least 1");
     }
-    let algo = AlgoConfig::resolve(
-        &train.algorithm,
-        &config.algorithm_config,
-        train.num_generations,
-        config.sampling.max_completion_length,
-    )?;
+    let algo = config.algorithm()?;
     if algo.entropy_coef > 0.0 {
         bail!(
             "algorithm_config.entropy_coef > 0 needs full-vocabulary entropies, which the \
@@ -337,6 +332,14 @@ impl Step<'_> {
         };
         state.step += 1;
         let step = state.step;
+        if prepared.kept_groups().is_empty() {
+            tracing::info!(
+                "step {step}: no optimizer step: dynamic sampling dropped all {} groups ({} with \
+                 equal task rewards) after {rounds} extra sampling rounds",
+                prepared.groups(),
+                prepared.dropped_flat_task_reward()
+            );
+        }
         let lr = optimizer.learning_rate();
         let train_start = Instant::now();
         let outcome = Update {
@@ -384,6 +387,17 @@ impl Step<'_> {
             verdicts,
             zero_variance_fraction: prepared.zero_variance_fraction(),
             groups_dropped: prepared.groups() - prepared.kept_groups().len(),
+            groups_dropped_flat_reward: prepared.dropped_flat_task_reward(),
+            kept_groups_none_accepted: prepared
+                .kept_groups()
+                .iter()
+                .filter(|&&g| {
+                    groups[g]
+                        .completions
+                        .iter()
+                        .all(|c| !c.checked.verdict.is_accepted())
+                })
+                .count(),
             resample_rounds: rounds,
             optimizer_step: outcome.stepped,
             loss: outcome.loss,

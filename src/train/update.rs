@@ -85,7 +85,7 @@ impl Update<'_> {
         let batch = prepared.kept_rows();
         let mut outcome = UpdateOutcome::default();
         if batch.is_empty() {
-            tracing::info!("no group left to learn from after dynamic sampling; step skipped");
+            tracing::debug!("no group left to learn from after dynamic sampling; update skipped");
             return Ok(outcome);
         }
         let minibatches = batch.split(self.algo.num_minibatches);
