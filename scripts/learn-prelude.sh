@@ -14,7 +14,9 @@
 #
 # Everything is seeded ($SEED, default 0): the model, the adapters' init, the example order,
 # sampling. Knobs (environment): SEED, ALGORITHMS, RL_STEPS, RL_LR, SFT_LIMIT, SFT_EPOCHS,
-# SFT_LR, EVAL_N, LEAN (a `lean` binary; default: scripts/test-lean.sh fetches one).
+# SFT_LR, EVAL_N, ALGO_CONFIG (JSON passed to `train --algo-config`, e.g.
+# '{"dynamic_sampling_metric": "shaped_reward"}'), LEAN (a `lean` binary; default:
+# scripts/test-lean.sh fetches one).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +29,10 @@ sft_limit="${SFT_LIMIT:-24}"
 sft_epochs="${SFT_EPOCHS:-16}"
 sft_lr="${SFT_LR:-1e-2}"
 eval_n="${EVAL_N:-8}"
+algo_config=()
+if [[ -n "${ALGO_CONFIG:-}" ]]; then
+    algo_config=(--algo-config "$ALGO_CONFIG")
+fi
 data="$repo/data/prelude.jsonl"
 # Max completion tokens. 47 of the 75 taught replies are 10 tokens (`MyEq.refl _`), all but four
 # fit. Not 24: DAPO's overlong shaping penalises the last ⌊len/5⌋ tokens, and at 24 that pushed
@@ -76,7 +82,7 @@ for algo in $algorithms; do
     "$lg" -q train "$data" --split train --model "$out/model" --adapter "$out/sft" \
         --algorithm "$algo" --num-generations 8 --batch-size 2 --max-steps "$rl_steps" \
         --learning-rate "$rl_lr" --seed "$seed" "${sampling[@]}" "${checker[@]}" \
-        --output "$out/$algo" >&2
+        ${algo_config[@]+"${algo_config[@]}"} --output "$out/$algo" >&2
     rl_seconds=$((SECONDS - t0))
     after="$(evaluate "$out/$algo/adapter" "$out/eval-$algo")"
     "$lg" plot "$out/$algo" >/dev/null
