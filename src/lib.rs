@@ -6,6 +6,7 @@
 //! each stage.
 
 pub mod algo;
+pub mod atomic;
 pub mod bench;
 pub mod cli;
 pub mod commands;

@@ -19,6 +19,7 @@ use safetensors::{Dtype, SafeTensors, View};
 use serde_json::{json, Value as Json};
 
 use super::LoraOptions;
+use crate::atomic;
 
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -142,8 +143,8 @@ pub fn save_adapter(
         ));
     }
     let config = adapter_config(lora, base_model);
-    write_dir_atomically(dir, true, |tmp| {
-        write_file_synced(
+    atomic::write_dir(dir, true, |tmp| {
+        atomic::write_file(
             &tmp.join(ADAPTER_CONFIG_FILE),
             serde_json::to_string_pretty(&config)?.as_bytes(),
         )?;
@@ -443,7 +444,7 @@ pub fn export_merged(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
 
     let mut copied_files = Vec::new();
     let mut merged_weights = 0;
-    write_dir_atomically(out_dir, true, |tmp| {
+    atomic::write_dir(out_dir, true, |tmp| {
         for shard in &shards {
             let bytes =
                 fs::read(shard).with_context(|| format!("cannot read {}", shard.display()))?;
@@ -486,7 +487,7 @@ pub fn export_merged(base_dir: &Path, adapter_dir: &Path, out_dir: &Path) -> Res
             if path.is_file() && !is_weights {
                 let bytes =
                     fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                write_file_synced(&tmp.join(&name), &bytes)?;
+                atomic::write_file(&tmp.join(&name), &bytes)?;
                 copied_files.push(name);
             }
         }
@@ -642,89 +643,8 @@ fn write_safetensors_with<V: View>(
     tensors: Vec<(String, V)>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
-    let tmp = temp_sibling(path)?;
-    safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
-        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))?;
-    sync_and_rename(&tmp, path)
-}
-
-/// Writes `bytes` to `path` through a synced temporary file and a rename.
-pub(crate) fn write_file_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_sibling(path)?;
-    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    sync_and_rename(&tmp, path)
-}
-
-fn temp_sibling(path: &Path) -> Result<PathBuf> {
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} has no file name", path.display()))?;
-    let mut tmp_name = name.to_os_string();
-    tmp_name.push(".tmp");
-    Ok(path.with_file_name(tmp_name))
-}
-
-fn sync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
-    fs::File::open(tmp)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("cannot sync {}", tmp.display()))?;
-    fs::rename(tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
-}
-
-/// Fills a fresh temporary directory next to `dir` with `fill`, then puts it in `dir`'s place
-/// (moving an existing `dir` aside first when `replace` is set and deleting it afterwards). On
-/// error the temporary directory is removed and `dir` is untouched.
-fn write_dir_atomically(
-    dir: &Path,
-    replace: bool,
-    fill: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .with_context(|| format!("{} has no directory name", dir.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
-        .tempdir_in(&parent)
-        .with_context(|| {
-            format!(
-                "cannot create a temporary directory in {}",
-                parent.display()
-            )
-        })?;
-    fill(staging.path())?;
-
-    let old = if dir.exists() {
-        ensure!(replace, "{} already exists", dir.display());
-        // Renaming onto an empty directory is allowed; the tempdir reserves a unique name.
-        let aside = tempfile::Builder::new()
-            .prefix(&format!(".{name}.old-"))
-            .tempdir_in(&parent)?
-            .keep();
-        fs::rename(dir, &aside).with_context(|| format!("cannot move {} aside", dir.display()))?;
-        Some(aside)
-    } else {
-        None
-    };
-    let staged = staging.keep();
-    if let Err(e) = fs::rename(&staged, dir) {
-        if let Some(old) = &old {
-            // Best effort: put the previous version back before reporting.
-            let _ = fs::rename(old, dir);
-        }
-        let _ = fs::remove_dir_all(&staged);
-        return Err(e).with_context(|| format!("cannot move the new files into {}", dir.display()));
-    }
-    if let Some(old) = old {
-        fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot remove the previous version {}", old.display()))?;
-    }
-    Ok(())
+    atomic::write_with(path, |tmp| {
+        safetensors::serialize_to_file(tensors, Some(metadata), tmp)
+            .map_err(|e| anyhow!("cannot write {}: {e}", tmp.display()))
+    })
 }

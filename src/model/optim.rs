@@ -20,7 +20,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::adapter::{write_file_synced, write_safetensors};
+use super::adapter::write_safetensors;
+use crate::atomic;
 
 pub const OPTIMIZER_STATE_FILE: &str = "optimizer.safetensors";
 pub const OPTIMIZER_META_FILE: &str = "optimizer.json";
@@ -169,7 +170,7 @@ impl AdamW {
             params: self.params,
             vars: self.vars.iter().map(|(n, _)| n.clone()).collect(),
         };
-        write_file_synced(
+        atomic::write_file(
             &dir.join(OPTIMIZER_META_FILE),
             serde_json::to_string_pretty(&meta)?.as_bytes(),
         )
