@@ -24,7 +24,7 @@ pub struct Config {
     pub lora: LoraOptions,
     pub sampling: SamplingOptions,
     pub train: TrainOptions,
-    /// Overrides of the chosen algorithm's preset (keys of the algorithms spec §5), validated by
+    /// Overrides of the chosen algorithm's preset (keys of docs/algorithms.md §5), validated by
     /// [`crate::algo`] when the run starts.
     pub algorithm_config: Map<String, Value>,
     pub checker: CheckerOptions,

@@ -2,7 +2,7 @@
 //!
 //! Binary by default: every strong published prover was trained on "Lean accepted it or not".
 //! `partial` gives a rejected proof a share of a small cap for the part of it that ends before
-//! Lean's first error (checker spec §5), never for `sorry`, `forbidden`, `axioms` or
+//! Lean's first error (docs/checker.md §5), never for `sorry`, `forbidden`, `axioms` or
 //! `statement_changed`, and the cap is below 1 so any complete proof beats any partial one.
 //! DAPO's overlong shaping is not here: it belongs to the algorithm (it reads lengths, not
 //! verdicts).

@@ -1,5 +1,5 @@
-//! Behaviour of `prepare` and `loss` beyond the vectors: the spec's worked examples, edge cases
-//! of §8 and the properties the spec states in prose.
+//! Behaviour of `prepare` and `loss` beyond the vectors: the worked examples of
+//! docs/algorithms.md, edge cases of its §8 and the properties it states in prose.
 
 mod algo_support;
 
@@ -26,7 +26,7 @@ fn assert_close(got: &[f32], want: &[f64]) {
 
 #[test]
 fn soft_overlong_punishment_makes_a_failed_group_non_constant() {
-    // Spec §3.1: four failed proofs of lengths 9, 10, 5, 4 with L = 10, C = 2.
+    // docs/algorithms.md §3.1: four failed proofs of lengths 9, 10, 5, 4 with L = 10, C = 2.
     let cfg = config("dapo", json!({}), 4, 10);
     assert_eq!(cfg.overlong_cache, 2);
     let p = prep(&cfg, &[0.0; 4], &[9, 10, 5, 4]);

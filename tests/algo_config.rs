@@ -1,5 +1,5 @@
-//! Configuration: presets, overrides, the seed keys of spec §6 and every validation of §5, as the
-//! messages a user sees.
+//! Configuration: presets, overrides, the seed keys of docs/algorithms.md §6 and every validation
+//! of §5, as the messages a user sees.
 
 use lean_grpo::algo::{
     catalog_json, presets, table, AdvantageNorm, AlgoConfig, DynamicSamplingMetric,
@@ -350,7 +350,7 @@ fn rejected_seed_keys_name_their_replacement() {
     for (v, want) in cases {
         let msg = error("grpo", v.clone());
         assert!(msg.contains(want), "{v}: message {msg:?} lacks {want:?}");
-        assert!(msg.contains("see algorithms spec §6"), "{v}: {msg:?}");
+        assert!(msg.contains("see docs/algorithms.md §6"), "{v}: {msg:?}");
     }
 }
 

@@ -1,6 +1,6 @@
-//! The candle loss against a plain f64 transcription of spec §3.4–§3.8 and §4.5 (value and
-//! gradient written out by hand), on random batches and random configurations: covers the
-//! options the public vectors do not (abs/mse KL, δ, a binding log-ratio clamp, rank
+//! The candle loss against a plain f64 transcription of docs/algorithms.md §3.4–§3.8 and §4.5
+//! (value and gradient written out by hand), on random batches and random configurations:
+//! covers the options the public vectors do not (abs/mse KL, δ, a binding log-ratio clamp, rank
 //! advantages, masked truncation, DPO margins and top-K), for every preset.
 
 mod algo_support;
@@ -12,7 +12,7 @@ use lean_grpo::algo::{
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
-/// The spec's formulas in f64. Returns (loss, gradient w.r.t. ℓ).
+/// The formulas of docs/algorithms.md in f64. Returns (loss, gradient w.r.t. ℓ).
 fn reference_loss(
     cfg: &AlgoConfig,
     p: &Prepared,

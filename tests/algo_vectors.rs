@@ -1,4 +1,5 @@
-//! The algorithm test vectors (spec §9): every case, evaluated whole and as micro-batches.
+//! The algorithm test vectors (docs/algorithms.md §9): every case, evaluated whole and as
+//! micro-batches.
 //! Set `LEAN_GRPO_ALGO_VECTORS` to check another vector file of the same layout.
 
 mod algo_support;

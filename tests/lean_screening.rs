@@ -1,5 +1,5 @@
-//! Screening (checker spec §2): for every rule, a proof it must reject and a harmless look-alike
-//! it must let through; and the extraction rules of §1 that decide what is screened.
+//! Screening (docs/checker.md §2): for every rule, a proof it must reject and a harmless
+//! look-alike it must let through; and the extraction rules of §1 that decide what is screened.
 
 use lean_grpo::lean::{
     explain_screening, extract_proof, screen, Extracted, ScreenPolicy, Screened,

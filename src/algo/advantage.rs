@@ -1,4 +1,4 @@
-//! From rewards to advantages (spec §3.1–§3.3): overlong shaping, the dynamic-sampling decision
+//! From rewards to advantages (docs/algorithms.md §3.1–§3.3): overlong shaping, dynamic sampling
 //! and group-relative advantages. All statistics are computed in f64 from f64 rewards.
 
 use serde::Serialize;
@@ -7,7 +7,7 @@ use super::batch::{Row, StepBatch};
 use super::config::{AdvantageNorm, AlgoConfig, DynamicSamplingMetric, ScaleRewards};
 use super::AlgoError;
 
-/// A group is zero-variance when its shaped rewards span at most this much (spec §3.2).
+/// A group is zero-variance when its shaped rewards span at most this (docs/algorithms.md §3.2).
 pub const ZERO_VARIANCE_SPAN: f64 = 1e-9;
 
 /// A generation batch after §3.1–§3.3: what the training loop needs before any forward pass.
@@ -34,7 +34,7 @@ impl Prepared {
         self.shaped_rewards.len() / self.group_size.max(1)
     }
 
-    /// Fraction of zero-variance groups, logged every step (spec §3.2); 0 for an empty batch.
+    /// Fraction of zero-variance groups, logged every step (docs/algorithms.md §3.2); 0 if empty.
     pub fn zero_variance_fraction(&self) -> f64 {
         match self.groups() {
             0 => 0.0,
@@ -153,7 +153,7 @@ pub fn prepare(
     })
 }
 
-/// DAPO's soft overlong punishment (spec §3.1); 0 when `overlong_cache` is 0.
+/// DAPO's soft overlong punishment (docs/algorithms.md §3.1); 0 when `overlong_cache` is 0.
 pub fn overlong_penalty(cfg: &AlgoConfig, len: usize) -> f64 {
     let c = cfg.overlong_cache;
     let l = cfg.max_completion_length;
@@ -208,7 +208,7 @@ fn ranks(xs: &[f64]) -> Vec<f64> {
     out
 }
 
-/// Advantages of spec §3.3 for kept rows (0 for dropped rows and zero-variance groups).
+/// Advantages of docs/algorithms.md §3.3 for kept rows (0 for dropped and zero-variance groups).
 fn advantages(cfg: &AlgoConfig, shaped: &[f64], kept: &[bool], zero_var: &[bool]) -> Vec<f32> {
     let g = cfg.group_size;
     let kept_rewards: Vec<f64> = shaped
@@ -246,7 +246,7 @@ fn advantages(cfg: &AlgoConfig, shaped: &[f64], kept: &[bool], zero_var: &[bool]
     out
 }
 
-/// Optional clip, then sign-dependent scaling (spec §3.3, in that order).
+/// Optional clip, then sign-dependent scaling (docs/algorithms.md §3.3, in that order).
 fn post_process(cfg: &AlgoConfig, mut a: f64) -> f64 {
     if let Some(c) = cfg.advantage_clip {
         a = a.clamp(-c, c);

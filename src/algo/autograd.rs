@@ -1,5 +1,5 @@
 //! Differentiable element-wise helpers whose gradients follow PyTorch's conventions, which the
-//! test vectors pin (spec §8 "Autograd conventions").
+//! test vectors pin (docs/algorithms.md §8, "Autograd conventions").
 //!
 //! Candle's `clamp` is `maximum` then `minimum`, and its min/max backward splits the gradient
 //! equally on ties, so at a clip boundary candle's clamp passes only half the gradient where

@@ -1,5 +1,5 @@
 //! Optimizer-step batches of whole groups, their split into minibatches and micro-batches, and the
-//! step-batch denominators every micro-batch loss divides by (spec §2, §3.7).
+//! step-batch denominators every micro-batch loss divides by (docs/algorithms.md §2, §3.7).
 
 use std::ops::Range;
 
@@ -100,7 +100,7 @@ impl StepBatch {
     }
 }
 
-/// The normalisers of spec §3.7 over a whole optimizer-step batch. Compute them once per step
+/// The normalisers of docs/algorithms.md §3.7 over a whole optimizer-step batch. Compute them once
 /// with [`Denominators::new`] and pass them to every micro-batch loss, so the micro-batch losses
 /// (and gradients) sum to those of the step batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,4 +1,4 @@
-//! [`AlgoConfig`]: every key of the algorithms spec §5, resolved from a preset plus overrides and
+//! [`AlgoConfig`]: every key of docs/algorithms.md §5, resolved from a preset plus overrides and
 //! validated once, so the loss code never meets an out-of-range value.
 
 use serde::Serialize;
@@ -8,7 +8,7 @@ use super::presets::{self, Preset};
 use super::seed_keys;
 use super::AlgoError;
 
-/// How advantages are scaled after subtracting the group mean (spec §3.3).
+/// How advantages are scaled after subtracting the group mean (docs/algorithms.md §3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ScaleRewards {
@@ -40,7 +40,7 @@ pub enum AdvantageNorm {
     Rank,
 }
 
-/// The unit of the importance weight (spec §3.4).
+/// The unit of the importance weight (docs/algorithms.md §3.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ImportanceLevel {
@@ -50,7 +50,7 @@ pub enum ImportanceLevel {
     Sequence,
 }
 
-/// Per-token estimator of KL(π‖π_ref) (spec §3.6).
+/// Per-token estimator of KL(π‖π_ref) (docs/algorithms.md §3.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KlEstimator {
@@ -62,7 +62,7 @@ pub enum KlEstimator {
     Mse,
 }
 
-/// How token losses are reduced to one number (spec §3.7).
+/// How token losses are reduced to one number (docs/algorithms.md §3.7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LossAgg {
@@ -137,7 +137,7 @@ display_choice!(
     LossAgg
 );
 
-/// The keys of spec §5, in its order: what `algorithm_config` accepts and what error messages list.
+/// The keys of docs/algorithms.md §5 in its order: what `algorithm_config` accepts and errors list.
 pub const KEYS: &[&str] = &[
     "group_size",
     "max_completion_length",
@@ -172,7 +172,7 @@ pub const KEYS: &[&str] = &[
     "dpo_reference_free",
 ];
 
-/// One algorithm's fully resolved settings (spec §5). Build it with [`AlgoConfig::resolve`];
+/// One algorithm's resolved settings (docs/algorithms.md §5). Build it with [`AlgoConfig::resolve`];
 /// serialising it gives the effective configuration of a run, which `resolve` reads back.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlgoConfig {
@@ -213,7 +213,7 @@ pub struct AlgoConfig {
 }
 
 impl AlgoConfig {
-    /// The base defaults of spec §5 (which are GRPO's).
+    /// The base defaults of docs/algorithms.md §5 (which are GRPO's).
     fn base(group_size: usize, max_completion_length: usize) -> Self {
         Self {
             algorithm: "grpo".into(),
@@ -252,7 +252,7 @@ impl AlgoConfig {
     }
 
     /// Builds the configuration of `algorithm` (a name or alias from [`presets::PRESETS`]): base
-    /// defaults, then the preset, then `overrides` (the `algorithm_config` mapping; keys of spec §5
+    /// defaults, the preset, then `overrides` (the `algorithm_config` map; docs/algorithms.md §5 keys
     /// or the seed keys §6 maps), then validation.
     ///
     /// `group_size` and `max_completion_length` are the trainer's; the same keys in `overrides`

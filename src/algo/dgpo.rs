@@ -1,4 +1,4 @@
-//! DGPO's pairwise DPO term (spec §4.5): preference pairs from the rewards inside each group,
+//! DGPO's pairwise DPO term (docs/algorithms.md §4.5): preference pairs from the rewards in a group,
 //! scored by the policy's sequence log-likelihood margin against the reference.
 
 use candle_core::{Result, Tensor};

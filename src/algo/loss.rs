@@ -1,4 +1,4 @@
-//! The loss of one (micro-)batch (spec §3.4–§3.7, §4.5): importance weights, the clipped
+//! The loss of one (micro-)batch (docs/algorithms.md §3.4–§3.7, §4.5): importance weights, clipped
 //! surrogate, the KL penalty, the reduction and the DGPO mixing, as a candle graph whose only
 //! gradient path is the current policy's log-probs.
 

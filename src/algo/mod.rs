@@ -1,6 +1,6 @@
 //! Policy-optimisation algorithms (GRPO, DAPO, Dr. GRPO, GSPO, DGPO): advantages and losses.
 //!
-//! One code path implements all five (the algorithms spec, `algorithms.md`): every difference
+//! One code path implements all five (docs/algorithms.md): every difference
 //! between them is a key of [`AlgoConfig`], and an algorithm is a named preset of keys
 //! ([`presets::PRESETS`]). A training step uses this module in four calls:
 //!
@@ -40,7 +40,7 @@ pub enum AlgoError {
     UnknownAlgorithm { name: String, valid: String },
     #[error("unknown algorithm_config key `{key}`; valid keys: {valid}")]
     UnknownKey { key: String, valid: String },
-    #[error("algorithm_config {what} is not accepted: {advice} (see algorithms spec §6)")]
+    #[error("algorithm_config {what} is not accepted: {advice} (see docs/algorithms.md §6)")]
     Rejected { what: String, advice: String },
     #[error("algorithm_config key `{key}` must be {expected}, got {got}")]
     Invalid {

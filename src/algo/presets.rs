@@ -1,4 +1,4 @@
-//! The registry: an algorithm is a named preset of [`AlgoConfig`] keys (spec §0, §4, §5), plus the
+//! The registry: each algorithm is a preset of [`AlgoConfig`] keys (docs/algorithms.md §4, §5) plus the
 //! words `lean-grpo algorithms` shows for it. Every column of the table that describes behaviour
 //! is derived from the resolved preset, so the table cannot drift from the code.
 

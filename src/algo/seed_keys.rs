@@ -1,4 +1,4 @@
-//! The seed project's (lzumot/lean_grpo) configuration keys and where they went (spec §6).
+//! The seed project's (lzumot/lean_grpo) config keys and where they went (docs/algorithms.md §6).
 //!
 //! Users migrating a seed config get one of three outcomes per key: it maps onto a key of §5
 //! (possibly with a value translation), it is accepted and has no effect, or it is rejected with
@@ -25,7 +25,7 @@ const NO_RUNNING_STATS: &str = "cross-step running statistics, bonuses and criti
      group baseline that defines these methods; for sparse success use `dynamic_sampling: true` \
      (DAPO's answer)";
 const NOT_GSPO: &str = "the seed's group-synchronisation knobs describe a different method than \
-     GSPO (see spec §7); the closest principled relative of `consensus` is `scale_rewards: batch`";
+     GSPO (docs/algorithms.md §7); the nearest principled relative of `consensus` is `scale_rewards: batch`";
 const NO_REWARD_EDIT: &str =
     "rewards are not rescaled or filtered inside the algorithm; shape them \
      in the reward config, and use `std_eps` for the std floor";

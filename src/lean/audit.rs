@@ -1,4 +1,5 @@
-//! The axiom audit: reading the answer to the checker's own `#print axioms NAME` (spec §4.5).
+//! The axiom audit: reading the answer to the checker's own `#print axioms NAME`
+//! (docs/checker.md §4.5).
 
 /// The axioms every accepted proof may use (Mathlib's classical logic).
 pub const STANDARD_AXIOMS: [&str; 3] = ["propext", "Classical.choice", "Quot.sound"];

@@ -1,4 +1,4 @@
-//! From a model completion to the proof text that follows `:=` (checker spec §1).
+//! From a model completion to the proof text that follows `:=` (docs/checker.md §1).
 //!
 //! The statement that is checked always comes from the data set. A completion that restates
 //! the theorem is compared with ours and cut after its first top-level `:=`; everything else

@@ -1,4 +1,5 @@
-//! Screening: what a proof may not contain, decided before any process starts (checker spec §2).
+//! Screening: what a proof may not contain, decided before any process starts
+//! (docs/checker.md §2).
 //!
 //! Model output is untrusted code, and Lean runs code at elaboration time. [`RULES`] is the one
 //! list of what is rejected; [`explain_screening`] prints it. Matching runs on the proof with

@@ -1,5 +1,5 @@
 //! The checked file: `preamble + statement + " " + proof`, then the checker's own
-//! `#print axioms NAME` (checker spec §1 and §4.5).
+//! `#print axioms NAME` (docs/checker.md §1 and §4.5).
 
 use super::extract::declared_name;
 use super::lex::{line_col, mask, words};

@@ -1,5 +1,5 @@
-//! The verdict on one proof and the evidence behind it (checker spec §4), and the partial-credit
-//! measure the reward may use (§5).
+//! The verdict on one proof and the evidence behind it (docs/checker.md §4), and the
+//! partial-credit measure the reward may use (§5).
 
 use serde::{Deserialize, Serialize};
 
@@ -223,7 +223,7 @@ pub struct LeanRun {
 const MAX_MESSAGES: usize = 32;
 const MAX_TEXT: usize = 4000;
 
-/// Decide the verdict of a run by the rules of spec §4 (screening has already passed).
+/// Decide the verdict of a run by the rules of docs/checker.md §4 (screening has already passed).
 pub fn judge(run: &LeanRun, source: &Source, allow_native_decide: bool) -> Verdict {
     let audit = find_audit(&run.messages, source);
     let mut evidence = Evidence {

@@ -328,7 +328,7 @@ impl Policy {
 
     /// Per-token log-probs of `completions[i]` after `prompts[i]`: `[B, max completion len]`
     /// f32 (f64 for an f64 model), zero beyond each completion. `log_softmax(logits / temperature)` at the sampled
-    /// token (algorithms.md §1). With `grad` the result carries gradient to the adapters;
+    /// token (docs/algorithms.md §1). With `grad` the result carries gradient to the adapters;
     /// `adapters = false` gives the reference policy.
     ///
     /// Rows with the same prompt share its computation: each distinct prompt of length P goes

@@ -1,4 +1,4 @@
-//! The RL loop (algorithms spec §2): sample P theorems × G proofs, check them with Lean, turn
+//! The RL loop (docs/algorithms.md §2): sample P theorems × G proofs, check them with Lean, turn
 //! verdicts into rewards, refill for dynamic sampling, compute advantages, then minibatches ×
 //! iterations of forward, loss, backward, clip and AdamW step on the LoRA adapters.
 //!

@@ -4,7 +4,7 @@
 //! The server answers with text. Each completion is tokenized with the policy's tokenizer into
 //! the ids the policy would have had to emit to write it, and from there on it is an ordinary
 //! [`Completion`]: checked by Lean, rewarded, and trained on with ℓ^old recomputed by the
-//! current policy exactly as for local samples (algorithms spec §2, step 1).
+//! current policy exactly as for local samples (docs/algorithms.md §2, step 1).
 //!
 //! The server never sees the LoRA updates: it keeps serving the model it was started with, so
 //! the samples come from that model, not from the policy being trained. The update weighs them

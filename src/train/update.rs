@@ -1,4 +1,4 @@
-//! The update of one generation batch (algorithms spec §2, steps 4–6): minibatches of whole
+//! The update of one generation batch (docs/algorithms.md §2, steps 4–6): minibatches of whole
 //! groups × `num_iterations`, each minibatch one optimizer step whose gradient is accumulated
 //! over memory micro-batches under the minibatch's denominators.
 
@@ -90,7 +90,7 @@ impl Update<'_> {
         }
         let minibatches = batch.split(self.algo.num_minibatches);
         // On-policy with a single optimizer step, ℓ^old equals the detached ℓ of the training
-        // forward; otherwise it must be frozen before the first update (spec §2, step 1).
+        // forward; otherwise it is frozen before the first update (docs/algorithms.md §2, step 1).
         let old = if self.algo.num_iterations == 1 && minibatches.len() == 1 {
             None
         } else {
