@@ -149,6 +149,10 @@ mod tests {
         assert_eq!(fs::read(dir.join("a")).unwrap(), b"1");
         write_dir(&dir, true, |tmp| write_file(&tmp.join("a"), b"3")).unwrap();
         assert_eq!(fs::read(dir.join("a")).unwrap(), b"3");
-        assert_eq!(fs::read_dir(root.path()).unwrap().count(), 1, "no leftovers");
+        assert_eq!(
+            fs::read_dir(root.path()).unwrap().count(),
+            1,
+            "no leftovers"
+        );
     }
 }

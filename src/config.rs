@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::algo::{AlgoConfig, AlgoError};
 use crate::lean::CheckerOptions;
+use crate::model::optim::{AdamWParams, OptimizerSettings, ScheduleKind};
 use crate::model::{LoraOptions, ModelOptions, SamplingOptions};
 
 /// The effective configuration of one run: what `--print-config` prints and what a run directory
@@ -45,8 +46,8 @@ pub struct TrainOptions {
     pub max_steps: Option<usize>,
     pub num_train_epochs: usize,
     pub learning_rate: f64,
-    /// `constant`, `constant_with_warmup` or `cosine`.
-    pub lr_scheduler_type: String,
+    /// `constant`, `constant_with_warmup`, `linear` or `cosine`.
+    pub lr_scheduler_type: ScheduleKind,
     pub warmup_ratio: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
@@ -89,7 +90,7 @@ impl Default for TrainOptions {
             max_steps: None,
             num_train_epochs: 1,
             learning_rate: 1e-5,
-            lr_scheduler_type: "constant".into(),
+            lr_scheduler_type: ScheduleKind::Constant,
             warmup_ratio: 0.0,
             weight_decay: 0.0,
             adam_beta1: 0.9,
@@ -108,6 +109,23 @@ impl Default for TrainOptions {
             endpoint: None,
             served_model: None,
             api_key_env: None,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// The optimizer this section configures.
+    pub fn optimizer(&self) -> OptimizerSettings {
+        OptimizerSettings {
+            adamw: AdamWParams {
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_epsilon,
+                weight_decay: self.weight_decay,
+            },
+            learning_rate: self.learning_rate,
+            schedule: self.lr_scheduler_type,
+            warmup_ratio: self.warmup_ratio,
         }
     }
 }

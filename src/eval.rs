@@ -7,20 +7,20 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError, DEFAULT_K};
 use crate::data::{user_message, Theorem};
-use crate::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message};
-use crate::lean::{progress_bar, Checked, Checker, Evidence, Job};
-use crate::model::sampler::{Sampler, StopStrings};
+use crate::endpoint::{ChatRequest, EndpointClient, EndpointOptions};
+use crate::lean::{Checked, Checker, Evidence, Job};
+use crate::model::sampler::Sampler;
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
-use crate::model::{GenerateOptions, Policy};
+use crate::model::Policy;
 use crate::passk::{self, PassAtKSummary, ProblemCounts};
-use crate::train::{load_adapter_into, prompt_tokens, rollout, SamplingSetup};
+use crate::rollout::{all_prompt_tokens, chat_request, rollout, SamplingSetup};
 
 /// Where samples come from.
 pub enum Source {
@@ -86,7 +86,7 @@ pub fn evaluate(
             .with_context(|| format!("cannot write {}", results_path.display()))?,
     );
     let checker = Checker::new(&config.checker)?;
-    let bar = progress_bar(theorems.len() as u64, show_progress);
+    let bar = crate::progress::bar(theorems.len(), 0, "theorem", show_progress);
     let mut counts = Vec::with_capacity(theorems.len());
     let mut write = |problem: ProblemResult| -> Result<()> {
         counts.push(ProblemCounts {
@@ -159,27 +159,12 @@ fn local(
     checker: &Checker,
     write: &mut dyn FnMut(ProblemResult) -> Result<()>,
 ) -> Result<()> {
+    // `Policy::load` applies `model.adapter`; without one, sample the base model alone.
     let policy = Policy::load(&config.model, &config.lora, config.eval.seed)?;
     let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
-    if let Some(dir) = &config.model.adapter {
-        load_adapter_into(&policy, &config.lora, Path::new(dir))?;
-    }
     let adapters = config.model.adapter.is_some();
-    let prompts = theorems
-        .iter()
-        .map(|t| prompt_tokens(&tokenizer, t))
-        .collect::<Result<Vec<_>>>()?;
-    let setup = SamplingSetup {
-        policy: &policy,
-        tokenizer: &tokenizer,
-        checker,
-        generate: GenerateOptions {
-            max_new_tokens: config.sampling.max_completion_length,
-            eos_ids: tokenizer.eos_ids().to_vec(),
-            adapters,
-        },
-        stop: StopStrings::new(&config.sampling.stop),
-    };
+    let prompts = all_prompt_tokens(&tokenizer, theorems)?;
+    let setup = SamplingSetup::new(&policy, &tokenizer, checker, &config.sampling, adapters);
     let mut sampler = Sampler::new(&config.sampling, config.eval.seed);
     let ids: Vec<usize> = (0..theorems.len()).collect();
     for chunk in ids.chunks(CHUNK) {
@@ -217,15 +202,7 @@ fn endpoint(
     for chunk in theorems.chunks(CHUNK * 4) {
         let requests: Vec<ChatRequest> = chunk
             .iter()
-            .map(|t| ChatRequest {
-                messages: vec![Message::new("user", user_message(t))],
-                n: config.eval.num_samples,
-                temperature: sampling.temperature,
-                top_p: sampling.top_p,
-                max_tokens: sampling.max_completion_length,
-                stop: sampling.stop.clone(),
-                seed: Some(config.eval.seed),
-            })
+            .map(|t| chat_request(t, config.eval.num_samples, sampling, config.eval.seed))
             .collect();
         let answers = client.complete(&requests);
         for (theorem, answer) in chunk.iter().zip(answers) {

@@ -18,6 +18,8 @@ pub mod lean;
 pub mod model;
 pub mod passk;
 pub mod plot;
+pub mod progress;
 pub mod reward;
+pub mod rollout;
 pub mod sft;
 pub mod train;

@@ -1,7 +1,7 @@
 //! Supervised warm-up ("SFT + RL"): teach the LoRA adapters to reply to a theorem's prompt with
 //! its known proof, so that RL starts from a policy that sometimes succeeds.
 //!
-//! The prompt is exactly the one `train` and `eval` build ([`crate::train::prompt_tokens`]); the
+//! The prompt is exactly the one `train` and `eval` build ([`crate::rollout::prompt_tokens`]); the
 //! target is the reply format proof extraction expects ([`completion_text`]) followed by the
 //! model's end-of-turn token. The loss is the mean negative log-likelihood per target token, at
 //! temperature 1, on the adapted policy; AdamW and its schedule are the trainer's.
@@ -16,9 +16,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::Config;
 use crate::data::Theorem;
+use crate::model::optim::Optimizer;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Policy;
-use crate::train::{load_adapter_into, progress_bar, prompt_tokens, save_adapter, Optimizer};
+use crate::rollout::prompt_tokens;
 
 /// How long and how hard to fine-tune.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,10 +155,8 @@ pub fn run_sft(
     if options.batch_size == 0 || options.epochs == 0 {
         bail!("--batch-size and --epochs must be at least 1");
     }
+    // Continues from `model.adapter` when one is set (`Policy::load` applies it).
     let policy = Policy::load(&config.model, &config.lora, options.seed)?;
-    if let Some(dir) = &config.model.adapter {
-        load_adapter_into(&policy, &config.lora, Path::new(dir))?;
-    }
     let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
     let examples = examples(&tokenizer, theorems, options.limit)?;
     let longest = examples
@@ -176,10 +175,10 @@ pub fn run_sft(
     let steps = steps_per_epoch * options.epochs;
     let mut train = config.train.clone();
     train.learning_rate = options.learning_rate;
-    let mut optimizer = Optimizer::new(&policy.lora_vars(), &train, steps)?;
+    let mut optimizer = Optimizer::new(&policy.lora_vars(), &train.optimizer(), steps)?;
 
     let nll_before = dataset_nll(&policy, &examples, options.batch_size)?;
-    let bar = progress_bar(steps, 0, show_progress);
+    let bar = crate::progress::bar(steps, 0, "step", show_progress);
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     let mut order: Vec<usize> = (0..examples.len()).collect();
     for epoch in 0..options.epochs {
@@ -197,8 +196,7 @@ pub fn run_sft(
     }
     bar.finish_and_clear();
     let nll_after = dataset_nll(&policy, &examples, options.batch_size)?;
-    save_adapter(&policy, config, output)
-        .with_context(|| format!("writing the adapter to {}", output.display()))?;
+    policy.write_adapter(output, &config.lora, &config.model.model)?;
     Ok(SftReport {
         examples: examples.len(),
         steps,

@@ -791,10 +791,10 @@ fn bits(t: &Tensor) -> Vec<u32> {
 #[test]
 fn one_adamw_step_moves_every_adapter_tensor_and_nothing_frozen() {
     use lean_grpo::config::TrainOptions;
-    use lean_grpo::train::Optimizer;
+    use lean_grpo::model::optim::{Optimizer, ScheduleKind};
     let train = TrainOptions {
         learning_rate: 1e-3,
-        lr_scheduler_type: "constant".into(),
+        lr_scheduler_type: ScheduleKind::Constant,
         warmup_ratio: 0.0,
         ..TrainOptions::default()
     };
@@ -831,7 +831,7 @@ fn one_adamw_step_moves_every_adapter_tensor_and_nothing_frozen() {
         let (frozen_before, adapters_before) = (frozen(&p), adapters(&p));
         let adapted_before = bits(&p.logits(&rows, true).unwrap());
 
-        let mut optimizer = Optimizer::new(&p.lora_vars(), &train, 1).unwrap();
+        let mut optimizer = Optimizer::new(&p.lora_vars(), &train.optimizer(), 1).unwrap();
         let mut grads = objective(&p, true).backward().unwrap();
         optimizer.step(&mut grads, train.max_grad_norm).unwrap();
 

@@ -10,8 +10,8 @@ use lean_grpo::lean::{extract_proof, Extracted};
 use lean_grpo::model::init::{init_model, theorem_corpus, InitOptions};
 use lean_grpo::model::tokenizer::{ChatMessage, Tokenizer};
 use lean_grpo::model::{LoraOptions, ModelOptions, Policy};
+use lean_grpo::rollout::prompt_tokens;
 use lean_grpo::sft::{completion_text, dataset_nll, examples, run_sft, SftOptions};
-use lean_grpo::train::{load_adapter_into, prompt_tokens};
 
 fn prelude() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/prelude.jsonl")
@@ -182,7 +182,7 @@ fn sft_lowers_the_nll_and_writes_an_adapter_that_loads_back() {
         "{fresh} vs {}",
         report.nll_before
     );
-    load_adapter_into(&policy, &config.lora, &out).unwrap();
+    policy.read_adapter(&out, &config.lora).unwrap();
     let loaded = dataset_nll(&policy, &data, 2).unwrap();
     assert!(
         (loaded - report.nll_after).abs() < 1e-3,

@@ -382,7 +382,7 @@ fn malformed_inputs_are_clear_errors() {
     std::fs::write(&config_path, config.to_string()).unwrap();
     let tokenizer = lean_grpo::model::tokenizer::Tokenizer::from_dir(&plain).unwrap();
     assert!(!tokenizer.has_chat_template());
-    let prompt = lean_grpo::train::prompt_tokens(
+    let prompt = lean_grpo::rollout::prompt_tokens(
         &tokenizer,
         &lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), None).unwrap()
             [0],
@@ -895,4 +895,29 @@ fn dapo_takes_no_step_when_every_proof_fails_whatever_the_lengths() {
     assert_eq!(m["groups_dropped"], 0, "{m}");
     assert_eq!(m["kept_groups_none_accepted"], 2, "{m}");
     assert!(moved > 0.0, "the length-only groups moved the adapter");
+}
+
+/// A run whose model cannot be loaded leaves no run directory behind.
+#[test]
+fn a_failed_model_load_creates_no_run_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let missing = tmp.path().join("no-such-model");
+    let result = lean_grpo()
+        .args([
+            "train",
+            "data/prelude.jsonl",
+            "--model",
+            missing.to_str().unwrap(),
+            "--lean-cmd",
+            "true",
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("no-such-model"), "{stderr}");
+    assert!(!out.exists(), "{} was created", out.display());
 }

@@ -13,9 +13,10 @@ use super::best_of;
 use crate::algo::{prepare, AlgoConfig};
 use crate::config::TrainOptions;
 use crate::model::init::{random_model, InitOptions};
+use crate::model::optim::Optimizer;
 use crate::model::sampler::Sampler;
 use crate::model::{GenerateOptions, LoraOptions, Policy, SamplingOptions};
-use crate::train::{Optimizer, Update};
+use crate::train::Update;
 
 /// What the model section measures, and on which shapes.
 #[derive(Debug, Clone, Serialize)]
@@ -172,7 +173,7 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
     let rewards: Vec<f64> = (0..g).map(|i| (i % 2) as f64).collect();
     let prepared = prepare(&algo, &rewards, &vec![width; g], &vec![false; g])?;
     let train = TrainOptions::default();
-    let mut optimizer = Optimizer::new(&policy.lora_vars(), &train, plan.rounds + 1)?;
+    let mut optimizer = Optimizer::new(&policy.lora_vars(), &train.optimizer(), plan.rounds + 1)?;
     let update = Update {
         algo: &algo,
         policy,

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::checker::{progress_bar, Checker, Job};
+use super::checker::{Checker, Job};
 use super::options::CheckerOptions;
 use super::verdict::VerdictKind;
 use crate::data::Theorem;
@@ -64,7 +64,7 @@ pub fn run_check(
         None => proof_jobs(theorems)?,
     };
     let checker = Checker::new(options)?;
-    let bar = progress_bar(jobs.len() as u64, show_progress);
+    let bar = crate::progress::bar(jobs.len(), 0, "proof", show_progress);
     let results = checker.check(&jobs, Some(&bar))?;
     bar.finish_and_clear();
 

@@ -1,13 +1,12 @@
 //! The checker: from (theorem, completion) jobs to verdicts, in parallel, in input order.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 use super::backend::{KiminaClient, ProcessBackend, ReplPool, ReplSettings, Runner};
@@ -352,22 +351,6 @@ fn local_command(
         }
     }
     Ok(command)
-}
-
-/// A progress bar for `len` jobs on stderr; hidden when `show` is false or stderr is not a
-/// terminal.
-pub fn progress_bar(len: u64, show: bool) -> ProgressBar {
-    if !show || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(len);
-    let style = ProgressStyle::with_template(
-        "{spinner} checking {pos}/{len} [{bar:30}] {per_sec} eta {eta}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ mod verdict;
 
 pub use audit::STANDARD_AXIOMS;
 pub use check::{run_check, CheckSummary};
-pub use checker::{progress_bar, Checked, Checker, Job};
+pub use checker::{Checked, Checker, Job};
 pub(crate) use command::{network_isolation, CommandLine};
 pub use extract::{extract_proof, last_code_block, Extracted};
 pub use options::{Backend, CheckerOptions};

@@ -89,12 +89,7 @@ impl Policy {
         let mut policy = Self::from_files(files, lora, &device, dtype, seed)?;
         policy.set_sample_dtype(sample_dtype)?;
         if let Some(dir) = &model.adapter {
-            let adapter = load_adapter(Path::new(dir), &device)
-                .with_context(|| format!("loading the adapter {dir}"))?;
-            adapter.ensure_matches(lora)?;
-            policy
-                .load_adapter(&adapter)
-                .with_context(|| format!("applying the adapter {dir}"))?;
+            policy.read_adapter(Path::new(dir), lora)?;
         }
         Ok(policy)
     }
@@ -324,6 +319,26 @@ impl Policy {
             .map(|w| (w.module.clone(), w.a.clone(), w.b.clone()))
             .collect();
         self.set_lora_weights(&weights)
+    }
+
+    /// Replaces the adapters by the PEFT adapter in `dir`, which must have been trained with
+    /// `lora`'s rank, alpha and targets: the one way an adapter directory (a warm start, a
+    /// checkpoint) enters a policy.
+    pub fn read_adapter(&self, dir: &Path, lora: &LoraOptions) -> Result<()> {
+        let adapter = load_adapter(dir, self.device())
+            .with_context(|| format!("loading the adapter {}", dir.display()))?;
+        adapter
+            .ensure_matches(lora)
+            .with_context(|| format!("the adapter {}", dir.display()))?;
+        self.load_adapter(&adapter)
+            .with_context(|| format!("applying the adapter {}", dir.display()))
+    }
+
+    /// Writes the adapters into `dir` as a PEFT adapter of `base_model` (atomically: a crash
+    /// leaves the previous adapter or this one).
+    pub fn write_adapter(&self, dir: &Path, lora: &LoraOptions, base_model: &str) -> Result<()> {
+        super::adapter::save_adapter(dir, &self.adapter_weights()?, lora, base_model)
+            .with_context(|| format!("writing the adapter to {}", dir.display()))
     }
 
     /// Per-token log-probs of `completions[i]` after `prompts[i]`: `[B, max completion len]`

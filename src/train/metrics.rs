@@ -4,7 +4,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::update::UpdateOutcome;
+use crate::algo::Prepared;
+use crate::data::Theorem;
 use crate::lean::Evidence;
+use crate::rollout::{Completion, Group, RolloutTimes};
 
 /// What a step measured. Timings (`*_seconds`, `tokens_per_second`) vary between runs; every
 /// other field is reproduced exactly by `--resume`.
@@ -71,4 +75,114 @@ pub struct SampleRecord {
     pub accepted: bool,
     pub evidence: Evidence,
     pub seconds: f64,
+}
+
+/// Everything one step produced, from which its metrics line and sample lines are built.
+pub(super) struct StepOutcome<'a> {
+    pub step: usize,
+    pub epoch: usize,
+    /// Sampled by an endpoint rather than the policy.
+    pub remote: bool,
+    /// Every group sampled this step, dropped ones included, and their rewards in order.
+    pub groups: &'a [Group],
+    pub rewards: &'a [f64],
+    pub prepared: &'a Prepared,
+    pub resample_rounds: usize,
+    pub update: &'a UpdateOutcome,
+    pub learning_rate: f64,
+    pub times: RolloutTimes,
+    pub training_seconds: f64,
+}
+
+impl StepOutcome<'_> {
+    fn completions(&self) -> impl Iterator<Item = (&Group, &Completion)> {
+        self.groups
+            .iter()
+            .flat_map(|grp| grp.completions.iter().map(move |c| (grp, c)))
+    }
+
+    pub fn metrics(&self) -> StepMetrics {
+        let n = self.rewards.len().max(1) as f64;
+        let mean = self.rewards.iter().sum::<f64>() / n;
+        let var = self.rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
+        let mut verdicts = BTreeMap::new();
+        for (_, c) in self.completions() {
+            *verdicts
+                .entry(c.checked.verdict.kind.name().to_string())
+                .or_insert(0) += 1;
+        }
+        let accepted = self
+            .completions()
+            .filter(|(_, c)| c.checked.verdict.is_accepted())
+            .count();
+        let lengths: Vec<usize> = self.completions().map(|(_, c)| c.tokens.len()).collect();
+        let kept = self.prepared.kept_groups();
+        let none_accepted = |g: &&usize| {
+            self.groups[**g]
+                .completions
+                .iter()
+                .all(|c| !c.checked.verdict.is_accepted())
+        };
+        let update = self.update;
+        StepMetrics {
+            step: self.step,
+            epoch: self.epoch,
+            sampler: if self.remote { "endpoint" } else { "policy" }.to_string(),
+            reward_mean: mean,
+            reward_std: var.sqrt(),
+            pass_rate: accepted as f64 / n,
+            completions: lengths.len(),
+            verdicts,
+            zero_variance_fraction: self.prepared.zero_variance_fraction(),
+            groups_dropped: self.prepared.groups() - kept.len(),
+            groups_dropped_flat_reward: self.prepared.dropped_flat_task_reward(),
+            kept_groups_none_accepted: kept.iter().filter(none_accepted).count(),
+            resample_rounds: self.resample_rounds,
+            optimizer_step: update.stepped,
+            loss: update.loss,
+            pg_loss: update.pg_loss,
+            kl: update.kl,
+            dpo_loss: update.dpo_loss,
+            clip_low_frac: update.diagnostics.clip_low_frac(),
+            clip_high_frac: update.diagnostics.clip_high_frac(),
+            ratio_mean: update.diagnostics.ratio_mean(),
+            grad_norm: update.grad_norm,
+            learning_rate: self.learning_rate,
+            completion_length_mean: lengths.iter().sum::<usize>() as f64 / n,
+            completion_length_max: lengths.iter().copied().max().unwrap_or(0),
+            sampling_seconds: self.times.sampling,
+            checking_seconds: self.times.checking,
+            training_seconds: self.training_seconds,
+            tokens_per_second: self.times.tokens as f64 / self.times.sampling.max(1e-9),
+        }
+    }
+
+    /// One record per completion, in sampling order; `index` is the completion's place in its
+    /// group.
+    pub fn samples(&self, theorems: &[Theorem]) -> Vec<SampleRecord> {
+        self.groups
+            .iter()
+            .flat_map(|grp| {
+                grp.completions
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, c)| (grp, i, c))
+            })
+            .zip(self.rewards)
+            .map(|((grp, index, c), &reward)| SampleRecord {
+                step: self.step,
+                theorem: theorems[grp.theorem].name.clone(),
+                index,
+                completion: c.text.clone(),
+                proof: c.checked.proof.clone(),
+                tokens: c.tokens.len(),
+                truncated: c.truncated,
+                reward,
+                verdict: c.checked.verdict.kind.name().to_string(),
+                accepted: c.checked.verdict.is_accepted(),
+                evidence: c.checked.verdict.evidence.clone(),
+                seconds: c.checked.seconds,
+            })
+            .collect()
+    }
 }

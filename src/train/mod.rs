@@ -2,44 +2,43 @@
 //! verdicts into rewards, refill for dynamic sampling, compute advantages, then minibatches ×
 //! iterations of forward, loss, backward, clip and AdamW step on the LoRA adapters.
 //!
-//! Proofs are sampled by the policy itself or, with `train.endpoint`, by an OpenAI-compatible
-//! server ([`remote`]: off-policy, the server does not see the adapters); everything after
-//! sampling is the same code for both.
+//! Proofs come from the [`crate::rollout`] layer: sampled by the policy itself or, with
+//! `train.endpoint`, by an OpenAI-compatible server (off-policy: the server does not see the
+//! adapters); everything after sampling is the same code for both. This module keeps what is
+//! the loop's own: the run directory, the cursor over the theorems, the update and the metrics.
 
 mod cursor;
 mod metrics;
-mod optimizer;
-mod remote;
-mod rollout;
 mod run_dir;
 mod update;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::{bail, Result};
+use indicatif::ProgressBar;
 
 pub use cursor::Cursor;
 pub use metrics::{SampleRecord, StepMetrics};
-pub use rollout::{prompt_tokens, rollout, Completion, Group, RolloutTimes, SamplingSetup};
-pub use run_dir::{read_state, write_atomic, RunDir, TrainerState};
+pub use run_dir::{read_state, RunDir, TrainerState};
+pub(crate) use update::Update;
 
 use crate::algo::{self, AlgoConfig};
-use crate::config::Config;
+use crate::config::{Config, TrainOptions};
 use crate::data::Theorem;
 use crate::lean::Checker;
-use crate::model::adapter::{self, AdapterWeights};
-use crate::model::sampler::{Sampler, StopStrings};
+use crate::model::optim::Optimizer;
+use crate::model::sampler::Sampler;
 use crate::model::tokenizer::Tokenizer;
-use crate::model::{GenerateOptions, Policy};
+use crate::model::Policy;
 use crate::reward::RewardFn;
-pub use optimizer::Optimizer;
-use remote::{endpoint_client, rollout_seed, RemoteSampler};
-pub(crate) use update::Update;
+use crate::rollout::{
+    all_prompt_tokens, endpoint_client, rollout, rollout_seed, Group, RemoteSampler, RolloutTimes,
+    SamplingSetup,
+};
+use metrics::StepOutcome;
 
 /// How a training run ended.
 #[derive(Debug, Clone)]
@@ -62,8 +61,120 @@ pub struct TrainInputs<'a> {
 }
 
 /// Runs (or resumes) a training run and returns where it ended.
+///
+/// Everything that can be checked without the model is checked first (configuration,
+/// endpoint, run directory), so a mistake costs seconds, not a model load; a new run directory
+/// is created only once the model and the checker are ready, so a failed load leaves nothing.
 pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
     let train = &config.train;
+    let algo = check(config)?;
+    let reward = RewardFn::from_options(train)?;
+    let endpoint = endpoint_client(train)?;
+    let root = match (&inputs.resume, &train.output_dir) {
+        (Some(dir), _) => dir.to_path_buf(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => default_run_dir(&train.algorithm),
+    };
+    let resumed = match inputs.resume {
+        Some(dir) => Some(RunDir::resume(dir, config)?),
+        None => RunDir::ensure_new(&root).map(|()| None)?,
+    };
+    let checker = Checker::new(&config.checker)?;
+    let policy = Policy::load(&config.model, &config.lora, train.seed)?;
+    let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
+    let prompts = all_prompt_tokens(&tokenizer, &inputs.theorems)?;
+    let (mut run, latest) = match resumed {
+        Some(resumed) => resumed,
+        None => (RunDir::create(&root, config)?, None),
+    };
+    let total_steps = total_steps(config, inputs.theorems.len());
+    let updates = total_steps * algo.num_iterations * algo.num_minibatches;
+    let mut progress = Progress::start(config, &policy, updates)?;
+    if let Some(checkpoint) = &latest {
+        progress.restore(checkpoint, config, &policy)?;
+        tracing::info!(
+            "resuming {} after step {}",
+            root.display(),
+            progress.state.step
+        );
+    }
+    let setup = SamplingSetup::new(&policy, &tokenizer, &checker, &config.sampling, true);
+    let remote = endpoint.map(|client| RemoteSampler::new(client, &config.sampling, &tokenizer));
+    let step = Step {
+        config,
+        algo: &algo,
+        reward: &reward,
+        setup: &setup,
+        remote: remote.as_ref(),
+        theorems: &inputs.theorems,
+        prompts: &prompts,
+        stop: &inputs.stop,
+    };
+    let bar = crate::progress::bar(
+        total_steps,
+        progress.state.step,
+        "step",
+        inputs.show_progress,
+    );
+    let (interrupted, last) = run_steps(&step, &mut run, &mut progress, total_steps, &bar)?;
+    bar.finish_and_clear();
+    progress.save(&run, config, &policy)?;
+    if !interrupted {
+        policy.write_adapter(
+            &run.root().join("adapter"),
+            &config.lora,
+            &config.model.model,
+        )?;
+    }
+    Ok(TrainReport {
+        run_dir: run.root().to_path_buf(),
+        steps: progress.state.step,
+        interrupted,
+        last,
+    })
+}
+
+/// Steps until `total_steps` or Ctrl-C, writing metrics, samples and the periodic checkpoints.
+/// Returns whether it was interrupted, and the last step's metrics.
+fn run_steps(
+    step: &Step,
+    run: &mut RunDir,
+    progress: &mut Progress,
+    total_steps: usize,
+    bar: &ProgressBar,
+) -> Result<(bool, Option<StepMetrics>)> {
+    let save_steps = step.config.train.save_steps;
+    let mut last = None;
+    while progress.state.step < total_steps {
+        if step.stop.load(Ordering::SeqCst) {
+            return Ok((true, last));
+        }
+        let at_start = progress.state.clone();
+        let Some((metrics, samples)) = step.run(progress)? else {
+            // Interrupted before the update: the checkpoint is the state the step started from.
+            progress.state = at_start;
+            return Ok((true, last));
+        };
+        run.append_samples(&samples)?;
+        run.append_metrics(&metrics)?;
+        bar.set_message(format!(
+            "reward {:.3}  pass {:.1}%",
+            metrics.reward_mean,
+            100.0 * metrics.pass_rate
+        ));
+        bar.inc(1);
+        let done = progress.state.step;
+        if save_steps > 0 && done % save_steps == 0 && done < total_steps {
+            progress.save(run, step.config, step.setup.policy)?;
+        }
+        last = Some(metrics);
+    }
+    Ok((false, last))
+}
+
+/// The checks of the configuration that need no model: the batch shape and the algorithm.
+fn check(config: &Config) -> Result<AlgoConfig> {
+    let train: &TrainOptions = &config.train;
     if train.num_generations < 2 {
         bail!(
             "train.num_generations must be at least 2: group-relative advantages compare a \
@@ -81,156 +192,43 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
              trainer does not compute; set it to 0"
         );
     }
-    let reward = RewardFn::from_options(train)?;
-    let endpoint = endpoint_client(train)?;
-    let root = match (&inputs.resume, &train.output_dir) {
-        (Some(dir), _) => dir.to_path_buf(),
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => default_run_dir(&train.algorithm),
-    };
-    // Fail on an unusable run directory before minutes of model loading.
-    let (mut run, latest) = match inputs.resume {
-        Some(dir) => RunDir::resume(dir, config)?,
-        None => (RunDir::create(&root, config)?, None),
-    };
-    let checker = Checker::new(&config.checker)?;
-    let policy = Policy::load(&config.model, &config.lora, train.seed)?;
-    let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
-    if let Some(dir) = &config.model.adapter {
-        load_adapter_into(&policy, &config.lora, Path::new(dir))?;
-    }
-    let prompts = inputs
-        .theorems
-        .iter()
-        .map(|t| prompt_tokens(&tokenizer, t))
-        .collect::<Result<Vec<_>>>()?;
-    let total_steps = total_steps(config, inputs.theorems.len());
-    let updates = total_steps * algo.num_iterations * algo.num_minibatches;
-    let mut optimizer = Optimizer::new(&policy.lora_vars(), train, updates)?;
-    let mut sampler = Sampler::new(&config.sampling, train.seed);
-    let mut state = TrainerState {
-        step: 0,
-        cursor: Cursor::start(),
-        sampler: sampler.state(),
-    };
-    if let Some(checkpoint) = &latest {
-        state = read_state(checkpoint)?;
-        load_adapter_into(&policy, &config.lora, checkpoint)?;
-        optimizer.load(checkpoint)?;
-        sampler = Sampler::from_state(&config.sampling, state.sampler.clone());
-        tracing::info!(
-            "resuming {} after step {}",
-            run.root().display(),
-            state.step
-        );
-    }
-    let setup = SamplingSetup {
-        policy: &policy,
-        tokenizer: &tokenizer,
-        checker: &checker,
-        generate: GenerateOptions {
-            max_new_tokens: config.sampling.max_completion_length,
-            eos_ids: tokenizer.eos_ids().to_vec(),
-            adapters: true,
-        },
-        stop: StopStrings::new(&config.sampling.stop),
-    };
-    let remote = endpoint.map(|client| RemoteSampler::new(client, &config.sampling, &tokenizer));
-    let bar = progress_bar(total_steps, state.step, inputs.show_progress);
-    let save = |run: &RunDir, state: &TrainerState, optimizer: &Optimizer| {
-        run.save_checkpoint(state, train.save_total_limit, |dir| {
-            save_adapter(&policy, config, dir)?;
-            optimizer.save(dir)
-        })
-    };
-    let mut last = None;
-    let mut interrupted = false;
-    while state.step < total_steps {
-        if inputs.stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let at_start = state.clone();
-        let mut step = Step {
-            config,
-            algo: &algo,
-            reward: &reward,
-            setup: &setup,
-            remote: remote.as_ref(),
-            theorems: &inputs.theorems,
-            prompts: &prompts,
-            stop: &inputs.stop,
-        };
-        let Some((metrics, samples)) = step.run(&mut state, &mut sampler, &mut optimizer)? else {
-            // Interrupted before the update: the checkpoint is the state the step started from.
-            state = at_start;
-            interrupted = true;
-            break;
-        };
-        run.append_samples(&samples)?;
-        run.append_metrics(&metrics)?;
-        bar.set_message(format!(
-            "reward {:.3}  pass {:.1}%",
-            metrics.reward_mean,
-            100.0 * metrics.pass_rate
-        ));
-        bar.inc(1);
-        if train.save_steps > 0 && state.step % train.save_steps == 0 && state.step < total_steps {
-            save(&run, &state, &optimizer)?;
-        }
-        last = Some(metrics);
-    }
-    bar.finish_and_clear();
-    save(&run, &state, &optimizer)?;
-    if !interrupted {
-        let final_dir = run.root().join("adapter");
-        let tmp = run.root().join(".tmp-adapter");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
-        }
-        save_adapter(&policy, config, &tmp)?;
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir)?;
-        }
-        std::fs::rename(&tmp, &final_dir)
-            .with_context(|| format!("cannot write {}", final_dir.display()))?;
-    }
-    Ok(TrainReport {
-        run_dir: run.root().to_path_buf(),
-        steps: state.step,
-        interrupted,
-        last,
-    })
+    Ok(algo)
 }
 
-/// Writes the policy's LoRA weights as a PEFT adapter into `dir`.
-pub fn save_adapter(policy: &Policy, config: &Config, dir: &Path) -> Result<()> {
-    let weights: Vec<AdapterWeights> = policy
-        .lora_vars()
-        .into_iter()
-        .map(|(module, a, b)| AdapterWeights {
-            module,
-            a: a.as_tensor().clone(),
-            b: b.as_tensor().clone(),
-        })
-        .collect();
-    adapter::save_adapter(dir, &weights, &config.lora, &config.model.model)
+/// What a checkpoint holds besides the adapters: the loop's state, the sampling RNG and the
+/// optimizer's moments.
+struct Progress {
+    state: TrainerState,
+    sampler: Sampler,
+    optimizer: Optimizer,
 }
 
-/// Loads a PEFT adapter into the policy's LoRA layers (rank and targets must match).
-pub fn load_adapter_into(
-    policy: &Policy,
-    lora: &crate::model::LoraOptions,
-    dir: &Path,
-) -> Result<()> {
-    let adapter = adapter::load_adapter(dir, policy.device())?;
-    adapter.ensure_matches(lora)?;
-    let weights: Vec<_> = adapter
-        .weights
-        .into_iter()
-        .map(|w| (w.module, w.a, w.b))
-        .collect();
-    policy.set_lora_weights(&weights)
+impl Progress {
+    fn start(config: &Config, policy: &Policy, updates: usize) -> Result<Progress> {
+        let train = &config.train;
+        let sampler = Sampler::new(&config.sampling, train.seed);
+        Ok(Progress {
+            state: TrainerState::start(sampler.state()),
+            sampler,
+            optimizer: Optimizer::new(&policy.lora_vars(), &train.optimizer(), updates)?,
+        })
+    }
+
+    /// Continues from `checkpoint`: its adapters, optimizer moments, RNG and cursor.
+    fn restore(&mut self, checkpoint: &Path, config: &Config, policy: &Policy) -> Result<()> {
+        self.state = read_state(checkpoint)?;
+        policy.read_adapter(checkpoint, &config.lora)?;
+        self.optimizer.load(checkpoint)?;
+        self.sampler = Sampler::from_state(&config.sampling, self.state.sampler.clone());
+        Ok(())
+    }
+
+    fn save(&self, run: &RunDir, config: &Config, policy: &Policy) -> Result<PathBuf> {
+        run.save_checkpoint(&self.state, config.train.save_total_limit, |dir| {
+            policy.write_adapter(dir, &config.lora, &config.model.model)?;
+            self.optimizer.save(dir)
+        })
+    }
 }
 
 /// `max_steps`, or enough steps for `num_train_epochs` passes over the theorems.
@@ -248,19 +246,6 @@ fn default_run_dir(algorithm: &str) -> PathBuf {
     PathBuf::from("runs").join(format!("{algorithm}-{secs}"))
 }
 
-pub(crate) fn progress_bar(total: usize, done: usize, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} step {pos}/{len}  {msg}  [{elapsed} < {eta}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_position(done as u64);
-    bar
-}
-
 /// One training step's borrowed context.
 struct Step<'a> {
     config: &'a Config,
@@ -274,23 +259,77 @@ struct Step<'a> {
     stop: &'a AtomicBool,
 }
 
+/// A generation batch after dynamic sampling: every group sampled (dropped ones included), their
+/// rewards, the algorithm's view of them, and what sampling them took.
+struct Batch {
+    groups: Vec<Group>,
+    rewards: Vec<f64>,
+    prepared: algo::Prepared,
+    times: RolloutTimes,
+    /// Extra sampling rounds dynamic sampling asked for.
+    rounds: usize,
+}
+
 impl Step<'_> {
     /// Runs one step; `None` when Ctrl-C arrived before the update (nothing was changed that
     /// the caller cannot roll back).
-    fn run(
-        &mut self,
-        state: &mut TrainerState,
-        sampler: &mut Sampler,
-        optimizer: &mut Optimizer,
-    ) -> Result<Option<(StepMetrics, Vec<SampleRecord>)>> {
+    fn run(&self, progress: &mut Progress) -> Result<Option<(StepMetrics, Vec<SampleRecord>)>> {
+        let Some(batch) = self.sample(&mut progress.state, &mut progress.sampler)? else {
+            return Ok(None);
+        };
+        progress.state.step += 1;
+        let step = progress.state.step;
+        if batch.prepared.kept_groups().is_empty() {
+            tracing::info!(
+                "step {step}: no optimizer step: dynamic sampling dropped all {} groups ({} with \
+                 equal task rewards) after {} extra sampling rounds",
+                batch.prepared.groups(),
+                batch.prepared.dropped_flat_task_reward(),
+                batch.rounds
+            );
+        }
+        let learning_rate = progress.optimizer.learning_rate();
+        let train_start = Instant::now();
+        let update = Update {
+            algo: self.algo,
+            policy: self.setup.policy,
+            temperature: self.config.sampling.temperature,
+            micro_batches: self.config.train.gradient_accumulation_steps,
+            max_grad_norm: self.config.train.max_grad_norm,
+        }
+        .run(
+            &batch.prepared,
+            &batch.groups,
+            self.prompts,
+            &mut progress.optimizer,
+        )?;
+        progress.state.sampler = progress.sampler.state();
+        let outcome = StepOutcome {
+            step,
+            epoch: progress.state.cursor.epoch,
+            remote: self.remote.is_some(),
+            groups: &batch.groups,
+            rewards: &batch.rewards,
+            prepared: &batch.prepared,
+            resample_rounds: batch.rounds,
+            update: &update,
+            learning_rate,
+            times: batch.times,
+            training_seconds: train_start.elapsed().as_secs_f64(),
+        };
+        Ok(Some((outcome.metrics(), outcome.samples(self.theorems))))
+    }
+
+    /// Samples, checks and rewards groups until dynamic sampling keeps `batch_size` of them or
+    /// runs out of rounds; `None` when Ctrl-C arrived meanwhile.
+    fn sample(&self, state: &mut TrainerState, sampler: &mut Sampler) -> Result<Option<Batch>> {
         let train = &self.config.train;
-        let g = train.num_generations;
         let wanted = train.batch_size;
         let mut groups: Vec<Group> = Vec::new();
         let mut rewards: Vec<f64> = Vec::new();
         let mut times = RolloutTimes::default();
         let mut rounds = 0;
-        let prepared = loop {
+        loop {
             let kept_so_far = if groups.is_empty() {
                 0
             } else {
@@ -302,18 +341,21 @@ impl Step<'_> {
             let (new_groups, t) = match self.remote {
                 Some(remote) => {
                     let seed = rollout_seed(train.seed, state.step, rounds);
+                    let g = train.num_generations;
                     remote.rollout(self.setup, self.theorems, &ids, g, seed)?
                 }
-                None => rollout(self.setup, sampler, self.theorems, self.prompts, &ids, g)?,
+                None => rollout(
+                    self.setup,
+                    sampler,
+                    self.theorems,
+                    self.prompts,
+                    &ids,
+                    train.num_generations,
+                )?,
             };
-            times.sampling += t.sampling;
-            times.checking += t.checking;
-            times.checking_tail += t.checking_tail;
-            times.tokens += t.tokens;
-            for group in &new_groups {
-                for c in &group.completions {
-                    rewards.push(self.reward.reward(&c.checked.verdict, c.tokens.len()));
-                }
+            times.add(&t);
+            for c in new_groups.iter().flat_map(|g| &g.completions) {
+                rewards.push(self.reward.reward(&c.checked.verdict, c.tokens.len()));
             }
             groups.extend(new_groups);
             if self.stop.load(Ordering::SeqCst) {
@@ -325,128 +367,23 @@ impl Step<'_> {
                 || kept >= wanted
                 || rounds >= self.algo.max_resample_rounds
             {
-                break prepared;
+                return Ok(Some(Batch {
+                    groups,
+                    rewards,
+                    prepared,
+                    times,
+                    rounds,
+                }));
             }
             rounds += 1;
             tracing::debug!("dynamic sampling: {kept} of {wanted} groups kept, resampling");
-        };
-        state.step += 1;
-        let step = state.step;
-        if prepared.kept_groups().is_empty() {
-            tracing::info!(
-                "step {step}: no optimizer step: dynamic sampling dropped all {} groups ({} with \
-                 equal task rewards) after {rounds} extra sampling rounds",
-                prepared.groups(),
-                prepared.dropped_flat_task_reward()
-            );
         }
-        let lr = optimizer.learning_rate();
-        let train_start = Instant::now();
-        let outcome = Update {
-            algo: self.algo,
-            policy: self.setup.policy,
-            temperature: self.config.sampling.temperature,
-            micro_batches: train.gradient_accumulation_steps,
-            max_grad_norm: train.max_grad_norm,
-        }
-        .run(&prepared, &groups, self.prompts, optimizer)?;
-        let training_seconds = train_start.elapsed().as_secs_f64();
-        state.sampler = sampler.state();
-
-        let completions: Vec<(&Group, &Completion)> = groups
-            .iter()
-            .flat_map(|grp| grp.completions.iter().map(move |c| (grp, c)))
-            .collect();
-        let n = completions.len().max(1) as f64;
-        let mean = rewards.iter().sum::<f64>() / n;
-        let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
-        let mut verdicts = BTreeMap::new();
-        for (_, c) in &completions {
-            *verdicts
-                .entry(c.checked.verdict.kind.name().to_string())
-                .or_insert(0) += 1;
-        }
-        let accepted = completions
-            .iter()
-            .filter(|(_, c)| c.checked.verdict.is_accepted())
-            .count();
-        let lengths: Vec<usize> = completions.iter().map(|(_, c)| c.tokens.len()).collect();
-        let metrics = StepMetrics {
-            step,
-            epoch: state.cursor.epoch,
-            sampler: if self.remote.is_some() {
-                "endpoint"
-            } else {
-                "policy"
-            }
-            .to_string(),
-            reward_mean: mean,
-            reward_std: var.sqrt(),
-            pass_rate: accepted as f64 / n,
-            completions: completions.len(),
-            verdicts,
-            zero_variance_fraction: prepared.zero_variance_fraction(),
-            groups_dropped: prepared.groups() - prepared.kept_groups().len(),
-            groups_dropped_flat_reward: prepared.dropped_flat_task_reward(),
-            kept_groups_none_accepted: prepared
-                .kept_groups()
-                .iter()
-                .filter(|&&g| {
-                    groups[g]
-                        .completions
-                        .iter()
-                        .all(|c| !c.checked.verdict.is_accepted())
-                })
-                .count(),
-            resample_rounds: rounds,
-            optimizer_step: outcome.stepped,
-            loss: outcome.loss,
-            pg_loss: outcome.pg_loss,
-            kl: outcome.kl,
-            dpo_loss: outcome.dpo_loss,
-            clip_low_frac: outcome.diagnostics.clip_low_frac(),
-            clip_high_frac: outcome.diagnostics.clip_high_frac(),
-            ratio_mean: outcome.diagnostics.ratio_mean(),
-            grad_norm: outcome.grad_norm,
-            learning_rate: lr,
-            completion_length_mean: lengths.iter().sum::<usize>() as f64 / n,
-            completion_length_max: lengths.iter().copied().max().unwrap_or(0),
-            sampling_seconds: times.sampling,
-            checking_seconds: times.checking,
-            training_seconds,
-            tokens_per_second: times.tokens as f64 / times.sampling.max(1e-9),
-        };
-        let samples = completions
-            .iter()
-            .zip(&rewards)
-            .enumerate()
-            .map(|(i, ((grp, c), &reward))| SampleRecord {
-                step,
-                theorem: self.theorems[grp.theorem].name.clone(),
-                index: i % g,
-                completion: c.text.clone(),
-                proof: c.checked.proof.clone(),
-                tokens: c.tokens.len(),
-                truncated: c.truncated,
-                reward,
-                verdict: c.checked.verdict.kind.name().to_string(),
-                accepted: c.checked.verdict.is_accepted(),
-                evidence: c.checked.verdict.evidence.clone(),
-                seconds: c.checked.seconds,
-            })
-            .collect();
-        Ok(Some((metrics, samples)))
     }
 
     fn prepare(&self, groups: &[Group], rewards: &[f64]) -> Result<algo::Prepared> {
-        let lengths: Vec<usize> = groups
-            .iter()
-            .flat_map(|g| g.completions.iter().map(|c| c.tokens.len()))
-            .collect();
-        let truncated: Vec<bool> = groups
-            .iter()
-            .flat_map(|g| g.completions.iter().map(|c| c.truncated))
-            .collect();
+        let completions = || groups.iter().flat_map(|g| &g.completions);
+        let lengths: Vec<usize> = completions().map(|c| c.tokens.len()).collect();
+        let truncated: Vec<bool> = completions().map(|c| c.truncated).collect();
         Ok(algo::prepare(self.algo, rewards, &lengths, &truncated)?)
     }
 }

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::cursor::Cursor;
 use super::metrics::{SampleRecord, StepMetrics};
+use crate::atomic;
 use crate::config::Config;
 use crate::model::sampler::SamplerState;
 
@@ -28,6 +29,17 @@ pub struct TrainerState {
     pub sampler: SamplerState,
 }
 
+impl TrainerState {
+    /// The state of a run before its first step.
+    pub fn start(sampler: SamplerState) -> TrainerState {
+        TrainerState {
+            step: 0,
+            cursor: Cursor::start(),
+            sampler,
+        }
+    }
+}
+
 pub struct RunDir {
     root: PathBuf,
     metrics: File,
@@ -38,8 +50,8 @@ const CONFIG: &str = "config.yaml";
 const CHECKPOINTS: &str = "checkpoints";
 
 impl RunDir {
-    /// Starts a new run in `root`, which must not hold a run already.
-    pub fn create(root: &Path, config: &Config) -> Result<RunDir> {
+    /// Fails when `root` cannot take a new run (it holds one already); creates nothing.
+    pub fn ensure_new(root: &Path) -> Result<()> {
         if root.join(CONFIG).exists() {
             bail!(
                 "{} already holds a run; continue it with `--resume {}` or choose another \
@@ -48,9 +60,15 @@ impl RunDir {
                 root.display()
             );
         }
+        Ok(())
+    }
+
+    /// Starts a new run in `root`, which must not hold a run already.
+    pub fn create(root: &Path, config: &Config) -> Result<RunDir> {
+        Self::ensure_new(root)?;
         fs::create_dir_all(root.join(CHECKPOINTS))
             .with_context(|| format!("cannot create the run directory {}", root.display()))?;
-        write_atomic(&root.join(CONFIG), config.to_yaml().as_bytes())?;
+        atomic::write_file(&root.join(CONFIG), config.to_yaml().as_bytes())?;
         Self::open(root)
     }
 
@@ -73,7 +91,7 @@ impl RunDir {
             );
         }
         // A longer max_steps is the usual reason to resume a finished run.
-        write_atomic(&saved_path, config.to_yaml().as_bytes())?;
+        atomic::write_file(&saved_path, config.to_yaml().as_bytes())?;
         let latest = latest_checkpoint(root)?;
         let step = match &latest {
             Some(dir) => read_state(dir)?.step,
@@ -115,29 +133,25 @@ impl RunDir {
         Ok(())
     }
 
-    /// Writes `checkpoints/step-N` through `fill(dir)` into a temporary directory, renames it
-    /// into place and deletes all but the newest `keep`.
+    /// Writes `checkpoints/step-N` through `fill(dir)` and the trainer state, atomically
+    /// (a crash leaves the whole checkpoint or none of it), then deletes all but the newest
+    /// `keep`.
     pub fn save_checkpoint(
         &self,
         state: &TrainerState,
         keep: usize,
         fill: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        let parent = self.root.join(CHECKPOINTS);
-        let target = parent.join(format!("step-{}", state.step));
-        let tmp = parent.join(format!(".tmp-step-{}", state.step));
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp)?;
-        }
-        fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        fill(&tmp)?;
-        let json = serde_json::to_vec_pretty(state)?;
-        write_atomic(&tmp.join("trainer_state.json"), &json)?;
-        if target.exists() {
-            fs::remove_dir_all(&target)?;
-        }
-        fs::rename(&tmp, &target)
-            .with_context(|| format!("cannot move the checkpoint into {}", target.display()))?;
+        let target = self
+            .root
+            .join(CHECKPOINTS)
+            .join(format!("step-{}", state.step));
+        atomic::write_dir(&target, true, |dir| {
+            fill(dir)?;
+            let json = serde_json::to_vec_pretty(state)?;
+            atomic::write_file(&dir.join("trainer_state.json"), &json)
+        })
+        .with_context(|| format!("writing the checkpoint {}", target.display()))?;
         let mut all = checkpoints(&self.root)?;
         while all.len() > keep.max(1) {
             let (_, oldest) = all.remove(0);
@@ -201,7 +215,7 @@ fn truncate_after(path: &Path, step: usize) -> Result<()> {
             kept.push(b'\n');
         }
     }
-    write_atomic(path, &kept)
+    atomic::write_file(path, &kept)
 }
 
 fn append_line(file: &mut File, value: &impl Serialize) -> Result<()> {
@@ -210,13 +224,6 @@ fn append_line(file: &mut File, value: &impl Serialize) -> Result<()> {
     file.write_all(&line)?;
     file.flush()?;
     Ok(())
-}
-
-/// Writes a file under a temporary name and renames it: readers never see half a file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Keys (as `section.key`) whose values differ, ignoring those a resume may change.

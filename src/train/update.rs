@@ -5,10 +5,10 @@
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 
-use super::optimizer::Optimizer;
-use super::rollout::Group;
 use crate::algo::{self, AlgoConfig, Denominators, Diagnostics, LogProbs, Prepared, StepBatch};
+use crate::model::optim::Optimizer;
 use crate::model::Policy;
+use crate::rollout::Group;
 
 pub(crate) struct Update<'a> {
     pub algo: &'a AlgoConfig,

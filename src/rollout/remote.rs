@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::rollout::{groups, Group, RolloutTimes, SamplingSetup};
+use super::{groups, Group, RolloutTimes, Sampled, SamplingSetup};
 use crate::config::TrainOptions;
 use crate::data::{user_message, Theorem};
 use crate::endpoint::{ChatRequest, Choice, EndpointClient, EndpointOptions, Message, StopReason};
@@ -81,14 +81,8 @@ impl RemoteSampler {
         let requests: Vec<ChatRequest> = theorem_ids
             .iter()
             .enumerate()
-            .map(|(i, &id)| ChatRequest {
-                messages: vec![Message::new("user", user_message(&theorems[id]))],
-                n: group_size,
-                temperature: sampling.temperature,
-                top_p: sampling.top_p,
-                max_tokens: sampling.max_completion_length,
-                stop: sampling.stop.clone(),
-                seed: Some(request_seed(seed, i)),
+            .map(|(i, &id)| {
+                chat_request(&theorems[id], group_size, sampling, request_seed(seed, i))
             })
             .collect();
         let mut times = RolloutTimes::default();
@@ -145,7 +139,7 @@ impl RemoteSampler {
         tokenizer: &Tokenizer,
         stop: &StopStrings,
         choice: &Choice,
-    ) -> Result<(Vec<u32>, String, bool)> {
+    ) -> Result<Sampled> {
         let mut generated = choice.text.clone();
         let mut end = None;
         if choice.finish_reason.as_deref() == Some("stop") {
@@ -173,6 +167,25 @@ impl RemoteSampler {
             generated.truncate(found.start);
         }
         Ok((tokens, generated, truncated))
+    }
+}
+
+/// The request for `n` completions of `theorem`: the bare user message (the server applies its
+/// own chat template) with the run's sampling settings.
+pub fn chat_request(
+    theorem: &Theorem,
+    n: usize,
+    sampling: &SamplingOptions,
+    seed: u64,
+) -> ChatRequest {
+    ChatRequest {
+        messages: vec![Message::new("user", user_message(theorem))],
+        n,
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        max_tokens: sampling.max_completion_length,
+        stop: sampling.stop.clone(),
+        seed: Some(seed),
     }
 }
 

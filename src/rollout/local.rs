@@ -4,63 +4,12 @@
 use std::sync::mpsc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::data::{user_message, Theorem};
-use crate::lean::{Checked, Checker, Job};
-use crate::model::sampler::{Sampler, StopStrings};
-use crate::model::tokenizer::{ChatMessage, Tokenizer};
-use crate::model::{GenerateOptions, Policy};
-
-/// One sampled and checked completion.
-#[derive(Debug, Clone)]
-pub struct Completion {
-    /// Generated tokens, the EOS that ended it included.
-    pub tokens: Vec<u32>,
-    /// The decoded text the checker saw (cut at a stop string).
-    pub text: String,
-    pub truncated: bool,
-    pub checked: Checked,
-}
-
-/// The G completions of one theorem.
-#[derive(Debug, Clone)]
-pub struct Group {
-    /// Index into the theorem list.
-    pub theorem: usize,
-    pub completions: Vec<Completion>,
-}
-
-/// Wall-clock split of one rollout.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RolloutTimes {
-    /// Time inside the policy's sampling.
-    pub sampling: f64,
-    /// Time Lean spent on this rollout's groups (overlapping sampling).
-    pub checking: f64,
-    /// Time from the end of sampling to the last verdict: what checking added to the step.
-    pub checking_tail: f64,
-    pub tokens: usize,
-}
-
-/// The prompt tokens of a theorem: the instruction of [`user_message`] through the model's chat
-/// template (a plain template when the model has none).
-pub fn prompt_tokens(tokenizer: &Tokenizer, theorem: &Theorem) -> Result<Vec<u32>> {
-    let messages = [ChatMessage::user(user_message(theorem))];
-    let text = tokenizer
-        .apply_chat_template(&messages, true)
-        .with_context(|| format!("building the prompt of theorem {}", theorem.name))?;
-    tokenizer.encode(&text, false)
-}
-
-/// Everything sampling needs besides the prompts.
-pub struct SamplingSetup<'a> {
-    pub policy: &'a Policy,
-    pub tokenizer: &'a Tokenizer,
-    pub checker: &'a Checker,
-    pub generate: GenerateOptions,
-    pub stop: StopStrings,
-}
+use super::{groups, Group, RolloutTimes, Sampled, SamplingSetup};
+use crate::data::Theorem;
+use crate::lean::{Checked, Job};
+use crate::model::sampler::Sampler;
 
 /// Samples `group_size` completions for each of `theorem_ids` (one generation batch per
 /// theorem, its prompt prefilled once) and checks them while the next group is sampled.
@@ -121,41 +70,13 @@ pub fn rollout(
     })
 }
 
-/// A sampled completion before checking: (tokens, text, truncated).
-pub(super) type Sampled = (Vec<u32>, String, bool);
-
-/// Pairs sampled groups (theorem index, completions) with their verdicts, which come in the
-/// same order, group after group.
-pub(super) fn groups(
-    sampled: Vec<(usize, Vec<Sampled>)>,
-    verdicts: impl IntoIterator<Item = Checked>,
-) -> Vec<Group> {
-    let mut verdicts = verdicts.into_iter();
-    sampled
-        .into_iter()
-        .map(|(theorem, group)| Group {
-            theorem,
-            completions: group
-                .into_iter()
-                .zip(verdicts.by_ref())
-                .map(|((tokens, text, truncated), checked)| Completion {
-                    tokens,
-                    text,
-                    truncated,
-                    checked,
-                })
-                .collect(),
-        })
-        .collect()
-}
-
 /// Samples one group: (tokens, text, truncated) per completion.
 fn sample_group(
     setup: &SamplingSetup,
     sampler: &mut Sampler,
     prompt: &[u32],
     group_size: usize,
-) -> Result<Vec<(Vec<u32>, String, bool)>> {
+) -> Result<Vec<Sampled>> {
     let tokenizer = setup.tokenizer;
     let mut next_tokens = |rows: &[Vec<f32>]| sampler.sample_rows(rows);
     let stop = &setup.stop;
