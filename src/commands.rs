@@ -230,7 +230,7 @@ fn sft(args: crate::cli::SftArgs, quiet: bool) -> Result<Outcome> {
 
 fn init_model(args: crate::cli::InitModelArgs) -> Result<Outcome> {
     let theorems = load_theorems(&args.corpus, None)?;
-    let texts = crate::model::init::theorem_corpus(&theorems);
+    let texts = crate::sft::theorem_corpus(&theorems);
     let options = crate::model::init::InitOptions {
         hidden_size: args.hidden,
         num_hidden_layers: args.layers,

@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::Config;
-use crate::data::Theorem;
+use crate::data::{user_message, Theorem};
 use crate::model::optim::Optimizer;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Policy;
@@ -69,6 +69,19 @@ pub struct SftReport {
 /// proof extraction reads it.
 pub fn completion_text(proof: &str) -> String {
     format!("```lean\n{}\n```", proof.trim())
+}
+
+/// The texts a tokenizer for theorem files should see (`init-model` trains one on them): every record's prompt message, proof
+/// and the fenced reply the model is taught to write.
+pub fn theorem_corpus(theorems: &[Theorem]) -> Vec<String> {
+    let mut texts = Vec::new();
+    for t in theorems {
+        texts.push(user_message(t));
+        if let Some(proof) = &t.proof {
+            texts.push(completion_text(proof));
+        }
+    }
+    texts
 }
 
 /// Examples for every theorem that has a `proof` (at most `limit`); an error when none has.

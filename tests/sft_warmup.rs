@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use lean_grpo::config::Config;
 use lean_grpo::data::load_theorems;
 use lean_grpo::lean::{extract_proof, Extracted};
-use lean_grpo::model::init::{init_model, theorem_corpus, InitOptions};
+use lean_grpo::model::init::{init_model, InitOptions};
 use lean_grpo::model::tokenizer::{ChatMessage, Tokenizer};
 use lean_grpo::model::{LoraOptions, ModelOptions, Policy};
 use lean_grpo::rollout::prompt_tokens;
+use lean_grpo::sft::theorem_corpus;
 use lean_grpo::sft::{completion_text, dataset_nll, examples, run_sft, SftOptions};
 
 fn prelude() -> PathBuf {

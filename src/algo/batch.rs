@@ -6,7 +6,7 @@ use std::ops::Range;
 use serde::Serialize;
 
 use super::config::AlgoConfig;
-use super::dgpo;
+use super::stats::is_zero_variance;
 use super::AlgoError;
 
 /// Per-completion facts the loss needs besides log-probs.
@@ -32,6 +32,42 @@ pub struct StepBatch {
 }
 
 impl StepBatch {
+    /// Ordered pairs (winner, loser) of row positions in this batch, group by group: kept rows with
+    /// loss tokens, reward gap above `pairwise_margin`; with `dpo_max_pairs_per_group` = K > 0 only
+    /// the K largest gaps per group, ties in (w, l) order. Zero-variance groups give none.
+    pub fn dpo_pairs(&self, cfg: &AlgoConfig) -> Vec<(usize, usize)> {
+        let batch = self;
+        let g = cfg.group_size.max(1);
+        let mut out = Vec::new();
+        for start in (0..batch.len()).step_by(g) {
+            let end = (start + g).min(batch.len());
+            let rewards: Vec<f64> = batch.rows[start..end]
+                .iter()
+                .map(|r| r.shaped_reward)
+                .collect();
+            if is_zero_variance(&rewards) {
+                continue;
+            }
+            let eligible = |i: usize| batch.rows[i].kept && batch.loss_len(cfg, i) > 0;
+            let mut group: Vec<(f64, usize, usize)> = Vec::new();
+            for w in (start..end).filter(|&i| eligible(i)) {
+                for l in (start..end).filter(|&i| eligible(i)) {
+                    let gap = batch.rows[w].shaped_reward - batch.rows[l].shaped_reward;
+                    if gap > cfg.pairwise_margin {
+                        group.push((gap, w, l));
+                    }
+                }
+            }
+            if cfg.dpo_max_pairs_per_group > 0 {
+                // Stable sort by decreasing gap keeps (w, l) order among equal gaps.
+                group.sort_by(|a, b| b.0.total_cmp(&a.0));
+                group.truncate(cfg.dpo_max_pairs_per_group);
+            }
+            out.extend(group.into_iter().map(|(_, w, l)| (w, l)));
+        }
+        out
+    }
+
     /// Number of completions (kept or not).
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -119,7 +155,7 @@ impl Denominators {
     pub fn new(cfg: &AlgoConfig, step: &StepBatch) -> Result<Self, AlgoError> {
         step.check_groups(cfg)?;
         let pairs = if cfg.dpo_enabled() {
-            dgpo::pairs(cfg, step).len()
+            step.dpo_pairs(cfg).len()
         } else {
             0
         };

@@ -137,41 +137,6 @@ display_choice!(
     LossAgg
 );
 
-/// The keys of docs/algorithms.md §5 in its order: what `algorithm_config` accepts and errors list.
-pub const KEYS: &[&str] = &[
-    "group_size",
-    "max_completion_length",
-    "scale_rewards",
-    "std_eps",
-    "advantage_norm",
-    "advantage_clip",
-    "positive_advantage_scale",
-    "negative_advantage_scale",
-    "dynamic_sampling",
-    "dynamic_sampling_metric",
-    "max_resample_rounds",
-    "mask_truncated_completions",
-    "overlong_cache",
-    "overlong_penalty_factor",
-    "importance_sampling_level",
-    "epsilon",
-    "epsilon_high",
-    "delta",
-    "log_ratio_clamp",
-    "beta",
-    "kl_estimator",
-    "loss_agg",
-    "num_iterations",
-    "num_minibatches",
-    "entropy_coef",
-    "use_dpo_loss",
-    "dpo_coef",
-    "dpo_beta",
-    "pairwise_margin",
-    "dpo_max_pairs_per_group",
-    "dpo_reference_free",
-];
-
 /// One algorithm's resolved settings (docs/algorithms.md §5). Build it with [`AlgoConfig::resolve`];
 /// serialising it gives the effective configuration of a run, which `resolve` reads back.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -16,22 +16,59 @@
 mod advantage;
 mod autograd;
 mod batch;
+mod catalog;
 mod config;
 mod dgpo;
 mod loss;
 pub mod presets;
 mod seed_keys;
+mod stats;
 
 pub use advantage::{overlong_penalty, prepare, Prepared};
 pub use batch::{Denominators, Row, StepBatch};
+pub use catalog::{catalog_json, table};
 pub use config::{
     AdvantageNorm, AlgoConfig, DynamicSamplingMetric, ImportanceLevel, KlEstimator, LossAgg,
-    ScaleRewards, KEYS,
+    ScaleRewards,
 };
 pub use loss::{loss, Diagnostics, LogProbs, LossOutput};
-pub use presets::{catalog_json, table};
 
 use std::fmt::Display;
+
+/// The keys of docs/algorithms.md §5 in its order: what `algorithm_config` accepts and errors list.
+pub const KEYS: &[&str] = &[
+    "group_size",
+    "max_completion_length",
+    "scale_rewards",
+    "std_eps",
+    "advantage_norm",
+    "advantage_clip",
+    "positive_advantage_scale",
+    "negative_advantage_scale",
+    "dynamic_sampling",
+    "dynamic_sampling_metric",
+    "max_resample_rounds",
+    "mask_truncated_completions",
+    "overlong_cache",
+    "overlong_penalty_factor",
+    "importance_sampling_level",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "log_ratio_clamp",
+    "beta",
+    "kl_estimator",
+    "loss_agg",
+    "num_iterations",
+    "num_minibatches",
+    "entropy_coef",
+    "use_dpo_loss",
+    "dpo_coef",
+    "dpo_beta",
+    "pairwise_margin",
+    "dpo_max_pairs_per_group",
+    "dpo_reference_free",
+];
 
 /// Everything that can go wrong in this module; messages name the key or input and the fix.
 #[derive(Debug, thiserror::Error)]

@@ -6,8 +6,7 @@
 
 use serde_json::Value;
 
-use super::config::KEYS;
-use super::AlgoError;
+use super::{AlgoError, KEYS};
 
 /// What happens to a seed key.
 enum Seed {

@@ -319,16 +319,3 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
 }
-
-/// The texts a tokenizer for theorem files should see: every record's prompt message, proof
-/// and the fenced reply the model is taught to write.
-pub fn theorem_corpus(theorems: &[crate::data::Theorem]) -> Vec<String> {
-    let mut texts = Vec::new();
-    for t in theorems {
-        texts.push(crate::data::user_message(t));
-        if let Some(proof) = &t.proof {
-            texts.push(crate::sft::completion_text(proof));
-        }
-    }
-    texts
-}
