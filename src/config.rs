@@ -15,6 +15,7 @@ use crate::algo::{AlgoConfig, AlgoError};
 use crate::lean::CheckerOptions;
 use crate::model::optim::{AdamWParams, OptimizerSettings, ScheduleKind};
 use crate::model::{LoraOptions, ModelOptions, SamplingOptions};
+use crate::reward::RewardPreset;
 
 /// The effective configuration of one run: what `--print-config` prints and what a run directory
 /// keeps as `config.yaml`.
@@ -64,7 +65,7 @@ pub struct TrainOptions {
     /// Keep this many checkpoints (the oldest are deleted).
     pub save_total_limit: usize,
     /// Reward preset: `binary` (1 accepted, 0 otherwise) or `partial`.
-    pub reward: String,
+    pub reward: RewardPreset,
     /// Cap of partial credit for a rejected proof (`reward: partial`).
     pub partial_credit_cap: f64,
     /// Reward subtracted per completion token (0 = off).
@@ -102,7 +103,7 @@ impl Default for TrainOptions {
             output_dir: None,
             save_steps: 50,
             save_total_limit: 3,
-            reward: "binary".into(),
+            reward: RewardPreset::Binary,
             partial_credit_cap: 0.3,
             length_penalty: 0.0,
             split: None,
@@ -264,12 +265,24 @@ impl Config {
     /// The run's algorithm: `train.algorithm`'s preset with the `algorithm_config` overrides,
     /// for the trainer's group size and completion length.
     pub fn algorithm(&self) -> Result<AlgoConfig, AlgoError> {
-        AlgoConfig::resolve(
+        let algo = AlgoConfig::resolve(
             &self.train.algorithm,
             &self.algorithm_config,
             self.train.num_generations,
             self.sampling.max_completion_length,
-        )
+        )?;
+        // The loss can weigh an entropy bonus (docs/algorithms.md §5), but the trainer scores
+        // the sampled tokens only and has no full-vocabulary entropies to give it.
+        if algo.entropy_coef != 0.0 {
+            return Err(AlgoError::invalid(
+                "entropy_coef",
+                "0: the trainer computes no full-vocabulary entropies, so it has no entropy \
+                 bonus; against entropy collapse raise `epsilon_high` (DAPO's clip-higher) or \
+                 the sampling temperature",
+                algo.entropy_coef,
+            ));
+        }
+        Ok(algo)
     }
 
     /// This configuration with every algorithm key written out (the preset's values included),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, ConfigError, DEFAULT_K};
 use crate::data::{user_message, Theorem};
 use crate::endpoint::{ChatRequest, EndpointClient, EndpointOptions};
-use crate::lean::{Checked, Checker, Evidence, Job};
+use crate::lean::{Checked, Checker, Evidence, Job, VerdictKind};
 use crate::model::sampler::Sampler;
 use crate::model::tokenizer::{ChatMessage, Tokenizer};
 use crate::model::Policy;
@@ -39,7 +39,7 @@ pub enum Source {
 pub struct SampleResult {
     pub completion: String,
     pub proof: Option<String>,
-    pub verdict: String,
+    pub verdict: VerdictKind,
     pub accepted: bool,
     pub evidence: Evidence,
     pub truncated: bool,
@@ -233,7 +233,7 @@ fn sample_result(completion: String, truncated: bool, checked: Checked) -> Sampl
     SampleResult {
         completion,
         proof: checked.proof,
-        verdict: checked.verdict.kind.name().to_string(),
+        verdict: checked.verdict.kind,
         accepted: checked.verdict.is_accepted(),
         evidence: checked.verdict.evidence,
         truncated,

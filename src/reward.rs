@@ -8,12 +8,20 @@
 //! verdicts).
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
-use crate::config::TrainOptions;
 use crate::lean::Verdict;
 
-/// The reward presets `train.reward` accepts.
-pub const PRESETS: [&str; 2] = ["binary", "partial"];
+/// What a verdict earns before any length penalty (`train.reward`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardPreset {
+    /// 1 when Lean accepts the proof, 0 otherwise.
+    Binary,
+    /// 1 when accepted; a rejected proof earns up to `partial_credit_cap` for the share of it
+    /// before Lean's first error.
+    Partial,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewardFn {
@@ -22,13 +30,13 @@ pub struct RewardFn {
 }
 
 impl RewardFn {
-    /// Builds the reward from `train.reward`, `train.partial_credit_cap` and
-    /// `train.length_penalty`.
-    pub fn from_options(train: &TrainOptions) -> Result<RewardFn> {
-        let partial_cap = match train.reward.as_str() {
-            "binary" => None,
-            "partial" => {
-                let cap = train.partial_credit_cap;
+    /// The reward of `preset` (`train.reward`), with `partial_credit_cap` for partial credit
+    /// and `length_penalty` per completion token.
+    pub fn new(preset: RewardPreset, partial_credit_cap: f64, length_penalty: f64) -> Result<Self> {
+        let partial_cap = match preset {
+            RewardPreset::Binary => None,
+            RewardPreset::Partial => {
+                let cap = partial_credit_cap;
                 if !(0.0..1.0).contains(&cap) {
                     bail!(
                         "train.partial_credit_cap must be in [0, 1) so that a complete proof \
@@ -37,20 +45,13 @@ impl RewardFn {
                 }
                 Some(cap)
             }
-            other => bail!(
-                "unknown reward preset `{other}` (train.reward); valid presets: {}",
-                PRESETS.join(", ")
-            ),
         };
-        if !(train.length_penalty.is_finite() && train.length_penalty >= 0.0) {
-            bail!(
-                "train.length_penalty must be a finite number >= 0, got {}",
-                train.length_penalty
-            );
+        if !(length_penalty.is_finite() && length_penalty >= 0.0) {
+            bail!("train.length_penalty must be a finite number >= 0, got {length_penalty}");
         }
         Ok(RewardFn {
             partial_cap,
-            length_penalty: train.length_penalty,
+            length_penalty,
         })
     }
 
@@ -83,10 +84,24 @@ mod tests {
         )
     }
 
-    fn options(reward: &str) -> TrainOptions {
-        TrainOptions {
-            reward: reward.into(),
-            ..TrainOptions::default()
+    /// `train.reward` as a config file gives it, with the default cap and no length penalty.
+    struct Options {
+        preset: RewardPreset,
+        partial_credit_cap: f64,
+        length_penalty: f64,
+    }
+
+    fn options(reward: &str) -> Options {
+        Options {
+            preset: serde_json::from_value(serde_json::json!(reward)).unwrap(),
+            partial_credit_cap: crate::config::TrainOptions::default().partial_credit_cap,
+            length_penalty: 0.0,
+        }
+    }
+
+    impl RewardFn {
+        fn from_options(o: &Options) -> Result<RewardFn> {
+            RewardFn::new(o.preset, o.partial_credit_cap, o.length_penalty)
         }
     }
 
@@ -134,12 +149,13 @@ mod tests {
 
     #[test]
     fn bad_presets_are_named() {
-        let err = RewardFn::from_options(&options("dense"))
-            .unwrap_err()
+        let flags = [crate::config::Override::new("train", "reward", "dense")];
+        let err = crate::config::Config::load(None, &flags, None)
+            .expect_err("dense is no preset")
             .to_string();
-        assert_eq!(
-            err,
-            "unknown reward preset `dense` (train.reward); valid presets: binary, partial"
+        assert!(
+            err.contains("`train.reward`: unknown variant `dense`, expected `binary` or `partial`"),
+            "{err}"
         );
         let mut opts = options("partial");
         opts.partial_credit_cap = 1.0;

@@ -344,7 +344,10 @@ fn rejected_seed_keys_name_their_replacement() {
         (json!({"logprob_min": -20}), "`log_ratio_clamp`"),
         (json!({"gamma": 0.99}), "no critic"),
         (json!({"truncated_is": 2.0}), "not accepted"),
-        (json!({"use_entropy_bonus": true}), "set `entropy_coef` > 0"),
+        (
+            json!({"use_entropy_bonus": true}),
+            "no entropy bonus yet (`entropy_coef` must be 0)",
+        ),
         (json!({"learning_rate": 1e-5}), "`train.learning_rate`"),
     ];
     for (v, want) in cases {

@@ -64,6 +64,35 @@ fn bad_config_exits_2_with_the_key() {
     );
 }
 
+/// Typed keys fail when the configuration is read, before any model load, naming the key.
+#[test]
+fn typos_in_typed_keys_are_input_errors_naming_the_key() {
+    for (args, want) in [
+        (
+            &["--algo-config", r#"{"entropy_coef": 0.01}"#][..],
+            "`entropy_coef` must be 0",
+        ),
+        (
+            &["--algo-config", r#"{"dynamic_sampling_metric": "acc"}"#][..],
+            "`dynamic_sampling_metric` must be one of reward, shaped_reward",
+        ),
+        (
+            &["--device", "tpu"][..],
+            "`model.device`: --device tpu: expected",
+        ),
+        (
+            &["--dtype", "f8"][..],
+            "`model.dtype`: `f8`: expected `f32`, `bf16` or `f16`",
+        ),
+    ] {
+        let mut all = vec!["train", "data/toy.jsonl", "--print-config"];
+        all.extend_from_slice(args);
+        let out = lean_grpo(&all);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn print_config_round_trips_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();

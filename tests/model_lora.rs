@@ -511,7 +511,7 @@ fn a_saved_adapter_reloads_through_model_options() {
     save_adapter(&out, &p.adapter_weights().unwrap(), &lora, "tiny-qwen2").unwrap();
     let model = ModelOptions {
         model: dir("tiny-qwen2").display().to_string(),
-        device: "cpu".into(),
+        device: lean_grpo::model::device::DeviceSpec::Cpu,
         adapter: Some(out.display().to_string()),
         ..ModelOptions::default()
     };
@@ -673,17 +673,20 @@ fn sample_dtype_must_be_the_model_dtype_or_f16_on_the_cpu() {
         err.contains("--sample-dtype bf16") && err.contains("model dtype (f32)"),
         "{err}"
     );
-    let model = ModelOptions {
-        model: dir("tiny-qwen2").display().to_string(),
-        device: "cpu".into(),
-        sample_dtype: Some("f8".into()),
-        ..ModelOptions::default()
-    };
-    let err = Policy::load(&model, &LoraOptions::default(), 0)
-        .err()
-        .expect("f8 is not a sampling dtype")
+    // A dtype that does not exist fails when the configuration is read, naming the key.
+    let flags = [lean_grpo::config::Override::new(
+        "model",
+        "sample_dtype",
+        "f8",
+    )];
+    let err = lean_grpo::config::Config::load(None, &flags, None)
+        .expect_err("f8 is not a sampling dtype")
         .to_string();
-    assert!(err.contains("--sample-dtype f8: expected"), "{err}");
+    assert!(
+        err.contains("`model.sample_dtype`")
+            && err.contains("`f8`: expected `f32`, `bf16` or `f16`"),
+        "{err}"
+    );
 }
 
 /// The one-node LoRA linear (taken above 16 rows on the CPU) against its definition,

@@ -44,7 +44,7 @@ fn dir(name: &str) -> PathBuf {
 fn load(name: &str) -> (Policy, Reference) {
     let model = ModelOptions {
         model: dir(name).display().to_string(),
-        device: "cpu".into(),
+        device: lean_grpo::model::device::DeviceSpec::Cpu,
         ..ModelOptions::default()
     };
     let lora = LoraOptions {

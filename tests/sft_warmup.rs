@@ -41,7 +41,7 @@ fn config(model: &Path) -> Config {
     Config {
         model: ModelOptions {
             model: model.display().to_string(),
-            device: "cpu".into(),
+            device: lean_grpo::model::device::DeviceSpec::Cpu,
             ..ModelOptions::default()
         },
         lora: LoraOptions {

@@ -180,7 +180,8 @@ fn special_key(key: &str, value: &Value) -> Result<Option<(&'static str, Value)>
         ("use_entropy_bonus", _) => Err(AlgoError::rejected(
             key,
             Some(value),
-            "set `entropy_coef` > 0 to turn the entropy bonus on (0 = off)",
+            "the trainer has no entropy bonus yet (`entropy_coef` must be 0); raise the sampling \
+             temperature or `epsilon_high` (DAPO's clip-higher) against entropy collapse",
         )),
         _ => Err(AlgoError::unknown_key(key)),
     }

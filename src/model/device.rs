@@ -4,37 +4,83 @@
 //! takes a [`candle_core::Device`] and a [`DType`] and never asks which backend it runs on: the
 //! CUDA path is the CPU code with another device.
 
+use std::str::FromStr;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
 
-/// Parses `--device`. `auto` picks the first CUDA device when the binary was built with the
-/// `cuda` feature and a GPU answers, the CPU otherwise.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let spec = spec.trim();
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => {
-            if candle_core::utils::cuda_is_available() {
-                // A CUDA build that falls back to the CPU runs many times slower: say why.
-                match Device::new_cuda(0) {
-                    Ok(dev) => return Ok(dev),
-                    Err(err) => tracing::warn!(
-                        "--device auto: CUDA device 0 is not available ({err}); using the CPU"
-                    ),
-                }
-            }
-            Ok(Device::Cpu)
-        }
-        "cuda" => cuda(0),
-        _ => match spec.strip_prefix("cuda:") {
-            Some(n) => {
-                let ordinal = n.parse::<usize>().with_context(|| {
+/// Where the model runs (`model.device`, `--device`): `auto` picks the first CUDA device when
+/// the binary was built with the `cuda` feature and a GPU answers, the CPU otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let spec = spec.trim();
+        Ok(match spec {
+            "auto" => Self::Auto,
+            "cpu" => Self::Cpu,
+            "cuda" => Self::Cuda(0),
+            _ => match spec.strip_prefix("cuda:") {
+                Some(n) => Self::Cuda(n.parse::<usize>().with_context(|| {
                     format!("--device {spec}: `{n}` is not a GPU number (expected e.g. cuda:0)")
-                })?;
-                cuda(ordinal)
+                })?),
+                None => bail!("--device {spec}: expected `cpu`, `cuda`, `cuda:N` or `auto`"),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
+    }
+}
+
+impl DeviceSpec {
+    /// The device, or why it cannot be had (no CUDA in this build, no such GPU).
+    pub fn open(self) -> Result<Device> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(ordinal) => cuda(ordinal),
+            Self::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    // A CUDA build that falls back to the CPU runs many times slower: say why.
+                    match Device::new_cuda(0) {
+                        Ok(dev) => return Ok(dev),
+                        Err(err) => tracing::warn!(
+                            "--device auto: CUDA device 0 is not available ({err}); using the CPU"
+                        ),
+                    }
+                }
+                Ok(Device::Cpu)
             }
-            None => bail!("--device {spec}: expected `cpu`, `cuda`, `cuda:N` or `auto`"),
-        },
+        }
     }
 }
 
@@ -49,30 +95,64 @@ fn cuda(ordinal: usize) -> Result<Device> {
         .with_context(|| format!("--device cuda:{ordinal}: cannot open the GPU"))
 }
 
-/// Parses `--dtype`; `None` means f32 on the CPU (bf16 matmuls are ~18x slower there than f32)
-/// and bf16 on a GPU.
-pub fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
-    match spec.map(str::trim) {
-        None | Some("") | Some("auto") => Ok(if device.is_cpu() {
-            DType::F32
-        } else {
-            DType::BF16
-        }),
-        Some("f32") | Some("float32") => Ok(DType::F32),
-        Some("bf16") | Some("bfloat16") => Ok(DType::BF16),
-        Some("f16") | Some("float16") => Ok(DType::F16),
-        Some(other) => bail!("--dtype {other}: expected `f32`, `bf16` or `f16`"),
+/// A floating-point precision for the weights (`model.dtype`, `--dtype`) or the merged
+/// sampling copy (`model.sample_dtype`, `--sample-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl FromStr for Precision {
+    type Err = anyhow::Error;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        Ok(match spec.trim() {
+            "f32" | "float32" => Self::F32,
+            "bf16" | "bfloat16" => Self::Bf16,
+            "f16" | "float16" => Self::F16,
+            other => bail!("`{other}`: expected `f32`, `bf16` or `f16`"),
+        })
     }
 }
 
-/// Parses `--sample-dtype`: `None` (unset) samples through the adapters in the model dtype.
-pub fn parse_sample_dtype(spec: Option<&str>) -> Result<Option<DType>> {
-    match spec.map(str::trim) {
-        None | Some("") => Ok(None),
-        Some("f32") | Some("float32") => Ok(Some(DType::F32)),
-        Some("bf16") | Some("bfloat16") => Ok(Some(DType::BF16)),
-        Some("f16") | Some("float16") => Ok(Some(DType::F16)),
-        Some(other) => bail!("--sample-dtype {other}: expected `f32`, `bf16` or `f16`"),
+impl TryFrom<String> for Precision {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<Precision> for String {
+    fn from(p: Precision) -> String {
+        match p {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+        .to_string()
+    }
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
+
+/// The weights' dtype: the one asked for, else f32 on the CPU (bf16 matmuls are ~18x slower
+/// there than f32) and bf16 on a GPU.
+pub fn model_dtype(spec: Option<Precision>, device: &Device) -> DType {
+    match spec {
+        Some(p) => p.dtype(),
+        None if device.is_cpu() => DType::F32,
+        None => DType::BF16,
     }
 }
 
@@ -105,29 +185,33 @@ mod tests {
 
     #[test]
     fn cpu_defaults_to_f32() {
-        let dev = parse_device("cpu").unwrap();
+        let dev = "cpu".parse::<DeviceSpec>().unwrap().open().unwrap();
         assert!(dev.is_cpu());
-        assert_eq!(parse_dtype(None, &dev).unwrap(), DType::F32);
-        assert_eq!(parse_dtype(Some("bf16"), &dev).unwrap(), DType::BF16);
+        assert_eq!(model_dtype(None, &dev), DType::F32);
+        assert_eq!(model_dtype(Some(Precision::Bf16), &dev), DType::BF16);
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!(DeviceSpec::Cuda(3).to_string(), "cuda:3");
+        assert_eq!("bfloat16".parse::<Precision>().unwrap(), Precision::Bf16);
     }
 
     #[test]
     fn bad_specs_name_the_flag() {
-        let err = parse_device("tpu").unwrap_err().to_string();
+        let err = "tpu".parse::<DeviceSpec>().unwrap_err().to_string();
         assert!(err.contains("--device tpu"), "{err}");
-        let err = parse_device("cuda:x").unwrap_err().to_string();
+        let err = "cuda:x".parse::<DeviceSpec>().unwrap_err().to_string();
         assert!(err.contains("not a GPU number"), "{err}");
-        let err = parse_dtype(Some("f8"), &Device::Cpu)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--dtype f8"), "{err}");
+        let err = "f8".parse::<Precision>().unwrap_err().to_string();
+        assert!(
+            err.contains("`f8`: expected `f32`, `bf16` or `f16`"),
+            "{err}"
+        );
     }
 
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_says_how_to_rebuild() {
-        let err = parse_device("cuda").unwrap_err().to_string();
+        let err = DeviceSpec::Cuda(0).open().unwrap_err().to_string();
         assert!(err.contains("--features cuda"), "{err}");
-        assert!(parse_device("auto").unwrap().is_cpu());
+        assert!(DeviceSpec::Auto.open().unwrap().is_cpu());
     }
 }

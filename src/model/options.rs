@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use super::device::{DeviceSpec, Precision};
+
 /// The `model` section: which weights, on which device, in which dtype.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -9,12 +11,12 @@ pub struct ModelOptions {
     /// Hub revision (branch, tag or commit).
     pub revision: String,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    pub device: DeviceSpec,
     /// `f32`, `bf16` or `f16`; `None` = f32 on CPU, bf16 on CUDA.
-    pub dtype: Option<String>,
+    pub dtype: Option<Precision>,
     /// Sample from a copy of the weights with the adapters merged in, in this dtype (the
     /// model's, or `f16` for an f32 model on the CPU); `None` = through the adapters.
-    pub sample_dtype: Option<String>,
+    pub sample_dtype: Option<Precision>,
     /// A PEFT adapter directory to start from.
     pub adapter: Option<String>,
 }
@@ -24,7 +26,7 @@ impl Default for ModelOptions {
         Self {
             model: "Qwen/Qwen2.5-0.5B-Instruct".into(),
             revision: "main".into(),
-            device: "auto".into(),
+            device: DeviceSpec::Auto,
             dtype: None,
             sample_dtype: None,
             adapter: None,

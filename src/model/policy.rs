@@ -5,7 +5,7 @@
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
 use super::decoder::{Decoder, LoraSpec, SampleWeights, SharedBatch, WeightSource, LORA_MODULES};
-use super::device::{parse_device, parse_dtype, parse_sample_dtype, tune_cpu_allocator};
+use super::device::{model_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings, ModelFiles};
 use super::lora::Pass;
 use super::ops::{lm_head_logprobs, logp_dtype};
@@ -75,9 +75,9 @@ impl Policy {
     /// Loads the model named by `model` (hub id, HF directory or `.gguf`) on its device and
     /// adds fresh adapters per `lora`, drawn from `seed`.
     pub fn load(model: &ModelOptions, lora: &LoraOptions, seed: u64) -> Result<Policy> {
-        let device = parse_device(&model.device)?;
-        let dtype = parse_dtype(model.dtype.as_deref(), &device)?;
-        let sample_dtype = parse_sample_dtype(model.sample_dtype.as_deref())?;
+        let device = model.device.open()?;
+        let dtype = model_dtype(model.dtype, &device);
+        let sample_dtype = model.sample_dtype.map(|p| p.dtype());
         let files = load_model(
             &model.model,
             &model.revision,

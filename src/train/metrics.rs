@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::update::UpdateOutcome;
 use crate::algo::Prepared;
 use crate::data::Theorem;
-use crate::lean::Evidence;
+use crate::lean::{Evidence, VerdictKind};
 use crate::rollout::{Completion, Group, RolloutTimes};
 
 /// What a step measured. Timings (`*_seconds`, `tokens_per_second`) vary between runs; every
@@ -71,7 +71,7 @@ pub struct SampleRecord {
     pub tokens: usize,
     pub truncated: bool,
     pub reward: f64,
-    pub verdict: String,
+    pub verdict: VerdictKind,
     pub accepted: bool,
     pub evidence: Evidence,
     pub seconds: f64,
@@ -178,7 +178,7 @@ impl StepOutcome<'_> {
                 tokens: c.tokens.len(),
                 truncated: c.truncated,
                 reward,
-                verdict: c.checked.verdict.kind.name().to_string(),
+                verdict: c.checked.verdict.kind,
                 accepted: c.checked.verdict.is_accepted(),
                 evidence: c.checked.verdict.evidence.clone(),
                 seconds: c.checked.seconds,

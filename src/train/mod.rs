@@ -68,7 +68,7 @@ pub struct TrainInputs<'a> {
 pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
     let train = &config.train;
     let algo = check(config)?;
-    let reward = RewardFn::from_options(train)?;
+    let reward = RewardFn::new(train.reward, train.partial_credit_cap, train.length_penalty)?;
     let endpoint = endpoint_client(train)?;
     let root = match (&inputs.resume, &train.output_dir) {
         (Some(dir), _) => dir.to_path_buf(),
@@ -185,14 +185,7 @@ fn check(config: &Config) -> Result<AlgoConfig> {
     if train.batch_size == 0 {
         bail!("train.batch_size (theorems per step) must be at least 1");
     }
-    let algo = config.algorithm()?;
-    if algo.entropy_coef > 0.0 {
-        bail!(
-            "algorithm_config.entropy_coef > 0 needs full-vocabulary entropies, which the \
-             trainer does not compute; set it to 0"
-        );
-    }
-    Ok(algo)
+    Ok(config.algorithm()?)
 }
 
 /// What a checkpoint holds besides the adapters: the loop's state, the sampling RNG and the
