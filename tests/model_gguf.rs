@@ -519,6 +519,11 @@ fn unsupported_gguf_tokenizers_are_errors_naming_the_key_and_value() {
         err.contains("tokenizer.ggml.eos_token_id = 100000") && err.contains("outside"),
         "{err}"
     );
+    let err = metadata_error(|md| set(md, "tokenizer.ggml.padding_token_id", Value::I32(-1)));
+    assert!(
+        err.contains("tokenizer.ggml.padding_token_id = I32(-1) is not a token id"),
+        "{err}"
+    );
     let err = metadata_error(|md| {
         set(
             md,

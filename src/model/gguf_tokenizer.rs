@@ -250,10 +250,12 @@ pub fn tokenizer_from_metadata(md: &HashMap<String, Value>) -> Result<GgufTokeni
         let Some(v) = md.get(key) else {
             return Ok(None);
         };
-        let id = v
-            .to_u32()
-            .or_else(|_| v.to_i32().map(|x| x as u32))
-            .map_err(|_| anyhow!("{key} = {v:?} is not a token id"))?;
+        let id = match v {
+            Value::U32(id) => *id,
+            Value::I32(id) if *id >= 0 => *id as u32,
+            Value::U64(id) if *id <= u64::from(u32::MAX) => *id as u32,
+            _ => bail!("{key} = {v:?} is not a token id"),
+        };
         let token = tokens.get(id as usize).with_context(|| {
             format!(
                 "{key} = {id} is outside the vocabulary of {} tokens",
