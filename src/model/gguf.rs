@@ -19,7 +19,10 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<ModelFile
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {origin}"))?;
     let content =
         Content::read(&mut file).with_context(|| format!("{origin} is not a GGUF file"))?;
-    let config = config_from_metadata(&content.metadata)
+    // llama.cpp writes no `output.weight` when the head is the embedding matrix (SmolLM2,
+    // Qwen2.5-0.5B), and its loader then ties the two; the tensor list is how the file says so.
+    let tied = !content.tensor_infos.contains_key("output.weight");
+    let config = config_from_metadata(&content.metadata, tied)
         .with_context(|| format!("reading the metadata of {origin}"))?;
     if content.tensor_infos.contains_key("rope_freqs.weight") {
         bail!(
@@ -45,7 +48,6 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<ModelFile
         };
         tensors.insert(hf, t);
     }
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let weights = TensorMap {
         tensors,
         dtype,
@@ -54,7 +56,9 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<ModelFile
     Ok(ModelFiles {
         config,
         weights: Box::new(weights),
-        dir,
+        // The file itself: the tokenizer comes from its metadata, or from a tokenizer.json
+        // beside it (`Tokenizer::from_dir` takes either).
+        dir: path.to_path_buf(),
     })
 }
 
@@ -111,7 +115,9 @@ pub fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, inp))?)
 }
 
-fn config_from_metadata(md: &HashMap<String, Value>) -> Result<Config> {
+/// The [`Config`] of a GGUF file's metadata; `tied` says whether the head is the embedding
+/// matrix (the file has no `output.weight`).
+fn config_from_metadata(md: &HashMap<String, Value>, tied: bool) -> Result<Config> {
     let arch_name = md
         .get("general.architecture")
         .context("no general.architecture")?
@@ -163,7 +169,7 @@ fn config_from_metadata(md: &HashMap<String, Value>) -> Result<Config> {
         "rms_norm_eps": opt_f("attention.layer_norm_rms_epsilon"),
         "rope_theta": opt_f("rope.freq_base"),
         "max_position_embeddings": int("context_length").ok(),
-        "tie_word_embeddings": false,
+        "tie_word_embeddings": tied,
         "bos_token_id": token("tokenizer.ggml.bos_token_id"),
         "eos_token_id": token("tokenizer.ggml.eos_token_id"),
     });

@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 pub struct ModelFiles {
     pub config: Config,
     pub weights: Box<dyn WeightSource>,
-    /// The directory holding `tokenizer.json` and friends (the hub snapshot for hub ids, the
-    /// GGUF file's directory for GGUF).
+    /// Where the tokenizer comes from, for `Tokenizer::from_dir`: the directory holding
+    /// `tokenizer.json` and friends (the hub snapshot for hub ids), or for GGUF the `.gguf` file
+    /// itself (its metadata holds the tokenizer unless a `tokenizer.json` sits beside it).
     pub dir: PathBuf,
 }
 

@@ -13,6 +13,7 @@ pub mod device;
 pub mod fused;
 pub mod gemv;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod init;
 pub mod load;
 pub mod lora;

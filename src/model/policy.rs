@@ -237,7 +237,8 @@ impl Policy {
         self.decoder.device()
     }
 
-    /// Directory with the checkpoint's tokenizer files.
+    /// Directory with the checkpoint's tokenizer files, or the `.gguf` file whose metadata
+    /// holds the tokenizer; `Tokenizer::from_dir` takes either.
     pub fn model_dir(&self) -> &Path {
         &self.dir
     }

@@ -1,4 +1,6 @@
-//! The model's tokenizer and chat template, loaded from a Hugging Face model directory.
+//! The model's tokenizer and chat template, loaded from a Hugging Face model directory or, for
+//! a `.gguf` model with no `tokenizer.json` beside it, from the file's metadata
+//! ([`super::gguf_tokenizer`]).
 //!
 //! Reads the same three files `transformers` reads: `tokenizer.json` (the vocabulary, merges and
 //! pre-tokenizer, through the `tokenizers` crate), `tokenizer_config.json` (special tokens, added
@@ -17,6 +19,8 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
+
+use super::gguf_tokenizer::read_gguf_tokenizer;
 
 /// The special tokens of `tokenizer_config.json` that templates see as variables.
 const SPECIAL_TOKEN_KEYS: [&str; 7] = [
@@ -102,7 +106,12 @@ impl Tokenizer {
     /// `eos_token`: instruct models end a turn with one and a document with the other. The
     /// padding id is `pad_token`, else `generation_config.pad_token_id`, else the first EOS id
     /// (what TRL does); it only fills masked positions.
+    ///
+    /// `dir` may also be a `.gguf` file: see [`Self::from_gguf`].
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if is_gguf_file(dir) {
+            return Self::from_gguf(dir);
+        }
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
             bail!(
@@ -183,6 +192,49 @@ impl Tokenizer {
             add_bos_token,
             special_tokens,
             eos_ids,
+            pad_id,
+        })
+    }
+
+    /// The tokenizer of a `.gguf` model file: from the `tokenizer.json` (and friends, see
+    /// [`Self::from_dir`]) in the file's directory when there is one, else from the file's
+    /// metadata (see [`super::gguf_tokenizer`]): vocabulary, merges, token types, the
+    /// pre-tokenizer named by `tokenizer.ggml.pre`, special tokens and
+    /// `tokenizer.chat_template`, as transformers' `AutoTokenizer.from_pretrained(dir,
+    /// gguf_file=...)` reads them. EOS ids are `tokenizer.ggml.eos_token_id` and
+    /// `eot_token_id`; padding is `padding_token_id`, else the first EOS id.
+    pub fn from_gguf(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if dir.join("tokenizer.json").is_file() {
+            return Self::from_dir(dir);
+        }
+        let origin = path.display();
+        let gguf = read_gguf_tokenizer(path)?;
+        let has_chat_template = gguf.chat_template.is_some();
+        let source = gguf
+            .chat_template
+            .unwrap_or_else(|| FALLBACK_CHAT_TEMPLATE.to_string());
+        let env = chat_environment(source).with_context(|| {
+            format!(
+                "tokenizer.chat_template of {origin} does not parse; put a tokenizer_config.json \
+                 with a working chat_template and the tokenizer.json beside the file"
+            )
+        })?;
+        let pad_id = match gguf.pad_id.or_else(|| gguf.eos_ids.first().copied()) {
+            Some(id) => id,
+            None => bail!(
+                "{origin}: the metadata has no tokenizer.ggml.eos_token_id, so generation could \
+                 never stop; put the model's tokenizer.json and generation_config.json beside \
+                 the file"
+            ),
+        };
+        Ok(Self {
+            inner: gguf.tokenizer,
+            env,
+            has_chat_template,
+            add_bos_token: gguf.add_bos_token,
+            special_tokens: gguf.special_tokens.into_iter().collect(),
+            eos_ids: gguf.eos_ids,
             pad_id,
         })
     }
@@ -304,6 +356,14 @@ impl Tokenizer {
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// A path naming a `.gguf` file (by extension, case-insensitive) that exists.
+fn is_gguf_file(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn read_json_if_exists(path: &Path) -> Result<Option<Json>> {
