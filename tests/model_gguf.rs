@@ -191,8 +191,8 @@ fn smollm2_logits_and_greedy_tokens_match_transformers() {
     let fx: LogitsFixture = fixture("smollm2-logits.json");
     let model = ModelOptions {
         model: gguf.display().to_string(),
-        device: "cpu".into(),
-        dtype: Some("f32".into()),
+        device: lean_grpo::model::device::DeviceSpec::Cpu,
+        dtype: Some(lean_grpo::model::device::Precision::F32),
         ..ModelOptions::default()
     };
     let lora = LoraOptions {
