@@ -243,6 +243,49 @@ impl CheckerArgs {
     }
 }
 
+/// How completions are sampled, for `train` and `eval`.
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy decoding.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// New tokens per completion, at most.
+    #[arg(long)]
+    pub max_completion_length: Option<usize>,
+}
+
+impl SamplingArgs {
+    fn overrides(&self, out: &mut Vec<Override>) {
+        push(out, "sampling", "temperature", &self.temperature);
+        let max = &self.max_completion_length;
+        push(out, "sampling", "max_completion_length", max);
+    }
+}
+
+/// An OpenAI-compatible server to sample from, for `train` and `eval`.
+#[derive(Debug, Args)]
+pub struct EndpointArgs {
+    /// Sample proofs from this OpenAI-compatible server instead of the local model. In `train`
+    /// the server does not see the LoRA updates, so rollouts are off-policy (see above).
+    #[arg(long, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// Model name the endpoint serves (`train`: required; `eval`: default `--model`).
+    #[arg(long, value_name = "NAME", requires = "endpoint")]
+    pub served_model: Option<String>,
+    /// Environment variable holding the endpoint's API key.
+    #[arg(long, value_name = "VAR", requires = "endpoint")]
+    pub api_key_env: Option<String>,
+}
+
+impl EndpointArgs {
+    /// The keys of `section` (`train` or `eval`) these flags set.
+    fn overrides(&self, section: &'static str, out: &mut Vec<Override>) {
+        push(out, section, "endpoint", &self.endpoint);
+        push(out, section, "served_model", &self.served_model);
+        push(out, section, "api_key_env", &self.api_key_env);
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Theorem file (JSONL, one record per line).
@@ -273,10 +316,8 @@ pub struct TrainArgs {
     pub learning_rate: Option<f64>,
     #[arg(long)]
     pub lora_rank: Option<usize>,
-    #[arg(long)]
-    pub max_completion_length: Option<usize>,
-    #[arg(long)]
-    pub temperature: Option<f64>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Train only on records of this split.
@@ -288,16 +329,8 @@ pub struct TrainArgs {
     /// Continue a run from its latest checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
-    /// Sample proofs from this OpenAI-compatible server instead of the policy. It does not see
-    /// the LoRA updates, so rollouts are off-policy (see above).
-    #[arg(long, value_name = "URL")]
-    pub endpoint: Option<String>,
-    /// Model name the endpoint serves (required with --endpoint).
-    #[arg(long, value_name = "NAME")]
-    pub served_model: Option<String>,
-    /// Environment variable holding the endpoint's API key.
-    #[arg(long, value_name = "VAR")]
-    pub api_key_env: Option<String>,
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
 }
 
 impl TrainArgs {
@@ -313,19 +346,11 @@ impl TrainArgs {
         push(&mut out, "train", "num_train_epochs", &self.epochs);
         push(&mut out, "train", "learning_rate", &self.learning_rate);
         push(&mut out, "lora", "r", &self.lora_rank);
-        push(
-            &mut out,
-            "sampling",
-            "max_completion_length",
-            &self.max_completion_length,
-        );
-        push(&mut out, "sampling", "temperature", &self.temperature);
+        self.sampling.overrides(&mut out);
         push(&mut out, "train", "seed", &self.seed);
         push(&mut out, "train", "split", &self.split);
         push(&mut out, "train", "output_dir", &self.output);
-        push(&mut out, "train", "endpoint", &self.endpoint);
-        push(&mut out, "train", "served_model", &self.served_model);
-        push(&mut out, "train", "api_key_env", &self.api_key_env);
+        self.endpoint.overrides("train", &mut out);
         out
     }
 }
@@ -340,26 +365,16 @@ pub struct EvalArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub checker: CheckerArgs,
-    /// OpenAI-compatible server to sample from instead of a local model.
-    #[arg(long, value_name = "URL", conflicts_with = "model")]
-    pub endpoint: Option<String>,
-    /// Model name the endpoint serves.
-    #[arg(long, value_name = "NAME", requires = "endpoint")]
-    pub served_model: Option<String>,
-    /// Environment variable holding the endpoint's API key.
-    #[arg(long, value_name = "VAR", requires = "endpoint")]
-    pub api_key_env: Option<String>,
+    #[command(flatten)]
+    pub endpoint: EndpointArgs,
     /// Samples per problem.
     #[arg(short = 'n', long = "num-samples", value_name = "SAMPLES")]
     pub num_samples: Option<usize>,
     /// k values of pass@k, comma-separated.
     #[arg(long, value_delimiter = ',', value_name = "K,K,...")]
     pub k: Option<Vec<usize>>,
-    /// Sampling temperature; 0 is greedy decoding.
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    #[arg(long)]
-    pub max_completion_length: Option<usize>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Evaluate only records of this split.
     #[arg(long)]
     pub split: Option<String>,
@@ -377,13 +392,8 @@ impl EvalArgs {
         self.checker.overrides(&mut out);
         push(&mut out, "eval", "num_samples", &self.num_samples);
         push(&mut out, "eval", "k", &self.k);
-        push(&mut out, "sampling", "temperature", &self.temperature);
-        push(
-            &mut out,
-            "sampling",
-            "max_completion_length",
-            &self.max_completion_length,
-        );
+        self.sampling.overrides(&mut out);
+        self.endpoint.overrides("eval", &mut out);
         push(&mut out, "eval", "split", &self.split);
         push(&mut out, "eval", "seed", &self.seed);
         push(&mut out, "eval", "output_dir", &self.output);

@@ -123,18 +123,8 @@ fn eval(args: EvalArgs, quiet: bool) -> Result<Outcome> {
         return Ok(Outcome::Success);
     };
     let theorems = load_theorems(&args.theorems, config.eval.split.as_deref())?;
-    let source = match args.endpoint {
-        Some(url) => crate::eval::Source::Endpoint {
-            url,
-            served_model: args
-                .served_model
-                .unwrap_or_else(|| config.model.model.clone()),
-            api_key_env: args.api_key_env,
-        },
-        None => crate::eval::Source::Local,
-    };
     let show = !quiet && std::io::stderr().is_terminal();
-    let report = crate::eval::evaluate(&config, &theorems, source, show)?;
+    let report = crate::eval::evaluate(&config, &theorems, show)?;
     print!("{}", crate::passk::render_table(&report.summary));
     println!("results: {}", report.output_dir.display());
     Ok(Outcome::Success)

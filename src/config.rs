@@ -146,6 +146,12 @@ pub struct EvalOptions {
     /// Requests in flight at once against an endpoint.
     pub concurrency: usize,
     pub seed: u64,
+    /// Sample from this OpenAI-compatible server instead of the local model.
+    pub endpoint: Option<String>,
+    /// The name the endpoint serves the model under; `None`: `model.model`.
+    pub served_model: Option<String>,
+    /// Environment variable holding the endpoint's API key.
+    pub api_key_env: Option<String>,
 }
 
 impl Default for EvalOptions {
@@ -157,6 +163,9 @@ impl Default for EvalOptions {
             output_dir: None,
             concurrency: 8,
             seed: 0,
+            endpoint: None,
+            served_model: None,
+            api_key_env: None,
         }
     }
 }

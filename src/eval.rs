@@ -22,18 +22,6 @@ use crate::model::Policy;
 use crate::passk::{self, PassAtKSummary, ProblemCounts};
 use crate::rollout::{all_prompt_tokens, chat_request, rollout, SamplingSetup};
 
-/// Where samples come from.
-pub enum Source {
-    /// The configured `model` (with its optional `adapter`).
-    Local,
-    /// An OpenAI-compatible server.
-    Endpoint {
-        url: String,
-        served_model: String,
-        api_key_env: Option<String>,
-    },
-}
-
 /// One sample of one problem, as written to `results.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SampleResult {
@@ -62,12 +50,9 @@ pub struct EvalReport {
     pub summary: PassAtKSummary,
 }
 
-pub fn evaluate(
-    config: &Config,
-    theorems: &[Theorem],
-    source: Source,
-    show_progress: bool,
-) -> Result<EvalReport> {
+/// Samples `eval.num_samples` proofs per theorem from the local model, or from `eval.endpoint`
+/// when one is set, checks them and writes the results.
+pub fn evaluate(config: &Config, theorems: &[Theorem], show_progress: bool) -> Result<EvalReport> {
     let eval = &config.eval;
     if eval.num_samples == 0 {
         bail!("eval.num_samples (-n) must be at least 1");
@@ -99,15 +84,12 @@ pub fn evaluate(
         bar.inc(1);
         Ok(())
     };
-    match source {
-        Source::Local => local(config, theorems, &checker, &mut write)?,
-        Source::Endpoint {
-            url,
-            served_model,
-            api_key_env,
-        } => {
-            let mut options = EndpointOptions::new(url, served_model);
-            options.api_key_env = api_key_env;
+    match &eval.endpoint {
+        None => local(config, theorems, &checker, &mut write)?,
+        Some(url) => {
+            let served = eval.served_model.as_ref().unwrap_or(&config.model.model);
+            let mut options = EndpointOptions::new(url.as_str(), served.as_str());
+            options.api_key_env = eval.api_key_env.clone();
             options.concurrency = eval.concurrency.max(1);
             let client = EndpointClient::new(options)?;
             endpoint(config, theorems, &client, &checker, &mut write)?;

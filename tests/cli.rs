@@ -93,6 +93,28 @@ fn typos_in_typed_keys_are_input_errors_naming_the_key() {
     }
 }
 
+/// `eval --endpoint` is configuration like `train --endpoint`: it lands in the `eval` section.
+#[test]
+fn eval_endpoint_flags_set_the_eval_section() {
+    let out = lean_grpo(&[
+        "eval",
+        "data/toy.jsonl",
+        "--endpoint",
+        "http://127.0.0.1:9",
+        "--served-model",
+        "prover",
+        "--print-config",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let config: serde_json::Value = serde_yaml_ng::from_str(&stdout(&out)).unwrap();
+    assert_eq!(config["eval"]["endpoint"], "http://127.0.0.1:9");
+    assert_eq!(config["eval"]["served_model"], "prover");
+    assert!(config["train"]["endpoint"].is_null());
+    // --served-model without --endpoint is a usage error.
+    let out = lean_grpo(&["eval", "data/toy.jsonl", "--served-model", "p"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
 #[test]
 fn print_config_round_trips_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
