@@ -23,6 +23,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use crate::model::tokenizer::ChatMessage;
+
 /// How to reach the server and how hard to try.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndpointOptions {
@@ -66,27 +68,10 @@ impl EndpointOptions {
     }
 }
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
-
 /// One prompt and how to sample it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
-    pub messages: Vec<Message>,
+    pub messages: Vec<ChatMessage>,
     /// Completions wanted for this prompt.
     pub n: usize,
     pub temperature: f64,
@@ -151,7 +136,7 @@ impl Usage {
 
 /// The answer to one [`ChatRequest`]: exactly `n` choices.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Completion {
+pub struct ChatCompletion {
     pub choices: Vec<Choice>,
     /// Summed over the parts of a split request; `None` if any part came without usage.
     pub usage: Option<Usage>,
@@ -218,10 +203,10 @@ impl EndpointClient {
 
     /// Samples every request, at most `concurrency` HTTP requests at a time. Results come back in
     /// input order; one failing prompt does not stop the others.
-    pub fn complete(&self, requests: &[ChatRequest]) -> Vec<Result<Completion>> {
+    pub fn complete(&self, requests: &[ChatRequest]) -> Vec<Result<ChatCompletion>> {
         let parts = split_requests(requests, self.options.max_n_per_request);
         let next = AtomicUsize::new(0);
-        let mut part_results: Vec<Option<Result<Completion>>> = Vec::new();
+        let mut part_results: Vec<Option<Result<ChatCompletion>>> = Vec::new();
         part_results.resize_with(parts.len(), || None);
         thread::scope(|scope| {
             let (tx, rx) = mpsc::channel();
@@ -246,7 +231,7 @@ impl EndpointClient {
     }
 
     /// One HTTP request (one part of a possibly split [`ChatRequest`]), with retries.
-    fn complete_part(&self, request: &ChatRequest, part: &Part) -> Result<Completion> {
+    fn complete_part(&self, request: &ChatRequest, part: &Part) -> Result<ChatCompletion> {
         let body = WireRequest {
             model: &self.served_model,
             messages: &request.messages,
@@ -464,7 +449,7 @@ fn abbreviate(text: &str) -> String {
 #[derive(Serialize)]
 struct WireRequest<'a> {
     model: &'a str,
-    messages: &'a [Message],
+    messages: &'a [ChatMessage],
     n: usize,
     temperature: f64,
     top_p: f64,
@@ -497,7 +482,7 @@ struct WireMessage {
     content: Option<String>,
 }
 
-fn parse_response(text: &str, n: usize) -> Result<Completion> {
+fn parse_response(text: &str, n: usize) -> Result<ChatCompletion> {
     let response: WireResponse = serde_json::from_str(text).with_context(|| {
         format!(
             "the body is not a chat completion JSON: {}",
@@ -512,7 +497,7 @@ fn parse_response(text: &str, n: usize) -> Result<Completion> {
         );
     }
     choices.sort_by_key(|c| c.index);
-    Ok(Completion {
+    Ok(ChatCompletion {
         choices: choices
             .into_iter()
             .map(|c| Choice {
@@ -561,17 +546,17 @@ fn split_requests(requests: &[ChatRequest], max_n: Option<usize>) -> Vec<Part> {
 fn merge_parts(
     requests: usize,
     parts: &[Part],
-    results: Vec<Option<Result<Completion>>>,
-) -> Vec<Result<Completion>> {
+    results: Vec<Option<Result<ChatCompletion>>>,
+) -> Vec<Result<ChatCompletion>> {
     let mut parts_per_request = vec![0usize; requests];
     for part in parts {
         parts_per_request[part.request] += 1;
     }
     // A request for n = 0 sends nothing and so has no usage to report.
-    let mut merged: Vec<Result<Completion>> = parts_per_request
+    let mut merged: Vec<Result<ChatCompletion>> = parts_per_request
         .iter()
         .map(|&count| {
-            Ok(Completion {
+            Ok(ChatCompletion {
                 choices: Vec::new(),
                 usage: (count > 0).then(Usage::default),
             })

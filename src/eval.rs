@@ -24,7 +24,7 @@ use crate::rollout::{all_prompt_tokens, chat_request, rollout, SamplingSetup};
 
 /// One sample of one problem, as written to `results.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SampleResult {
+pub struct EvalSample {
     pub completion: String,
     pub proof: Option<String>,
     pub verdict: VerdictKind,
@@ -41,7 +41,7 @@ pub struct ProblemResult {
     /// The exact text the model was given: the chat-templated prompt for a local model, the
     /// user message for an endpoint (which applies its own template).
     pub prompt: String,
-    pub samples: Vec<SampleResult>,
+    pub samples: Vec<EvalSample>,
     pub accepted: usize,
 }
 
@@ -211,8 +211,8 @@ fn endpoint(
     Ok(())
 }
 
-fn sample_result(completion: String, truncated: bool, checked: Checked) -> SampleResult {
-    SampleResult {
+fn sample_result(completion: String, truncated: bool, checked: Checked) -> EvalSample {
+    EvalSample {
         completion,
         proof: checked.proof,
         verdict: checked.verdict.kind,
@@ -223,7 +223,7 @@ fn sample_result(completion: String, truncated: bool, checked: Checked) -> Sampl
     }
 }
 
-fn problem(theorem: &Theorem, prompt: String, samples: Vec<SampleResult>) -> ProblemResult {
+fn problem(theorem: &Theorem, prompt: String, samples: Vec<EvalSample>) -> ProblemResult {
     ProblemResult {
         name: theorem.name.clone(),
         prompt,

@@ -4,7 +4,8 @@
 mod endpoint_support;
 
 use endpoint_support::{completion, serve, Reply};
-use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message};
+use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions};
+use lean_grpo::model::tokenizer::ChatMessage;
 
 #[test]
 fn api_key_from_named_variable() {
@@ -33,7 +34,7 @@ fn api_key_from_named_variable() {
         "the key must not leak into logs"
     );
     let request = ChatRequest {
-        messages: vec![Message::new("user", "hi")],
+        messages: vec![ChatMessage::new("user", "hi")],
         n: 1,
         temperature: 1.0,
         top_p: 1.0,

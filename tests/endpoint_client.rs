@@ -4,7 +4,8 @@
 mod endpoint_support;
 
 use endpoint_support::{completion, serve, Reply};
-use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions, Message, StopReason};
+use lean_grpo::endpoint::{ChatRequest, EndpointClient, EndpointOptions, StopReason};
+use lean_grpo::model::tokenizer::ChatMessage;
 use serde_json::json;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -24,8 +25,8 @@ fn options(url: &str) -> EndpointOptions {
 fn request(prompt: &str, n: usize) -> ChatRequest {
     ChatRequest {
         messages: vec![
-            Message::new("system", "You write Lean 4 proofs."),
-            Message::new("user", prompt),
+            ChatMessage::new("system", "You write Lean 4 proofs."),
+            ChatMessage::new("user", prompt),
         ],
         n,
         temperature: 0.7,

@@ -5,7 +5,7 @@
 mod support;
 
 use lean_grpo::lean::message::{
-    parse_lean_output, parse_plain, parse_repl_response, Message, Severity,
+    parse_lean_output, parse_plain, parse_repl_response, LeanMessage, Severity,
 };
 use support::fixture;
 
@@ -80,7 +80,7 @@ fn plain_output_matches_the_json_of_the_same_run() {
 
 #[test]
 fn sorry_warning_in_every_version_and_by_kind() {
-    let warn = |text: &str| Message {
+    let warn = |text: &str| LeanMessage {
         severity: Severity::Warning,
         pos: None,
         end_pos: None,
@@ -117,7 +117,7 @@ fn lean_timeouts_in_every_version() {
         "lean4_kernel_maxheartbeats.msg.txt",
     ] {
         let text = read(name);
-        let m = Message {
+        let m = LeanMessage {
             severity: Severity::Error,
             pos: None,
             end_pos: None,
@@ -127,7 +127,7 @@ fn lean_timeouts_in_every_version() {
         assert!(m.is_deterministic_timeout(), "{name}");
     }
     let recursion = read("lean4_3554_max_recursion.msg.txt");
-    let m = Message {
+    let m = LeanMessage {
         severity: Severity::Error,
         pos: None,
         end_pos: None,
@@ -147,7 +147,7 @@ fn repl_responses_separated_by_blank_lines() {
     assert_eq!(responses.len(), 3);
     let first = parse_repl_response(&responses[0]);
     assert_eq!(first.messages.len(), 2);
-    assert!(first.messages.iter().all(Message::is_error));
+    assert!(first.messages.iter().all(LeanMessage::is_error));
     assert_eq!(first.messages[1].pos, Some((2, 0)));
     assert_eq!(
         parse_repl_response(&responses[2]),

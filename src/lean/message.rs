@@ -28,7 +28,7 @@ pub type Position = (usize, usize);
 
 /// One message as the backend numbered it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Message {
+pub struct LeanMessage {
     pub severity: Severity,
     /// 1-based line, 0-based column (codepoints); `None` for plain-mode messages printed bare.
     pub pos: Option<Position>,
@@ -38,7 +38,7 @@ pub struct Message {
     pub text: String,
 }
 
-impl Message {
+impl LeanMessage {
     pub fn is_error(&self) -> bool {
         self.severity == Severity::Error
     }
@@ -68,14 +68,14 @@ fn pos(value: &Value) -> Option<(usize, usize)> {
 }
 
 /// A message object of `lean --json` or of a REPL response (`data` or `message` holds the text).
-pub fn message_from_json(value: &Value) -> Option<Message> {
+pub fn message_from_json(value: &Value) -> Option<LeanMessage> {
     let severity = Severity::parse(value.get("severity")?.as_str()?)?;
     let text = value
         .get("data")
         .or_else(|| value.get("message"))?
         .as_str()?
         .to_string();
-    Some(Message {
+    Some(LeanMessage {
         severity,
         pos: value.get("pos").and_then(pos),
         end_pos: value.get("endPos").and_then(pos),
@@ -90,7 +90,7 @@ pub fn message_from_json(value: &Value) -> Option<Message> {
 
 /// Renumber messages of a whole file (header + body) to body lines. Messages inside the header
 /// lose their position (the proof cannot have caused them) and say where they were.
-pub fn into_body(messages: Vec<Message>, header_lines: usize) -> Vec<Message> {
+pub fn into_body(messages: Vec<LeanMessage>, header_lines: usize) -> Vec<LeanMessage> {
     messages
         .into_iter()
         .map(|mut m| {
@@ -114,7 +114,7 @@ pub fn into_body(messages: Vec<Message>, header_lines: usize) -> Vec<Message> {
 /// What a `lean` process printed, parsed.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParsedOutput {
-    pub messages: Vec<Message>,
+    pub messages: Vec<LeanMessage>,
     /// Lines that were neither messages nor their continuations (Lake's build chatter, …).
     pub other: Vec<String>,
 }
@@ -150,7 +150,7 @@ pub fn parse_lean_output(stdout: &str) -> ParsedOutput {
 /// `error(kind): …`), continuation lines, and bare `#print axioms` answers.
 pub fn parse_plain(stdout: &str) -> ParsedOutput {
     let mut out = ParsedOutput::default();
-    let mut current: Option<Message> = None;
+    let mut current: Option<LeanMessage> = None;
     for line in stdout.lines() {
         let started = plain_header(line).or_else(|| bare_audit(line));
         match started {
@@ -172,11 +172,11 @@ pub fn parse_plain(stdout: &str) -> ParsedOutput {
     out
 }
 
-fn bare_audit(line: &str) -> Option<Message> {
+fn bare_audit(line: &str) -> Option<LeanMessage> {
     let audit = line.starts_with('\'')
         && (line.contains("' does not depend on any axioms")
             || line.contains("' depends on axioms:"));
-    audit.then(|| Message {
+    audit.then(|| LeanMessage {
         severity: Severity::Information,
         pos: None,
         end_pos: None,
@@ -186,7 +186,7 @@ fn bare_audit(line: &str) -> Option<Message> {
 }
 
 /// `FILE:L:C[-L:C]: severity[(kind)]: text`.
-fn plain_header(line: &str) -> Option<Message> {
+fn plain_header(line: &str) -> Option<LeanMessage> {
     for severity in ["error", "warning", "information", "info"] {
         let mut search = 0;
         while let Some(found) = line[search..].find(&format!(": {severity}")) {
@@ -206,7 +206,7 @@ fn plain_header(line: &str) -> Option<Message> {
             let Some((start, end)) = location(&line[..at]) else {
                 continue;
             };
-            return Some(Message {
+            return Some(LeanMessage {
                 severity: Severity::parse(severity)?,
                 pos: Some(start),
                 end_pos: end,
@@ -241,7 +241,7 @@ fn location(prefix: &str) -> Option<(Position, Option<Position>)> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ReplResponse {
     pub env: Option<u64>,
-    pub messages: Vec<Message>,
+    pub messages: Vec<LeanMessage>,
     /// Positions of `sorry`s the REPL found.
     pub sorries: Vec<(usize, usize)>,
     /// A REPL-level failure (`{"message": "…"}`), not a Lean message.

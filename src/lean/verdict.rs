@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::audit::{axiom_allowed, parse_audit};
 use super::lex::{line_col, mask};
-use super::message::{Message, Severity};
+use super::message::{LeanMessage, Severity};
 use super::screen::Screened;
 use super::source::Source;
 
@@ -213,7 +213,7 @@ pub enum RunEnd {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LeanRun {
     pub end: RunEnd,
-    pub messages: Vec<Message>,
+    pub messages: Vec<LeanMessage>,
     /// `sorry`s the REPL reported.
     pub sorries: usize,
     /// stderr, or a REPL-level failure text.
@@ -314,14 +314,18 @@ pub fn judge(run: &LeanRun, source: &Source, allow_native_decide: bool) -> Verdi
         .or_else(|| error_positions.iter().min())
         .copied();
     evidence.progress = first_error.map(|(l, c)| progress_before(source.proof(), l, c));
-    if run.messages.iter().any(Message::is_deterministic_timeout) {
+    if run
+        .messages
+        .iter()
+        .any(LeanMessage::is_deterministic_timeout)
+    {
         return reject(
             VerdictKind::Timeout,
             "Lean's heartbeat limit (maxHeartbeats) was reached".into(),
             evidence,
         );
     }
-    if run.messages.iter().any(Message::is_error) {
+    if run.messages.iter().any(LeanMessage::is_error) {
         return Verdict::new(VerdictKind::LeanError, evidence);
     }
     evidence.progress = None;
@@ -332,7 +336,7 @@ pub fn judge(run: &LeanRun, source: &Source, allow_native_decide: bool) -> Verdi
             evidence,
         );
     }
-    if run.sorries > 0 || run.messages.iter().any(Message::is_sorry_warning) {
+    if run.sorries > 0 || run.messages.iter().any(LeanMessage::is_sorry_warning) {
         return Verdict::new(VerdictKind::Sorry, evidence);
     }
     let Some((_, _, axioms)) = audit else {
@@ -359,7 +363,7 @@ pub fn judge(run: &LeanRun, source: &Source, allow_native_decide: bool) -> Verdi
 
 /// The answer to our `#print axioms`: an information message on the appended line (or, in
 /// plain mode where it has no position, the last message) naming our theorem.
-fn find_audit(messages: &[Message], source: &Source) -> Option<(usize, String, Vec<String>)> {
+fn find_audit(messages: &[LeanMessage], source: &Source) -> Option<(usize, String, Vec<String>)> {
     messages.iter().enumerate().rev().find_map(|(i, m)| {
         let placed = match m.pos {
             Some((line, _)) => line == source.audit_line,
@@ -376,7 +380,7 @@ fn find_audit(messages: &[Message], source: &Source) -> Option<(usize, String, V
     })
 }
 
-fn proof_message(m: &Message, source: &Source) -> ProofMessage {
+fn proof_message(m: &LeanMessage, source: &Source) -> ProofMessage {
     let rel = m.pos.map(|(l, c)| source.relative(l, c));
     let mut text = m.text.clone();
     if text.len() > MAX_TEXT {

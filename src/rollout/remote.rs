@@ -20,9 +20,10 @@ use anyhow::{bail, Context, Result};
 use super::{groups, Group, RolloutTimes, Sampled, SamplingSetup};
 use crate::config::TrainOptions;
 use crate::data::{user_message, Theorem};
-use crate::endpoint::{ChatRequest, Choice, EndpointClient, EndpointOptions, Message, StopReason};
+use crate::endpoint::{ChatRequest, Choice, EndpointClient, EndpointOptions, StopReason};
 use crate::lean::Job;
 use crate::model::sampler::StopStrings;
+use crate::model::tokenizer::ChatMessage;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::SamplingOptions;
 
@@ -179,7 +180,7 @@ pub fn chat_request(
     seed: u64,
 ) -> ChatRequest {
     ChatRequest {
-        messages: vec![Message::new("user", user_message(theorem))],
+        messages: vec![ChatMessage::new("user", user_message(theorem))],
         n,
         temperature: sampling.temperature,
         top_p: sampling.top_p,

@@ -61,7 +61,7 @@ pub struct StepMetrics {
 
 /// One completion as users read it: their model's proof, what Lean said, what it earned.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SampleRecord {
+pub struct TrainSample {
     pub step: usize,
     pub theorem: String,
     pub index: usize,
@@ -159,7 +159,7 @@ impl StepOutcome<'_> {
 
     /// One record per completion, in sampling order; `index` is the completion's place in its
     /// group.
-    pub fn samples(&self, theorems: &[Theorem]) -> Vec<SampleRecord> {
+    pub fn samples(&self, theorems: &[Theorem]) -> Vec<TrainSample> {
         self.groups
             .iter()
             .flat_map(|grp| {
@@ -169,7 +169,7 @@ impl StepOutcome<'_> {
                     .map(move |(i, c)| (grp, i, c))
             })
             .zip(self.rewards)
-            .map(|((grp, index, c), &reward)| SampleRecord {
+            .map(|((grp, index, c), &reward)| TrainSample {
                 step: self.step,
                 theorem: theorems[grp.theorem].name.clone(),
                 index,

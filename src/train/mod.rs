@@ -21,7 +21,7 @@ use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 
 pub use cursor::Cursor;
-pub use metrics::{SampleRecord, StepMetrics};
+pub use metrics::{StepMetrics, TrainSample};
 pub use run_dir::{read_state, RunDir, TrainerState};
 pub(crate) use update::Update;
 
@@ -266,7 +266,7 @@ struct Batch {
 impl Step<'_> {
     /// Runs one step; `None` when Ctrl-C arrived before the update (nothing was changed that
     /// the caller cannot roll back).
-    fn run(&self, progress: &mut Progress) -> Result<Option<(StepMetrics, Vec<SampleRecord>)>> {
+    fn run(&self, progress: &mut Progress) -> Result<Option<(StepMetrics, Vec<TrainSample>)>> {
         let Some(batch) = self.sample(&mut progress.state, &mut progress.sampler)? else {
             return Ok(None);
         };

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::cursor::Cursor;
-use super::metrics::{SampleRecord, StepMetrics};
+use super::metrics::{StepMetrics, TrainSample};
 use crate::atomic;
 use crate::config::Config;
 use crate::model::sampler::SamplerState;
@@ -126,7 +126,7 @@ impl RunDir {
         append_line(&mut self.metrics, metrics).context("writing metrics.jsonl")
     }
 
-    pub fn append_samples(&mut self, samples: &[SampleRecord]) -> Result<()> {
+    pub fn append_samples(&mut self, samples: &[TrainSample]) -> Result<()> {
         for sample in samples {
             append_line(&mut self.samples, sample).context("writing samples.jsonl")?;
         }

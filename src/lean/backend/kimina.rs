@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use crate::lean::message::{parse_repl_response, Message};
+use crate::lean::message::{parse_repl_response, LeanMessage};
 use crate::lean::source::Source;
 use crate::lean::verdict::{LeanRun, RunEnd};
 
@@ -124,14 +124,14 @@ fn read_result(
 
 /// kimina numbers lines either over the whole snippet or (older servers) over what follows
 /// the import lines it split off; pick the numbering under which our audit lands on its line.
-fn to_body(messages: Vec<Message>, source: &Source, code: &str) -> Vec<Message> {
+fn to_body(messages: Vec<LeanMessage>, source: &Source, code: &str) -> Vec<LeanMessage> {
     let split = code
         .lines()
         .take_while(|l| l.trim().is_empty() || l.trim().starts_with("import "))
         .count();
     let header = source.header_lines();
     let whole = crate::lean::message::into_body(messages.clone(), header);
-    let audit_at = |ms: &[Message]| {
+    let audit_at = |ms: &[LeanMessage]| {
         ms.iter().any(|m| {
             m.pos.is_some_and(|p| p.0 == source.audit_line)
                 && m.severity == crate::lean::message::Severity::Information
@@ -140,7 +140,7 @@ fn to_body(messages: Vec<Message>, source: &Source, code: &str) -> Vec<Message> 
     if split == 0 || audit_at(&whole) {
         return whole;
     }
-    let shifted: Vec<Message> = messages
+    let shifted: Vec<LeanMessage> = messages
         .into_iter()
         .map(|mut m| {
             m.pos = m.pos.map(|(l, c)| (l + split, c));

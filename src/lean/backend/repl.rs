@@ -19,7 +19,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::lean::command::CommandLine;
-use crate::lean::message::{parse_repl_response, Message, ReplResponse};
+use crate::lean::message::{parse_repl_response, LeanMessage, ReplResponse};
 use crate::lean::sandbox::{capture, group_private_rss, kill_group, lead_own_group, peek_exit};
 use crate::lean::source::Source;
 use crate::lean::verdict::{LeanRun, RunEnd};
@@ -70,7 +70,7 @@ struct Worker {
     header: String,
     env: Option<u64>,
     /// Errors the header itself produced; every proof on this worker carries them.
-    header_errors: Vec<Message>,
+    header_errors: Vec<LeanMessage>,
     proofs: usize,
     _dir: tempfile::TempDir,
 }
@@ -231,7 +231,7 @@ impl ReplPool {
                 worker.header_errors = response
                     .messages
                     .into_iter()
-                    .filter(Message::is_error)
+                    .filter(LeanMessage::is_error)
                     .map(|mut m| {
                         let line = m.pos.map_or(0, |p| p.0);
                         m.text = format!("in the header, line {line}: {}", m.text);
