@@ -306,3 +306,33 @@ fn a_batch_of_rows_draws_what_row_by_row_sampling_draws() {
         .to_string();
     assert!(err.contains("none of the 400 logits is finite"), "{err}");
 }
+
+/// The entropy a step reports is that of the temperature-scaled distribution the tokens were
+/// drawn from, before the filters, averaged over draws and reset when taken.
+#[test]
+fn sampled_entropy_is_the_mean_entropy_of_the_scaled_distributions() {
+    let probs = [0.5, 0.25, 0.125, 0.125];
+    let h = -probs.iter().map(|p: &f64| p * p.ln()).sum::<f64>();
+    let uniform = vec![0.0f32; 8];
+    // top-k does not change the figure: it describes the policy, not the filter.
+    let mut s = Sampler::new(&opts(1.0, 2, 1.0, 0.0), 3);
+    assert_eq!(s.take_entropy(), None, "nothing drawn yet");
+    s.sample(&logits_of(&probs)).unwrap();
+    s.sample_rows(&[uniform.clone(), logits_of(&probs)])
+        .unwrap();
+    let mean = s.take_entropy().unwrap();
+    let want = (2.0 * h + 8f64.ln()) / 3.0;
+    assert!((mean - want).abs() < 1e-5, "{mean} vs {want}");
+    assert_eq!(s.take_entropy(), None, "taking resets");
+    // Temperature 2 flattens: the entropy of softmax(logits / 2).
+    let mut s = Sampler::new(&opts(2.0, 0, 1.0, 0.0), 3);
+    s.sample(&logits_of(&probs)).unwrap();
+    let scaled: Vec<f64> = probs.iter().map(|p| p.sqrt()).collect();
+    let z: f64 = scaled.iter().sum();
+    let h2 = -scaled.iter().map(|q| q / z * (q / z).ln()).sum::<f64>();
+    assert!((s.take_entropy().unwrap() - h2).abs() < 1e-5);
+    // Greedy decoding draws from no distribution.
+    let mut s = Sampler::new(&opts(0.0, 0, 1.0, 0.0), 3);
+    s.sample(&uniform).unwrap();
+    assert_eq!(s.take_entropy(), None);
+}

@@ -147,6 +147,28 @@ fn every_algorithm_trains_three_steps_and_writes_its_run_directory() {
                 .map(|v| v.as_u64().unwrap())
                 .sum();
             assert_eq!(counted, m["completions"].as_u64().unwrap());
+            // The collapse diagnostics: reply shares that add up with the pass rate, and the
+            // entropy the policy sampled at (a tiny random model is far from collapsed).
+            let shares: f64 = [
+                "share_no_proof",
+                "share_screened",
+                "share_lean_error",
+                "pass_rate",
+            ]
+            .iter()
+            .map(|k| m[*k].as_f64().unwrap())
+            .sum();
+            assert!(shares <= 1.0 + 1e-9, "{algorithm}: shares {shares}");
+            let share_of = |kind: &str| {
+                m["verdicts"][kind].as_u64().unwrap_or(0) as f64
+                    / m["completions"].as_u64().unwrap() as f64
+            };
+            assert!((m["share_no_proof"].as_f64().unwrap() - share_of("no_proof")).abs() < 1e-12);
+            let entropy = m["sampled_entropy"].as_f64().unwrap();
+            assert!(
+                entropy > 0.1 && entropy.is_finite(),
+                "{algorithm}: {entropy}"
+            );
         }
         let samples = json_lines(&out.join("samples.jsonl"));
         let sampled: u64 = metrics
@@ -880,6 +902,10 @@ fn dapo_takes_no_step_when_every_proof_fails_whatever_the_lengths() {
 
     let (m, moved) = run_dapo("reward");
     assert_eq!(m["optimizer_step"], false, "{m}");
+    assert!(
+        m["sampled_entropy"].is_null(),
+        "an endpoint reports no entropy: {m}"
+    );
     assert_eq!(
         m["resample_rounds"], 3,
         "DAPO resampled before giving up: {m}"

@@ -25,6 +25,9 @@ pub struct Sampler {
     filters: Filters,
     rng: ChaCha8Rng,
     scratch: Scratch,
+    /// Sum and count of the entropies of the distributions tokens were drawn from since the
+    /// last [`Sampler::take_entropy`].
+    entropy: (f64, usize),
 }
 
 /// The distribution filters, applied to one row given its uniform draw.
@@ -65,6 +68,7 @@ impl Sampler {
             },
             rng: state.rng,
             scratch: Scratch::default(),
+            entropy: (0.0, 0),
         }
     }
 
@@ -93,7 +97,19 @@ impl Sampler {
             return Ok(best);
         }
         let u: f64 = self.rng.random();
-        Ok(self.filters.pick(logits, best, max, u, &mut self.scratch))
+        let (token, entropy) = self.filters.pick(logits, best, max, u, &mut self.scratch);
+        self.entropy.0 += entropy;
+        self.entropy.1 += 1;
+        Ok(token)
+    }
+
+    /// The mean entropy (nats) of the temperature-scaled distributions tokens were drawn from
+    /// since the last call, before top-k, top-p and min-p: how spread out the policy still is
+    /// (a collapsing policy drives it toward 0). `None` when nothing was drawn or decoding is
+    /// greedy. Resets the running mean.
+    pub fn take_entropy(&mut self) -> Option<f64> {
+        let (sum, n) = std::mem::take(&mut self.entropy);
+        (n > 0).then(|| sum / n as f64)
     }
 
     /// The next token of every row: what [`Self::sample`] called on each row in order gives
@@ -111,37 +127,61 @@ impl Sampler {
         }
         let draws: Vec<f64> = rows.iter().map(|_| self.rng.random()).collect();
         let filters = self.filters;
-        Ok(rows
+        let picked: Vec<(u32, f64)> = rows
             .par_iter()
             .zip(bests)
             .zip(draws)
             .map_init(Scratch::default, |scratch, ((row, (best, max)), u)| {
                 filters.pick(row, best, max, u, scratch)
             })
-            .collect())
+            .collect();
+        // Summed in row order, so the figure is the same on every run.
+        for (_, entropy) in &picked {
+            self.entropy.0 += entropy;
+            self.entropy.1 += 1;
+        }
+        Ok(picked.into_iter().map(|(token, _)| token).collect())
     }
 }
 
 impl Filters {
     /// The token where `u` falls in the distribution of `logits` (largest finite logit `max`
-    /// at `best`) after temperature, top-k, top-p and min-p.
-    fn pick(&self, logits: &[f32], best: u32, max: f32, u: f64, scratch: &mut Scratch) -> u32 {
-        // Temperature, then unnormalised probabilities relative to the best token (whose weight
-        // is exactly 1, so min-p is a plain threshold).
+    /// at `best`) after temperature, top-k, top-p and min-p, and the entropy of the
+    /// temperature-scaled distribution before the filters.
+    fn pick(
+        &self,
+        logits: &[f32],
+        best: u32,
+        max: f32,
+        u: f64,
+        scratch: &mut Scratch,
+    ) -> (u32, f64) {
+        // Temperature, then unnormalised probabilities q = exp(s) relative to the best token
+        // (whose weight is exactly 1, so min-p is a plain threshold). With Z = Σq the entropy
+        // is ln Z − Σ q·s / Z.
         let inv_t = (1.0 / self.temperature) as f32;
         scratch.probs.clear();
+        let mut weighted = 0.0f64;
         scratch.probs.extend(logits.iter().map(|&l| {
             if l.is_finite() {
-                ((l - max) * inv_t).exp()
+                let scaled = (l - max) * inv_t;
+                let q = scaled.exp();
+                weighted += f64::from(q * scaled);
+                q
             } else {
                 0.0
             }
         }));
         let probs = &scratch.probs;
+        let z: f64 = probs.iter().map(|&q| f64::from(q)).sum();
+        let entropy = (z.ln() - weighted / z).max(0.0);
         let filtered =
             (self.top_k > 0 && self.top_k < logits.len()) || self.top_p < 1.0 || self.min_p > 0.0;
         if !filtered {
-            return draw(u, probs, 0..logits.len() as u32).unwrap_or(best);
+            return (
+                draw(u, probs, 0..logits.len() as u32).unwrap_or(best),
+                entropy,
+            );
         }
 
         // Candidates as rank keys: the probability's bits (monotonic for positive floats) above
@@ -194,7 +234,8 @@ impl Filters {
             scratch.order.retain(|&k| key_prob(k) >= threshold);
         }
 
-        draw(u, probs, scratch.order.iter().map(|&k| key_id(k))).unwrap_or(best)
+        let token = draw(u, probs, scratch.order.iter().map(|&k| key_id(k))).unwrap_or(best);
+        (token, entropy)
     }
 }
 

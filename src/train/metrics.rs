@@ -51,6 +51,21 @@ pub struct StepMetrics {
     pub ratio_mean: f64,
     pub grad_norm: f64,
     pub learning_rate: f64,
+    /// Shares of this step's replies with no extractable proof (`no_proof`: no code block or
+    /// nothing after `:=`), rejected by screening before Lean ran (`forbidden`), and rejected by
+    /// Lean with an error (`lean_error`); `pass_rate` is the accepted share. A policy
+    /// collapsing into malformed or empty replies shows here first.
+    #[serde(default)]
+    pub share_no_proof: f64,
+    #[serde(default)]
+    pub share_screened: f64,
+    #[serde(default)]
+    pub share_lean_error: f64,
+    /// Mean entropy (nats) of the policy's temperature-scaled next-token distributions at the
+    /// sampled positions, before top-k/top-p (`None` for endpoint or greedy sampling): its
+    /// fall toward 0 is entropy collapse.
+    #[serde(default)]
+    pub sampled_entropy: Option<f64>,
     pub completion_length_mean: f64,
     pub completion_length_max: usize,
     pub sampling_seconds: f64,
@@ -90,6 +105,8 @@ pub(super) struct StepOutcome<'a> {
     pub resample_rounds: usize,
     pub update: &'a UpdateOutcome,
     pub learning_rate: f64,
+    /// See [`StepMetrics::sampled_entropy`].
+    pub sampled_entropy: Option<f64>,
     pub times: RolloutTimes,
     pub training_seconds: f64,
 }
@@ -123,6 +140,12 @@ impl StepOutcome<'_> {
                 .iter()
                 .all(|c| !c.checked.verdict.is_accepted())
         };
+        let share = |kind: VerdictKind| verdicts.get(kind.name()).copied().unwrap_or(0) as f64 / n;
+        let (share_no_proof, share_screened, share_lean_error) = (
+            share(VerdictKind::NoProof),
+            share(VerdictKind::Forbidden),
+            share(VerdictKind::LeanError),
+        );
         let update = self.update;
         StepMetrics {
             step: self.step,
@@ -148,6 +171,10 @@ impl StepOutcome<'_> {
             ratio_mean: update.diagnostics.ratio_mean(),
             grad_norm: update.grad_norm,
             learning_rate: self.learning_rate,
+            share_no_proof,
+            share_screened,
+            share_lean_error,
+            sampled_entropy: self.sampled_entropy,
             completion_length_mean: lengths.iter().sum::<usize>() as f64 / n,
             completion_length_max: lengths.iter().copied().max().unwrap_or(0),
             sampling_seconds: self.times.sampling,

@@ -307,6 +307,7 @@ impl Step<'_> {
             resample_rounds: batch.rounds,
             update: &update,
             learning_rate,
+            sampled_entropy: progress.sampler.take_entropy(),
             times: batch.times,
             training_seconds: train_start.elapsed().as_secs_f64(),
         };
