@@ -4,7 +4,8 @@
 #   scripts/learn-prelude.sh [OUT_DIR]          (default runs/learn-prelude)
 #
 # 1. `init-model`: a tiny random Qwen2 (hidden 64, 2 layers, ~140k parameters) whose BPE
-#    tokenizer is trained on data/prelude.jsonl;
+#    tokenizer is trained on data/prelude.jsonl; or, with MODEL=PATH (a model directory or a
+#    .gguf such as `scripts/fetch-model.sh` prints), that pretrained model;
 # 2. `sft`: a short supervised warm-up on the first $SFT_LIMIT train records, so the policy
 #    sometimes writes an accepted proof;
 # 3. for each algorithm: `train` (RL from the warm-up adapter on the train split, real Lean
@@ -14,7 +15,7 @@
 #
 # Everything is seeded ($SEED, default 0): the model, the adapters' init, the example order,
 # sampling. Knobs (environment): SEED, ALGORITHMS, RL_STEPS, RL_LR, SFT_LIMIT, SFT_EPOCHS,
-# SFT_LR, EVAL_N, ALGO_CONFIG (JSON passed to `train --algo-config`, e.g.
+# SFT_LR, EVAL_N, MODEL, MAX_LEN (max completion tokens, default 32), BUILD (debug or release), ALGO_CONFIG (JSON passed to `train --algo-config`, e.g.
 # '{"dynamic_sampling_metric": "shaped_reward"}'), LEAN (a `lean` binary; default:
 # scripts/test-lean.sh fetches one).
 set -euo pipefail
@@ -37,7 +38,8 @@ data="$repo/data/prelude.jsonl"
 # Max completion tokens. 47 of the 75 taught replies are 10 tokens (`MyEq.refl _`), all but four
 # fit. Not 24: DAPO's overlong shaping penalises the last ⌊len/5⌋ tokens, and at 24 that pushed
 # its policy to empty replies (shorter than the garbage) before it found correct ones.
-len=32
+len="${MAX_LEN:-32}"
+build="${BUILD:-debug}"
 
 log() { echo "learn-prelude: $*" >&2; }
 start=$SECONDS
@@ -45,28 +47,38 @@ phase() { log "[$((SECONDS - start))s] $*"; }
 
 lean="${LEAN:-$("$repo/scripts/test-lean.sh")}"
 phase "building lean-grpo"
-(cd "$repo" && cargo build --quiet)
+if [[ "$build" == release ]]; then
+    (cd "$repo" && cargo build --quiet --release)
+else
+    (cd "$repo" && cargo build --quiet)
+fi
 target="${CARGO_TARGET_DIR:-$repo/target}"
 mkdir -p "$out"
 # A private copy: another build in the same target directory cannot swap it mid-run.
-cp "$target/debug/lean-grpo" "$out/lean-grpo"
+cp "$target/$build/lean-grpo" "$out/lean-grpo"
 lg="$out/lean-grpo"
 checker=(--lean-cmd "$lean --json" --jobs "$(nproc)")
 sampling=(--max-completion-length "$len" --temperature 1.0)
 
 evaluate() { # ADAPTER DIR
-    "$lg" -q eval "$data" --split test --model "$out/model" --adapter "$1" -n "$eval_n" --k 1 \
+    "$lg" -q eval "$data" --split test --model "$model" --adapter "$1" -n "$eval_n" --k 1 \
         --seed "$seed" "${sampling[@]}" "${checker[@]}" --output "$2" >/dev/null
     python3 -c 'import json,sys; print(100 * json.load(open(sys.argv[1]))["pass_at_k"]["1"])' \
         "$2/summary.json"
 }
 
-phase "init-model (seed $seed)"
-rm -rf "$out/model"
-"$lg" init-model --corpus "$data" --output "$out/model" --seed "$seed" >&2
+if [[ -n "${MODEL:-}" ]]; then
+    model="$MODEL"
+    phase "pretrained model $model"
+else
+    model="$out/model"
+    phase "init-model (seed $seed)"
+    rm -rf "$model"
+    "$lg" init-model --corpus "$data" --output "$model" --seed "$seed" >&2
+fi
 
 phase "sft on the first $sft_limit train records, $sft_epochs epochs"
-"$lg" -q sft "$data" --split train --model "$out/model" --limit "$sft_limit" \
+"$lg" -q sft "$data" --split train --model "$model" --limit "$sft_limit" \
     --epochs "$sft_epochs" --batch-size 4 --learning-rate "$sft_lr" --seed "$seed" \
     --output "$out/sft" >&2
 
@@ -79,7 +91,7 @@ for algo in $algorithms; do
     phase "RL with $algo, $rl_steps steps"
     t0=$SECONDS
     rm -rf "$out/$algo"
-    "$lg" -q train "$data" --split train --model "$out/model" --adapter "$out/sft" \
+    "$lg" -q train "$data" --split train --model "$model" --adapter "$out/sft" \
         --algorithm "$algo" --num-generations 8 --batch-size 2 --max-steps "$rl_steps" \
         --learning-rate "$rl_lr" --seed "$seed" "${sampling[@]}" "${checker[@]}" \
         ${algo_config[@]+"${algo_config[@]}"} --output "$out/$algo" >&2
