@@ -5,7 +5,7 @@
 //! Training, shared-prompt scoring and decoding run the same layer body. What differs between
 //! them is said by two values built once per forward by [`super::decoder::Decoder`]: a [`Span`]
 //! (which positions the rows hold and what they attend to) and [`Kernels`] (which kernels and
-//! weights compute it). [`Kernels`] is the only place that picks a kernel.
+//! weights compute it). [`Kernels`] is the only place in a layer that picks a kernel.
 
 use super::attention;
 use super::config::Config;
@@ -51,9 +51,9 @@ pub struct LoraSpec<'a> {
 /// The kernels and weights of one forward pass.
 ///
 /// Why two sets: candle's fused kernels (RMS-norm, RoPE, softmax) have no backward, so a pass
-/// whose log-probs may need a gradient takes [`super::fused`]'s differentiable kernels, and a
-/// sampling pass takes candle's, plus the one-token attention kernel and the merged sampling
-/// weights (see docs/design.md, the model section).
+/// whose log-probs may need a gradient takes [`super::fused`]'s differentiable kernels; a
+/// sampling pass never needs one and takes candle's, the one-token attention kernel and the
+/// merged sampling weights (see docs/design.md, the model section).
 #[derive(Clone, Copy)]
 pub enum Kernels<'a> {
     /// Differentiable kernels; the linear layers apply their adapters as `pass` says.
@@ -87,7 +87,7 @@ impl Kernels<'_> {
         }
     }
 
-    /// The same kernel in both passes: it has a backward and no slower forward.
+    /// The same kernel in both passes: candle's own `swiglu` is two ops, this one is one.
     fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         fused::swiglu(gate, up)
     }
