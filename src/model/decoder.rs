@@ -360,6 +360,9 @@ impl Decoder {
                 self.layers.len()
             );
         }
+        if t == 0 {
+            candle_core::bail!("a decoding step needs at least one token per row");
+        }
         let start = cache.len;
         if start + t > cache.max_len {
             candle_core::bail!("KV cache full: {start} + {t} > {}", cache.max_len);
@@ -637,5 +640,35 @@ impl KvCache {
         }
         self.rows = keep.len();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::load::TensorMap;
+
+    #[test]
+    fn weights_read_tensors_by_their_full_checkpoint_path() {
+        let name = "model.layers.3.mlp.up_proj.weight";
+        let source = TensorMap {
+            tensors: [(
+                name.to_string(),
+                Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(),
+            )]
+            .into(),
+            dtype: DType::F32,
+            origin: "a test map".into(),
+        };
+        let up = Weights::new(&source)
+            .pp("model")
+            .pp(format!("layers.{}", 3))
+            .pp("mlp")
+            .pp("up_proj");
+        assert_eq!(up.module(), "up_proj");
+        assert!(up.contains("weight") && !up.contains("bias"));
+        assert_eq!(up.get("weight", &[2, 3]).unwrap().dims(), [2, 3]);
+        let err = format!("{:#}", up.get("bias", &[2]).unwrap_err());
+        assert!(err.contains("model.layers.3.mlp.up_proj.bias"), "{err}");
     }
 }
