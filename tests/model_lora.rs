@@ -574,6 +574,20 @@ fn step_logits(p: &Policy, adapters: bool, merged: Option<&SampleWeights>) -> Te
 }
 
 #[test]
+fn a_decoding_step_without_tokens_is_rejected() {
+    let p = policy("tiny-qwen2", DType::F32, &LoraOptions::default());
+    let dec = p.decoder();
+    let mut cache = dec.new_cache(1, 8).unwrap();
+    let none = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
+    let err = dec
+        .forward_step(&none, &none, &[0], &mut cache, true, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least one token"), "{err}");
+    assert_eq!(cache.len(), 0, "nothing was written");
+}
+
+#[test]
 fn merged_sampling_weights_match_the_adapter_path_and_follow_the_adapters() {
     let lora = LoraOptions {
         r: 4,

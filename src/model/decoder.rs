@@ -1,27 +1,26 @@
-//! The Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3) with LoRA built in.
+//! The Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3) with LoRA built in: embeddings, the
+//! layers of [`super::layer`], the final norm and the LM head, and the rotary tables and masks
+//! the layers read.
 //!
-//! One file with switches, in the style of candle-transformers' model files: attention biases
-//! (Qwen2), per-head q/k RMS-norm (Qwen3), tied embeddings, RoPE theta and Llama-3 scaling, GQA.
+//! One architecture with switches, in the style of candle-transformers' model files: attention
+//! biases (Qwen2), per-head q/k RMS-norm (Qwen3), tied embeddings, RoPE theta and Llama-3
+//! scaling, GQA.
 //!
-//! There are two forwards, because candle's fused kernels have no backward (see
-//! `shared/spec/model.md`):
+//! Two entry points run the same layers with different [`Kernels`], because candle's fused
+//! kernels have no backward (see docs/design.md, the model section):
 //! * [`Decoder::forward_shared`] (and [`Decoder::forward_train`], its case without shared
-//!   prompts): differentiable ops only ([`super::fused`]'s kernels, matmul), all positions, for
-//!   log-probs with or without gradient. Each prompt is computed once for the rows that continue
-//!   it. Batches are right-padded: with a causal mask, padding at the end of a row is never
-//!   attended to by the real tokens before it, and every row keeps its true positions.
-//! * [`Decoder::forward_step`]: sampling, with fused kernels, per-row positions (prompts are
-//!   left-padded), a key-padding mask and a preallocated [`KvCache`].
-//!
-//! Grouped-query attention never materialises repeated keys: the `n_rep` query heads that share
-//! a key head are folded into the row dimension of one matmul.
+//!   prompts): differentiable kernels, all positions, for log-probs with or without gradient.
+//!   Each prompt is computed once for the rows that continue it. Batches are right-padded:
+//!   with a causal mask, padding at the end of a row is never attended to by the real tokens
+//!   before it, and every row keeps its true positions.
+//! * [`Decoder::forward_step`]: sampling, with candle's fused kernels, per-row positions
+//!   (prompts are left-padded), a key-padding mask and a preallocated [`KvCache`].
 
 use super::config::Config;
-use super::fused;
-use super::lora::{Adapter, LoraLinear, Pass};
+use super::layer::{few_rows, DecoderLayer, Kernels, Span};
+pub use super::layer::{LoraSpec, LORA_MODULES};
+use super::lora::{LoraLinear, Pass};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
-use candle_nn::ops::{rms_norm, softmax_last_dim};
-use candle_nn::rotary_emb::rope;
 
 /// Source of the frozen weights by HF tensor name (`model.layers.0.self_attn.q_proj.weight`).
 pub trait WeightSource {
@@ -29,47 +28,52 @@ pub trait WeightSource {
     fn contains(&self, name: &str) -> bool;
 }
 
-/// Which linear layers get an adapter, and how big.
-pub struct LoraSpec<'a> {
-    pub r: usize,
-    pub alpha: f64,
-    pub dropout: f64,
-    /// Module names as in PEFT's `target_modules` (`q_proj`, ..., `down_proj`).
-    pub targets: &'a [String],
-    pub rng: &'a mut rand_chacha::ChaCha8Rng,
+/// A [`WeightSource`] seen from a module path, like candle-nn's `VarBuilder`:
+/// `weights.pp("model.layers.0").pp("mlp").get("weight", ..)` reads
+/// `model.layers.0.mlp.weight`. Lets each module build itself from its checkpoint names.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    source: &'a dyn WeightSource,
+    prefix: String,
 }
 
-/// The module names an adapter can target.
-pub const LORA_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+impl<'a> Weights<'a> {
+    pub fn new(source: &'a dyn WeightSource) -> Self {
+        Self {
+            source,
+            prefix: String::new(),
+        }
+    }
 
-struct Attention {
-    q_proj: LoraLinear,
-    k_proj: LoraLinear,
-    v_proj: LoraLinear,
-    o_proj: LoraLinear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-}
+    /// The module `name` under this one.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Weights<'a> {
+        Weights {
+            source: self.source,
+            prefix: self.path(&name.to_string()),
+        }
+    }
 
-struct Mlp {
-    gate_proj: LoraLinear,
-    up_proj: LoraLinear,
-    down_proj: LoraLinear,
-}
+    /// The tensor `name` of this module, of `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
+        self.source.get(&self.path(name), shape)
+    }
 
-struct Layer {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
-    mlp: Mlp,
+    pub fn contains(&self, name: &str) -> bool {
+        self.source.contains(&self.path(name))
+    }
+
+    /// The last part of the module path (`q_proj`): what PEFT's `target_modules` name.
+    pub fn module(&self) -> &str {
+        self.prefix.rsplit('.').next().unwrap_or_default()
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
 }
 
 /// A sampling copy of the weights: each linear layer's frozen weight with its adapter merged
@@ -82,47 +86,11 @@ pub struct SampleWeights {
     lm_head: Tensor,
 }
 
-/// How one forward applies its linear layers.
-#[derive(Clone, Copy)]
-enum Linears<'a> {
-    /// Frozen weight plus the LoRA branch, as `pass` says.
-    Lora(&'a Pass<'a>),
-    /// Merged sampling weights (in [`LORA_MODULES`] order) for products of few rows, where
-    /// reading the weights is the whole cost; the LoRA path for longer ones (prefill).
-    Merged(&'a Pass<'a>, &'a [Tensor; 7]),
-}
-
-impl Linears<'_> {
-    /// `x · Wᵀ` through the layer `lin`, the `slot`-th of [`LORA_MODULES`].
-    fn apply(self, lin: &LoraLinear, slot: usize, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linears::Merged(_, w) if few_rows(x) => lin.forward_merged(x, &w[slot]),
-            Linears::Merged(pass, _) | Linears::Lora(pass) => lin.forward(x, pass),
-        }
-    }
-}
-
-/// Whether a product of `x` (`[..., in]`) reads merged sampling weights: few rows, where
-/// reading the weights is the whole cost (see [`super::gemv`]).
-fn few_rows(x: &Tensor) -> bool {
-    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    rows <= super::gemv::MAX_ROWS
-}
-
-/// Slots of [`LORA_MODULES`].
-const Q: usize = 0;
-const K: usize = 1;
-const V: usize = 2;
-const O: usize = 3;
-const GATE: usize = 4;
-const UP: usize = 5;
-const DOWN: usize = 6;
-
 /// The whole model: frozen weights, adapters, rotary tables.
 pub struct Decoder {
     cfg: Config,
     embed_tokens: Tensor,
-    layers: Vec<Layer>,
+    layers: Vec<DecoderLayer>,
     norm: Tensor,
     /// `[vocab, hidden]`; the embedding matrix itself when tied.
     lm_head: Tensor,
@@ -145,85 +113,30 @@ impl Decoder {
         dtype: DType,
         mut lora: Option<LoraSpec>,
     ) -> anyhow::Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let embed_tokens = weights.get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
-        let lm_head = if cfg.tie_word_embeddings || !weights.contains("lm_head.weight") {
+        let h = cfg.hidden_size;
+        let root = Weights::new(weights);
+        let model = root.pp("model");
+        let embed_tokens = model
+            .pp("embed_tokens")
+            .get("weight", &[cfg.vocab_size, h])?;
+        let lm_head = if cfg.tie_word_embeddings || !root.contains("lm_head.weight") {
             embed_tokens.clone()
         } else {
-            weights.get("lm_head.weight", &[cfg.vocab_size, h])?
+            root.get("lm_head.weight", &[cfg.vocab_size, h])?
         };
-        let mut linear = |prefix: &str, name: &str, i: usize, o: usize, bias: bool| {
-            let p = format!("{prefix}.{name}");
-            let w = weights.get(&format!("{p}.weight"), &[o, i])?;
-            let b = if bias {
-                Some(weights.get(&format!("{p}.bias"), &[o])?)
-            } else {
-                None
-            };
-            let adapter = match lora.as_mut() {
-                Some(l) if l.targets.iter().any(|t| t == name) => {
-                    Some(Adapter::for_weight(&w, l.r, l.alpha, l.dropout, l.rng)?)
-                }
-                _ => None,
-            };
-            anyhow::Ok(LoraLinear::new(w, b, adapter))
-        };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for l in 0..cfg.num_hidden_layers {
-            let a = format!("model.layers.{l}.self_attn");
-            let m = format!("model.layers.{l}.mlp");
-            let self_attn = Attention {
-                q_proj: linear(&a, "q_proj", h, nh * hd, cfg.qkv_bias)?,
-                k_proj: linear(&a, "k_proj", h, nkv * hd, cfg.qkv_bias)?,
-                v_proj: linear(&a, "v_proj", h, nkv * hd, cfg.qkv_bias)?,
-                o_proj: linear(&a, "o_proj", nh * hd, h, cfg.o_bias)?,
-                q_norm: cfg
-                    .qk_norm
-                    .then(|| weights.get(&format!("{a}.q_norm.weight"), &[hd]))
-                    .transpose()?,
-                k_norm: cfg
-                    .qk_norm
-                    .then(|| weights.get(&format!("{a}.k_norm.weight"), &[hd]))
-                    .transpose()?,
-            };
-            let mlp = Mlp {
-                gate_proj: linear(&m, "gate_proj", h, cfg.intermediate_size, false)?,
-                up_proj: linear(&m, "up_proj", h, cfg.intermediate_size, false)?,
-                down_proj: linear(&m, "down_proj", cfg.intermediate_size, h, false)?,
-            };
-            let p = format!("model.layers.{l}");
-            layers.push(Layer {
-                input_layernorm: weights.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                self_attn,
-                post_attention_layernorm: weights
-                    .get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                mlp,
-            });
-        }
-        let norm = weights.get("model.norm.weight", &[h])?;
-        let positions = cfg.max_position_embeddings.min(MAX_ROPE_POSITIONS);
-        let inv_freq = cfg.rope_inv_freq();
-        let mut cos = Vec::with_capacity(positions * inv_freq.len());
-        let mut sin = Vec::with_capacity(positions * inv_freq.len());
-        for p in 0..positions {
-            for f in &inv_freq {
-                // f32 product like transformers, so long positions round the same way.
-                let angle = (p as f32 * *f as f32) as f64;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let table =
-            |v: Vec<f32>| Tensor::from_vec(v, (positions, inv_freq.len()), device)?.to_dtype(dtype);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, model.pp(format!("layers.{i}")), lora.as_mut()))
+            .collect::<anyhow::Result<_>>()?;
+        let norm = model.pp("norm").get("weight", &[h])?;
+        let (cos, sin) = rope_tables(cfg, device, dtype)?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
             layers,
             norm,
             lm_head,
-            cos: table(cos)?,
-            sin: table(sin)?,
+            cos,
+            sin,
             device: device.clone(),
             dtype,
         })
@@ -251,25 +164,19 @@ impl Decoder {
         self.cos.dim(0).unwrap_or(0)
     }
 
+    fn eps(&self) -> f32 {
+        self.cfg.rms_norm_eps as f32
+    }
+
     /// Every adapted linear layer by HF module path (`model.layers.0.self_attn.q_proj`).
     pub fn linears(&self) -> Vec<(String, &LoraLinear)> {
         let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            let named = [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let named = LORA_MODULES.iter().zip(layer.linears());
             out.extend(
-                named
-                    .into_iter()
-                    .map(|(n, lin)| (format!("model.layers.{i}.{n}"), lin)),
+                named.map(|(name, (parent, lin))| {
+                    (format!("model.layers.{i}.{parent}.{name}"), lin)
+                }),
             );
         }
         out
@@ -298,6 +205,21 @@ impl Decoder {
     /// model once instead of G times, forward and backward, and the attention scores kept for
     /// the backward are `C × (P + C)` per row instead of `(P + C)²`.
     pub fn forward_shared(&self, batch: &SharedBatch, pass: &Pass) -> Result<Tensor> {
+        let span = self.shared_span(batch)?;
+        let tokens = Tensor::cat(
+            &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
+            0,
+        )?;
+        let mut x = self.embed_tokens.index_select(&tokens, 0)?;
+        let kernels = Kernels::Train(pass);
+        for layer in &self.layers {
+            x = layer.forward(&x, Span::Shared(&span), kernels)?;
+        }
+        kernels.rms_norm(&x, &self.norm, self.eps())
+    }
+
+    /// The positions, rotary tables and masks of `batch`, after checking it is consistent.
+    fn shared_span(&self, batch: &SharedBatch) -> Result<SharedSpan> {
         let (k, p) = batch.prefixes.dims2()?;
         let (bt, c) = batch.tails.dims2()?;
         if batch.prefix_lens.len() != k || batch.prefix_of.len() != bt {
@@ -323,72 +245,41 @@ impl Decoder {
                 self.max_positions()
             );
         }
-        let (np, nt) = (k * p, bt * c);
-        let (nh, nkv, hd) = (
-            self.cfg.num_attention_heads,
-            self.cfg.num_key_value_heads,
-            self.cfg.head_dim,
-        );
-        let tokens = Tensor::cat(
-            &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
-            0,
-        )?;
-        let mut x = self.embed_tokens.index_select(&tokens, 0)?;
-        let (cos_p, sin_p) = (self.cos.narrow(0, 0, p)?, self.sin.narrow(0, 0, p)?);
-        let prefix_mask = causal_mask(p, &self.device, self.dtype)?;
-        let tail = if nt == 0 {
+        let tail = if bt * c == 0 {
             None
         } else {
-            let pos = Tensor::new(tail_pos.as_slice(), &self.device)?;
-            let table = |t: &Tensor| t.index_select(&pos, 0)?.reshape((bt, c, hd / 2));
-            let rows = Tensor::new(
-                batch
-                    .prefix_of
-                    .iter()
-                    .map(|&u| u as u32)
-                    .collect::<Vec<_>>(),
-                &self.device,
-            )?;
-            let lens: Vec<usize> = batch
-                .prefix_of
-                .iter()
-                .map(|&u| batch.prefix_lens[u])
-                .collect();
-            let mask = tail_mask(&lens, p, c, &self.device, self.dtype)?;
-            Some((table(&self.cos)?, table(&self.sin)?, rows, mask))
+            Some(self.tail_span(batch, &tail_pos, c)?)
         };
-        // `[rows, heads·d]` → `[b, heads, t, d]` for the `b × t` positions from `start`.
-        let heads = |x: &Tensor, start: usize, b: usize, t: usize, n: usize| {
-            x.narrow(0, start, b * t)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)
-        };
-        let eps = self.cfg.rms_norm_eps as f32;
-        for layer in &self.layers {
-            let lin = Linears::Lora(pass);
-            let h = fused::rms_norm(&x, &layer.input_layernorm, eps)?;
-            let (q, kk, v) = self.qkv(&layer.self_attn, &h, lin, false)?;
-            let qp = fused::rope(&heads(&q, 0, k, p, nh)?, &cos_p, &sin_p)?;
-            let kp = fused::rope(&heads(&kk, 0, k, p, nkv)?, &cos_p, &sin_p)?;
-            let vp = heads(&v, 0, k, p, nkv)?.contiguous()?;
-            let mut o = self
-                .attend(&qp, &kp, &vp, Some(&prefix_mask), false)?
-                .reshape((np, nh * hd))?;
-            if let Some((cos_t, sin_t, rows, mask)) = &tail {
-                let qt = fused::rope(&heads(&q, np, bt, c, nh)?, cos_t, sin_t)?;
-                let kt = fused::rope(&heads(&kk, np, bt, c, nkv)?, cos_t, sin_t)?;
-                let vt = heads(&v, np, bt, c, nkv)?.contiguous()?;
-                // Each tail row attends to its prefix's keys, then to its own.
-                let keys = Tensor::cat(&[&kp.index_select(rows, 0)?, &kt], 2)?;
-                let values = Tensor::cat(&[&vp.index_select(rows, 0)?, &vt], 2)?;
-                let ot = self.attend(&qt, &keys, &values, Some(mask), false)?;
-                o = Tensor::cat(&[o, ot.reshape((nt, nh * hd))?], 0)?;
-            }
-            x = (x + lin.apply(&layer.self_attn.o_proj, O, &o)?)?;
-            let h = fused::rms_norm(&x, &layer.post_attention_layernorm, eps)?;
-            x = (&x + self.mlp(&layer.mlp, &h, lin)?)?;
-        }
-        fused::rms_norm(&x, &self.norm, eps)
+        Ok(SharedSpan {
+            prompts: k,
+            prompt_len: p,
+            cos: self.cos.narrow(0, 0, p)?,
+            sin: self.sin.narrow(0, 0, p)?,
+            mask: causal_mask(p, &self.device, self.dtype)?,
+            tail,
+        })
+    }
+
+    /// The tails of `batch`, of `c` positions each, at positions `tail_pos` (row by row).
+    fn tail_span(&self, batch: &SharedBatch, tail_pos: &[u32], c: usize) -> Result<TailSpan> {
+        let bt = batch.prefix_of.len();
+        let pos = Tensor::new(tail_pos, &self.device)?;
+        let half = self.cfg.head_dim / 2;
+        let table = |t: &Tensor| t.index_select(&pos, 0)?.reshape((bt, c, half));
+        let rows: Vec<u32> = batch.prefix_of.iter().map(|&u| u as u32).collect();
+        let lens: Vec<usize> = batch
+            .prefix_of
+            .iter()
+            .map(|&u| batch.prefix_lens[u])
+            .collect();
+        let p = batch.prefixes.dim(1)?;
+        Ok(TailSpan {
+            rows: Tensor::new(rows, &self.device)?,
+            len: c,
+            cos: table(&self.cos)?,
+            sin: table(&self.sin)?,
+            mask: tail_mask(&lens, p, c, &self.device, self.dtype)?,
+        })
     }
 
     /// Logits `[..., vocab]` of hidden states (no gradient to the LM head).
@@ -406,18 +297,11 @@ impl Decoder {
         let layers = self
             .layers
             .iter()
-            .map(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                let merge = |lin: &LoraLinear| lin.merged_weight(adapters, dtype);
-                Ok([
-                    merge(&a.q_proj)?,
-                    merge(&a.k_proj)?,
-                    merge(&a.v_proj)?,
-                    merge(&a.o_proj)?,
-                    merge(&m.gate_proj)?,
-                    merge(&m.up_proj)?,
-                    merge(&m.down_proj)?,
-                ])
+            .map(|layer| {
+                let [q, k, v, o, gate, up, down] = layer
+                    .linears()
+                    .map(|(_, lin)| lin.merged_weight(adapters, dtype));
+                Ok([q?, k?, v?, o?, gate?, up?, down?])
             })
             .collect::<Result<_>>()?;
         Ok(SampleWeights {
@@ -441,60 +325,60 @@ impl Decoder {
         merged: Option<&SampleWeights>,
     ) -> Result<Tensor> {
         let (n, t) = tokens.dims2()?;
-        if cache.rows != n || key_pad.len() != n {
-            candle_core::bail!(
-                "cache has {} rows, step has {n} tokens rows and {} pads",
-                cache.rows,
-                key_pad.len()
-            );
-        }
-        let start = cache.len;
-        if start + t > cache.max_len {
-            candle_core::bail!("KV cache full: {start} + {t} > {}", cache.max_len);
-        }
+        let span = self.step_span(cache, (n, t), positions, key_pad)?;
         let pass = Pass::inference(adapters);
-        let hd = self.cfg.head_dim;
-        let hd2 = hd / 2;
-        let flat = positions.flatten_all()?;
-        let cos = self.cos.index_select(&flat, 0)?.reshape((n, t, hd2))?;
-        let sin = self.sin.index_select(&flat, 0)?.reshape((n, t, hd2))?;
-        let total = start + t;
-        let mask = step_mask(key_pad, start, t, &self.device, self.dtype)?;
-        let eps = self.cfg.rms_norm_eps as f32;
         let mut x = self.embed(tokens)?;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let lin = match merged {
-                Some(m) => Linears::Merged(&pass, &m.layers[li]),
-                None => Linears::Lora(&pass),
-            };
-            let h = rms_norm(&x.contiguous()?, &layer.input_layernorm, eps)?;
-            let (q, k, v) = self.qkv(&layer.self_attn, &h, lin, true)?;
-            let heads = |x: &Tensor| x.reshape((n, t, (), hd))?.transpose(1, 2);
-            let (q, k, v) = (heads(&q)?, heads(&k)?, heads(&v)?);
-            let q = rope(&q.contiguous()?, &cos, &sin)?;
-            let k = rope(&k.contiguous()?, &cos, &sin)?;
-            let (ck, cv) = &cache.layers[li];
-            let (ck, cv) = (ck.narrow(0, 0, n)?, cv.narrow(0, 0, n)?);
-            ck.slice_set(&k, 2, start)?;
-            cv.slice_set(&v.contiguous()?, 2, start)?;
-            let k_all = ck.narrow(2, 0, total)?;
-            let v_all = cv.narrow(2, 0, total)?;
-            let o = match super::attention::decode_step(&q, &k_all, &v_all, key_pad)? {
-                Some(o) => o,
-                None => self.attend(&q, &k_all, &v_all, mask.as_ref(), true)?,
-            };
-            x = (x + lin.apply(&layer.self_attn.o_proj, O, &o)?)?;
-            let h = rms_norm(&x.contiguous()?, &layer.post_attention_layernorm, eps)?;
-            x = (&x + self.mlp(&layer.mlp, &h, lin)?)?;
+        for (i, (layer, kv)) in self.layers.iter().zip(&cache.layers).enumerate() {
+            let kernels = Kernels::Decode(&pass, merged.map(|m| &m.layers[i]));
+            x = layer.forward(&x, Span::Step(&span, kv), kernels)?;
         }
-        cache.len = total;
+        cache.len = span.start + t;
         let last = x.i((.., t - 1, ..))?.contiguous()?;
-        let last = rms_norm(&last, &self.norm, eps)?;
+        let last = Kernels::Decode(&pass, None).rms_norm(&last, &self.norm, self.eps())?;
         let head = match merged {
             Some(m) if few_rows(&last) => &m.lm_head,
             _ => &self.lm_head,
         };
         super::ops::frozen_matmul(&last, head)?.to_dtype(DType::F32)
+    }
+
+    /// The span of `n × t` step tokens at `positions` appended to `cache`, after checking
+    /// they fit it.
+    fn step_span<'a>(
+        &self,
+        cache: &KvCache,
+        (n, t): (usize, usize),
+        positions: &Tensor,
+        key_pad: &'a [usize],
+    ) -> Result<StepSpan<'a>> {
+        if cache.rows != n || key_pad.len() != n || cache.layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "cache has {} rows and {} layers, step has {n} tokens rows, {} pads and {} layers",
+                cache.rows,
+                cache.layers.len(),
+                key_pad.len(),
+                self.layers.len()
+            );
+        }
+        if t == 0 {
+            candle_core::bail!("a decoding step needs at least one token per row");
+        }
+        let start = cache.len;
+        if start + t > cache.max_len {
+            candle_core::bail!("KV cache full: {start} + {t} > {}", cache.max_len);
+        }
+        let flat = positions.flatten_all()?;
+        let half = self.cfg.head_dim / 2;
+        let table = |x: &Tensor| x.index_select(&flat, 0)?.reshape((n, t, half));
+        Ok(StepSpan {
+            rows: n,
+            len: t,
+            start,
+            cos: table(&self.cos)?,
+            sin: table(&self.sin)?,
+            mask: step_mask(key_pad, start, t, &self.device, self.dtype)?,
+            key_pad,
+        })
     }
 
     fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
@@ -503,74 +387,6 @@ impl Decoder {
         self.embed_tokens
             .index_select(&ids, 0)?
             .reshape((b, t, self.cfg.hidden_size))
-    }
-
-    /// Projections of `h` `[..., hidden]`, flattened to `[rows, heads·head_dim]`, with
-    /// Qwen3's per-head q/k norm.
-    fn qkv(
-        &self,
-        a: &Attention,
-        h: &Tensor,
-        lin: Linears,
-        sampling: bool,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let hd = self.cfg.head_dim;
-        let eps = self.cfg.rms_norm_eps as f32;
-        let rows = h.elem_count() / self.cfg.hidden_size;
-        let flat = |x: Tensor| x.reshape((rows, ()));
-        let mut q = flat(lin.apply(&a.q_proj, Q, h)?)?;
-        let mut k = flat(lin.apply(&a.k_proj, K, h)?)?;
-        let v = flat(lin.apply(&a.v_proj, V, h)?)?;
-        let norm = |x: &Tensor, w: &Tensor| {
-            let heads = x.reshape((rows, (), hd))?;
-            let y = if sampling {
-                rms_norm(&heads.contiguous()?, w, eps)?
-            } else {
-                fused::rms_norm(&heads, w, eps)?
-            };
-            y.reshape((rows, ()))
-        };
-        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
-            q = norm(&q, qn)?;
-            k = norm(&k, kn)?;
-        }
-        Ok((q, k, v))
-    }
-
-    /// Scaled dot-product attention with GQA folding. `q` `[b, H, t, d]`, `k`/`v`
-    /// `[b, KV, L, d]`, `mask` broadcastable to `[b, H, t, L]`. Returns `[b, t, H·d]`.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-        sampling: bool,
-    ) -> Result<Tensor> {
-        let (b, nh, t, hd) = q.dims4()?;
-        let (_, nkv, l, _) = k.dims4()?;
-        let rep = nh / nkv;
-        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let mut scores = scores.reshape((b, nh, t, l))?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let p = if sampling {
-            softmax_last_dim(&scores)?
-        } else {
-            fused::softmax_last_dim(&scores)?
-        };
-        let o = p.reshape((b, nkv, rep * t, l))?.matmul(v)?;
-        o.reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))
-    }
-
-    fn mlp(&self, m: &Mlp, h: &Tensor, lin: Linears) -> Result<Tensor> {
-        let gate = lin.apply(&m.gate_proj, GATE, h)?;
-        let up = lin.apply(&m.up_proj, UP, h)?;
-        lin.apply(&m.down_proj, DOWN, &fused::swiglu(&gate, &up)?)
     }
 
     /// An empty cache for `rows` sequences of up to `max_len` tokens.
@@ -597,6 +413,68 @@ impl Decoder {
         })
     }
 }
+
+/// `[max_positions, head_dim / 2]` cos and sin tables in `dtype`.
+fn rope_tables(cfg: &Config, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let positions = cfg.max_position_embeddings.min(MAX_ROPE_POSITIONS);
+    let inv_freq = cfg.rope_inv_freq();
+    let mut cos = Vec::with_capacity(positions * inv_freq.len());
+    let mut sin = Vec::with_capacity(positions * inv_freq.len());
+    for p in 0..positions {
+        for f in &inv_freq {
+            // f32 product like transformers, so long positions round the same way.
+            let angle = (p as f32 * *f as f32) as f64;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let table =
+        |v: Vec<f32>| Tensor::from_vec(v, (positions, inv_freq.len()), device)?.to_dtype(dtype);
+    Ok((table(cos)?, table(sin)?))
+}
+
+/// What the layers of [`Decoder::forward_shared`] attend over: `prompts` right-padded prompts
+/// of `prompt_len` positions, then the tails that continue them.
+pub(crate) struct SharedSpan {
+    pub(crate) prompts: usize,
+    pub(crate) prompt_len: usize,
+    /// `[P, head_dim / 2]`: every prompt at positions `0..P`.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// `[P, P]` causal mask.
+    pub(crate) mask: Tensor,
+    pub(crate) tail: Option<TailSpan>,
+}
+
+/// The `B` tails of `len` positions of a [`SharedSpan`].
+pub(crate) struct TailSpan {
+    /// `[B]` u32: the prompt each tail continues.
+    pub(crate) rows: Tensor,
+    pub(crate) len: usize,
+    /// `[B, C, head_dim / 2]`: each tail at its own positions, after its prompt's length.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// `[B, 1, C, P + C]` (see [`tail_mask`]).
+    pub(crate) mask: Tensor,
+}
+
+/// What the layers of [`Decoder::forward_step`] attend over: `rows × len` new positions
+/// written at cache column `start`.
+pub(crate) struct StepSpan<'a> {
+    pub(crate) rows: usize,
+    pub(crate) len: usize,
+    pub(crate) start: usize,
+    /// `[rows, len, head_dim / 2]`, per row and token.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// See [`step_mask`]; `None` when nothing is masked.
+    pub(crate) mask: Option<Tensor>,
+    /// Leading padding columns of each row's cache.
+    pub(crate) key_pad: &'a [usize],
+}
+
+/// One layer's cached keys and values, each `[rows, kv_heads, max_len, head_dim]`.
+pub(crate) type KvLayer = (Tensor, Tensor);
 
 /// A training batch for [`Decoder::forward_shared`]: prompts, each computed once, and the rows
 /// that continue them.
@@ -669,7 +547,7 @@ fn step_mask(
 /// Preallocated keys and values, `[rows, kv_heads, max_len, head_dim]` per layer. All rows
 /// share the write column `len`; rows whose sequence finished are dropped with [`Self::retain`].
 pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
+    layers: Vec<KvLayer>,
     rows: usize,
     len: usize,
     max_len: usize,
@@ -762,5 +640,35 @@ impl KvCache {
         }
         self.rows = keep.len();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::load::TensorMap;
+
+    #[test]
+    fn weights_read_tensors_by_their_full_checkpoint_path() {
+        let name = "model.layers.3.mlp.up_proj.weight";
+        let source = TensorMap {
+            tensors: [(
+                name.to_string(),
+                Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(),
+            )]
+            .into(),
+            dtype: DType::F32,
+            origin: "a test map".into(),
+        };
+        let up = Weights::new(&source)
+            .pp("model")
+            .pp(format!("layers.{}", 3))
+            .pp("mlp")
+            .pp("up_proj");
+        assert_eq!(up.module(), "up_proj");
+        assert!(up.contains("weight") && !up.contains("bias"));
+        assert_eq!(up.get("weight", &[2, 3]).unwrap().dims(), [2, 3]);
+        let err = format!("{:#}", up.get("bias", &[2]).unwrap_err());
+        assert!(err.contains("model.layers.3.mlp.up_proj.bias"), "{err}");
     }
 }

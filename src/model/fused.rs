@@ -1,9 +1,10 @@
 //! Differentiable fused kernels for the training forward: RMS-norm, RoPE, softmax, SwiGLU.
 //!
-//! candle's fused kernels for these have no backward (`shared/spec/model.md`), and their
-//! differentiable compositions (`rms_norm_slow`, `rope_slow`, `softmax`, `silu(g) * u`) are 4 to
-//! 10 graph nodes each. Every node is a pass over memory in the forward and, in the backward, a
-//! pass plus a zeroed gradient buffer and an add (candle's `GradStore` accumulates into zeros).
+//! candle's fused kernels for these have no backward (docs/design.md, the model section),
+//! and their differentiable compositions (`rms_norm_slow`, `rope_slow`, `softmax`,
+//! `silu(g) * u`) are 4 to 10 graph nodes each. Every node is a pass over memory in the
+//! forward and, in the backward, a pass plus a zeroed gradient buffer and an add (candle's
+//! `GradStore` accumulates into zeros).
 //! Each op here is one pass forward and one pass backward.
 //!
 //! On the CPU in f32 and f64 the ops run their own loops, rows in parallel; other devices and

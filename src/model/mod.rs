@@ -1,7 +1,8 @@
 //! The policy: a Llama/Qwen2/Qwen3 decoder with LoRA adapters, sampling and log-probs.
 //!
 //! Read in this order: [`device`] (where it runs), [`config`] and [`load`] (what is loaded),
-//! [`decoder`] with [`lora`], [`ops`] and [`fused`] (the maths), [`policy`] (what the trainer calls).
+//! [`decoder`] with its layers ([`layer`]), [`lora`], [`ops`] and [`fused`] (the maths), [`policy`]
+//! (what the trainer calls).
 //! Around it: [`tokenizer`] (text and chat template), [`sampler`] (one token from logits),
 //! [`optim`] (AdamW, schedules, clipping) and [`adapter`] (PEFT save/load, merged export).
 
@@ -15,6 +16,7 @@ pub mod gemv;
 pub mod gguf;
 pub mod gguf_tokenizer;
 pub mod init;
+mod layer;
 pub mod load;
 pub mod lora;
 pub mod ops;

@@ -1,3 +1,4 @@
+use super::layer::LORA_MODULES;
 use serde::{Deserialize, Serialize};
 
 use super::device::{DeviceSpec, Precision};
@@ -50,17 +51,7 @@ impl Default for LoraOptions {
             r: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.0,
-            target_modules: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            target_modules: LORA_MODULES.map(String::from).to_vec(),
         }
     }
 }
