@@ -205,7 +205,7 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
 fn candle_transformers_batch_1(
     plan: &ModelPlan,
     config_json: &serde_json::Value,
-    weights: &crate::model::load::TensorMap,
+    weights: &crate::model::weights::TensorMap,
 ) -> Result<f64> {
     use candle_transformers::models::qwen2;
     let dev = Device::Cpu;

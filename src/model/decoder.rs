@@ -17,64 +17,13 @@
 //!   (prompts are left-padded), a key-padding mask and a preallocated [`KvCache`].
 
 use super::config::Config;
-use super::layer::{few_rows, DecoderLayer, Kernels, Span};
+use super::layer::{
+    few_rows, DecoderLayer, Kernels, KvLayer, SharedSpan, Span, StepSpan, TailSpan,
+};
 pub use super::layer::{LoraSpec, LORA_MODULES};
 use super::lora::{LoraLinear, Pass};
+use super::weights::{WeightSource, Weights};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
-
-/// Source of the frozen weights by HF tensor name (`model.layers.0.self_attn.q_proj.weight`).
-pub trait WeightSource {
-    fn get(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor>;
-    fn contains(&self, name: &str) -> bool;
-}
-
-/// A [`WeightSource`] seen from a module path, like candle-nn's `VarBuilder`:
-/// `weights.pp("model.layers.0").pp("mlp").get("weight", ..)` reads
-/// `model.layers.0.mlp.weight`. Lets each module build itself from its checkpoint names.
-#[derive(Clone)]
-pub struct Weights<'a> {
-    source: &'a dyn WeightSource,
-    prefix: String,
-}
-
-impl<'a> Weights<'a> {
-    pub fn new(source: &'a dyn WeightSource) -> Self {
-        Self {
-            source,
-            prefix: String::new(),
-        }
-    }
-
-    /// The module `name` under this one.
-    pub fn pp(&self, name: impl std::fmt::Display) -> Weights<'a> {
-        Weights {
-            source: self.source,
-            prefix: self.path(&name.to_string()),
-        }
-    }
-
-    /// The tensor `name` of this module, of `shape`.
-    pub fn get(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
-        self.source.get(&self.path(name), shape)
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.source.contains(&self.path(name))
-    }
-
-    /// The last part of the module path (`q_proj`): what PEFT's `target_modules` name.
-    pub fn module(&self) -> &str {
-        self.prefix.rsplit('.').next().unwrap_or_default()
-    }
-
-    fn path(&self, name: &str) -> String {
-        if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{name}", self.prefix)
-        }
-    }
-}
 
 /// A sampling copy of the weights: each linear layer's frozen weight with its adapter merged
 /// in, and the LM head, in the sampling dtype. [`super::Policy::sampling_weights`] keeps it
@@ -433,49 +382,6 @@ fn rope_tables(cfg: &Config, device: &Device, dtype: DType) -> Result<(Tensor, T
     Ok((table(cos)?, table(sin)?))
 }
 
-/// What the layers of [`Decoder::forward_shared`] attend over: `prompts` right-padded prompts
-/// of `prompt_len` positions, then the tails that continue them.
-pub(crate) struct SharedSpan {
-    pub(crate) prompts: usize,
-    pub(crate) prompt_len: usize,
-    /// `[P, head_dim / 2]`: every prompt at positions `0..P`.
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
-    /// `[P, P]` causal mask.
-    pub(crate) mask: Tensor,
-    pub(crate) tail: Option<TailSpan>,
-}
-
-/// The `B` tails of `len` positions of a [`SharedSpan`].
-pub(crate) struct TailSpan {
-    /// `[B]` u32: the prompt each tail continues.
-    pub(crate) rows: Tensor,
-    pub(crate) len: usize,
-    /// `[B, C, head_dim / 2]`: each tail at its own positions, after its prompt's length.
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
-    /// `[B, 1, C, P + C]` (see [`tail_mask`]).
-    pub(crate) mask: Tensor,
-}
-
-/// What the layers of [`Decoder::forward_step`] attend over: `rows × len` new positions
-/// written at cache column `start`.
-pub(crate) struct StepSpan<'a> {
-    pub(crate) rows: usize,
-    pub(crate) len: usize,
-    pub(crate) start: usize,
-    /// `[rows, len, head_dim / 2]`, per row and token.
-    pub(crate) cos: Tensor,
-    pub(crate) sin: Tensor,
-    /// See [`step_mask`]; `None` when nothing is masked.
-    pub(crate) mask: Option<Tensor>,
-    /// Leading padding columns of each row's cache.
-    pub(crate) key_pad: &'a [usize],
-}
-
-/// One layer's cached keys and values, each `[rows, kv_heads, max_len, head_dim]`.
-pub(crate) type KvLayer = (Tensor, Tensor);
-
 /// A training batch for [`Decoder::forward_shared`]: prompts, each computed once, and the rows
 /// that continue them.
 pub struct SharedBatch {
@@ -646,7 +552,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::load::TensorMap;
+    use crate::model::weights::TensorMap;
 
     #[test]
     fn weights_read_tensors_by_their_full_checkpoint_path() {

@@ -6,7 +6,7 @@
 //! Qwen2/Qwen3 GGUFs are stored unpermuted.
 
 use super::config::{Arch, Config};
-use super::load::{ModelFiles, TensorMap};
+use super::weights::{ModelFiles, TensorMap};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};

@@ -136,7 +136,7 @@ pub fn init_model(texts: &[String], options: &InitOptions, out: &Path) -> Result
 pub struct RandomModel {
     pub config_json: serde_json::Value,
     pub config: super::Config,
-    pub weights: super::load::TensorMap,
+    pub weights: super::weights::TensorMap,
     pub parameters: usize,
 }
 
@@ -152,7 +152,7 @@ pub fn random_model(options: &InitOptions) -> Result<RandomModel> {
     Ok(RandomModel {
         config_json,
         config,
-        weights: super::load::TensorMap {
+        weights: super::weights::TensorMap {
             tensors,
             dtype: candle_core::DType::F32,
             origin: "random weights".into(),

@@ -9,9 +9,9 @@
 
 use super::attention;
 use super::config::Config;
-use super::decoder::{KvLayer, SharedSpan, StepSpan, Weights};
 use super::fused;
 use super::lora::{Adapter, LoraLinear, Pass};
+use super::weights::Weights;
 use candle_core::{Result, Tensor};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
 use candle_nn::rotary_emb::rope;
@@ -391,6 +391,49 @@ impl DecoderLayer {
         ]
     }
 }
+
+/// What the layers of `Decoder::forward_shared` attend over: `prompts` right-padded prompts
+/// of `prompt_len` positions, then the tails that continue them.
+pub(crate) struct SharedSpan {
+    pub(crate) prompts: usize,
+    pub(crate) prompt_len: usize,
+    /// `[P, head_dim / 2]`: every prompt at positions `0..P`.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// `[P, P]` causal mask.
+    pub(crate) mask: Tensor,
+    pub(crate) tail: Option<TailSpan>,
+}
+
+/// The `B` tails of `len` positions of a [`SharedSpan`].
+pub(crate) struct TailSpan {
+    /// `[B]` u32: the prompt each tail continues.
+    pub(crate) rows: Tensor,
+    pub(crate) len: usize,
+    /// `[B, C, head_dim / 2]`: each tail at its own positions, after its prompt's length.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// `[B, 1, C, P + C]` (see `decoder::tail_mask`).
+    pub(crate) mask: Tensor,
+}
+
+/// What the layers of `Decoder::forward_step` attend over: `rows × len` new positions
+/// written at cache column `start`.
+pub(crate) struct StepSpan<'a> {
+    pub(crate) rows: usize,
+    pub(crate) len: usize,
+    pub(crate) start: usize,
+    /// `[rows, len, head_dim / 2]`, per row and token.
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    /// See `decoder::step_mask`; `None` when nothing is masked.
+    pub(crate) mask: Option<Tensor>,
+    /// Leading padding columns of each row's cache.
+    pub(crate) key_pad: &'a [usize],
+}
+
+/// One layer's cached keys and values, each `[rows, kv_heads, max_len, head_dim]`.
+pub(crate) type KvLayer = (Tensor, Tensor);
 
 #[cfg(test)]
 mod tests {

@@ -4,79 +4,14 @@
 //! [`ModelFiles`]: a [`Config`] and a [`WeightSource`] by HF tensor name.
 
 use super::config::Config;
-use super::decoder::WeightSource;
 use super::gguf;
+use super::weights::{ModelFiles, SafetensorsWeights};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use hf_hub::{Cache, Repo, RepoType};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-
-/// A loaded checkpoint, whatever its source.
-pub struct ModelFiles {
-    pub config: Config,
-    pub weights: Box<dyn WeightSource>,
-    /// Where the tokenizer comes from, for `Tokenizer::from_dir`: the directory holding
-    /// `tokenizer.json` and friends (the hub snapshot for hub ids), or for GGUF the `.gguf` file
-    /// itself (its metadata holds the tokenizer unless a `tokenizer.json` sits beside it).
-    pub dir: PathBuf,
-}
-
-/// Safetensors files, memory-mapped; tensors are converted to the model dtype on access.
-pub struct SafetensorsWeights {
-    files: MmapedSafetensors,
-    device: Device,
-    dtype: DType,
-    origin: String,
-}
-
-impl WeightSource for SafetensorsWeights {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .files
-            .load(name, &self.device)
-            .with_context(|| format!("tensor `{name}` missing from {}", self.origin))?;
-        check_shape(&t, name, shape, &self.origin)?;
-        Ok(t.to_dtype(self.dtype)?)
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        self.files.get(name).is_ok()
-    }
-}
-
-/// Tensors already in memory (GGUF after dequantisation, generated weights in benches).
-pub struct TensorMap {
-    pub tensors: HashMap<String, Tensor>,
-    pub dtype: DType,
-    pub origin: String,
-}
-
-impl WeightSource for TensorMap {
-    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .with_context(|| format!("tensor `{name}` missing from {}", self.origin))?;
-        check_shape(t, name, shape, &self.origin)?;
-        Ok(t.to_dtype(self.dtype)?)
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-}
-
-fn check_shape(t: &Tensor, name: &str, shape: &[usize], origin: &str) -> Result<()> {
-    if t.dims() != shape {
-        bail!(
-            "tensor `{name}` in {origin} has shape {:?}, the config implies {shape:?}",
-            t.dims()
-        );
-    }
-    Ok(())
-}
 
 /// How to reach the hub; [`HubSettings::from_env`] reads `HF_HOME`, `HF_ENDPOINT` and
 /// `HF_HUB_OFFLINE` like the Python client.

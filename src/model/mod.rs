@@ -26,6 +26,7 @@ pub mod policy;
 
 pub mod sampler;
 pub mod tokenizer;
+pub mod weights;
 
 pub use config::{Arch, Config};
 pub use options::{LoraOptions, ModelOptions, SamplingOptions};

@@ -4,12 +4,13 @@
 
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::Config;
-use super::decoder::{Decoder, LoraSpec, SampleWeights, SharedBatch, WeightSource, LORA_MODULES};
+use super::decoder::{Decoder, LoraSpec, SampleWeights, SharedBatch, LORA_MODULES};
 use super::device::{model_dtype, tune_cpu_allocator};
-use super::load::{load_model, HubSettings, ModelFiles};
+use super::load::{load_model, HubSettings};
 use super::lora::Pass;
 use super::ops::{lm_head_logprobs, logp_dtype};
 use super::options::{LoraOptions, ModelOptions};
+use super::weights::{ModelFiles, WeightSource};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
