@@ -7,7 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use lean_grpo::model::gguf::permute;
 use lean_grpo::model::load::{load_dir, load_model, resolve_hub, HubSettings};
-use lean_grpo::model::{Config, LoraOptions, Policy};
+use lean_grpo::model::{LoraOptions, ModelConfig, Policy};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -182,7 +182,7 @@ fn unsupported_architecture_and_bad_shapes_are_reported() {
 /// Writes the model in `model_dir` as a GGUF file with llama.cpp's tensor names, metadata and
 /// q/k permutation.
 fn write_gguf(model_dir: &Path, arch: &str, path: &Path) {
-    let cfg = Config::from_file(&model_dir.join("config.json")).unwrap();
+    let cfg = ModelConfig::from_file(&model_dir.join("config.json")).unwrap();
     let tensors =
         candle_core::safetensors::load(model_dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut out: Vec<(String, QTensor)> = Vec::new();

@@ -709,7 +709,7 @@ fn sample_dtype_must_be_the_model_dtype_or_f16_on_the_cpu() {
 /// the same.
 #[test]
 fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
-    use lean_grpo::model::lora::{Adapter, LoraLinear, Pass};
+    use lean_grpo::model::lora::{LoraLinear, LoraPair, Pass};
     use std::sync::Mutex;
     let (inp, out, r, p, scale) = (24, 20, 4, 0.3, 2.0);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -722,7 +722,7 @@ fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
         let lin = LoraLinear::new(
             w.clone(),
             Some(bias.clone()),
-            Some(Adapter {
+            Some(LoraPair {
                 a: a.clone(),
                 b: b.clone(),
                 scale,

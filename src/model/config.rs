@@ -28,7 +28,7 @@ pub struct Llama3RopeScaling {
 
 /// Everything the decoder needs, defaults resolved.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Config {
+pub struct ModelConfig {
     pub arch: Arch,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -79,7 +79,7 @@ struct RawConfig {
     eos_token_id: Option<serde_json::Value>,
 }
 
-impl Config {
+impl ModelConfig {
     /// Reads `config.json` from a file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -153,7 +153,7 @@ impl Config {
                 .and_then(|p| p.get("rope_theta"))
                 .and_then(|t| t.as_f64())
         });
-        Ok(Config {
+        Ok(ModelConfig {
             arch,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -268,7 +268,7 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias_and_tied_embeddings() {
-        let c = Config::from_json(QWEN25_05B).unwrap();
+        let c = ModelConfig::from_json(QWEN25_05B).unwrap();
         assert_eq!(c.arch, Arch::Qwen2);
         assert_eq!((c.head_dim, c.num_key_value_heads), (64, 2));
         assert!(c.qkv_bias && !c.o_bias && !c.qk_norm && c.tie_word_embeddings);
@@ -283,7 +283,7 @@ mod tests {
             "num_key_value_heads": 8, "rope_theta": 500000.0, "eos_token_id": [128001, 128008],
             "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
             "original_max_position_embeddings": 8192, "rope_type": "llama3"}}"#;
-        let c = Config::from_json(json).unwrap();
+        let c = ModelConfig::from_json(json).unwrap();
         assert_eq!(c.eos_token_ids, vec![128001, 128008]);
         let f = c.rope_inv_freq();
         assert_eq!(f.len(), 32);
@@ -299,12 +299,12 @@ mod tests {
         let json = r#"{"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"],
             "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
             "num_hidden_layers": 1, "num_attention_heads": 2}"#;
-        let err = Config::from_json(json).unwrap_err().to_string();
+        let err = ModelConfig::from_json(json).unwrap_err().to_string();
         assert!(err.contains("unsupported model_type `gemma2`"), "{err}");
         let json = r#"{"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
             "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
             "rope_scaling": {"type": "yarn", "factor": 4.0}}"#;
-        let err = format!("{:#}", Config::from_json(json).unwrap_err());
+        let err = format!("{:#}", ModelConfig::from_json(json).unwrap_err());
         assert!(err.contains("rope_scaling type `yarn`"), "{err}");
     }
 }

@@ -16,7 +16,7 @@
 //! * [`Decoder::forward_step`]: sampling, with candle's fused kernels, per-row positions
 //!   (prompts are left-padded), a key-padding mask and a preallocated [`KvCache`].
 
-use super::config::Config;
+use super::config::ModelConfig;
 use super::layer::{
     few_rows, DecoderLayer, Kernels, KvLayer, SharedSpan, Span, StepSpan, TailSpan,
 };
@@ -37,7 +37,7 @@ pub struct SampleWeights {
 
 /// The whole model: frozen weights, adapters, rotary tables.
 pub struct Decoder {
-    cfg: Config,
+    cfg: ModelConfig,
     embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
@@ -56,7 +56,7 @@ const MAX_ROPE_POSITIONS: usize = 131_072;
 impl Decoder {
     /// Builds the model from frozen weights; `lora` adds fresh adapters to the target modules.
     pub fn new(
-        cfg: &Config,
+        cfg: &ModelConfig,
         weights: &dyn WeightSource,
         device: &Device,
         dtype: DType,
@@ -91,7 +91,7 @@ impl Decoder {
         })
     }
 
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
@@ -364,7 +364,7 @@ impl Decoder {
 }
 
 /// `[max_positions, head_dim / 2]` cos and sin tables in `dtype`.
-fn rope_tables(cfg: &Config, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+fn rope_tables(cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
     let positions = cfg.max_position_embeddings.min(MAX_ROPE_POSITIONS);
     let inv_freq = cfg.rope_inv_freq();
     let mut cos = Vec::with_capacity(positions * inv_freq.len());

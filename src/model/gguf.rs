@@ -1,11 +1,11 @@
-//! GGUF checkpoints (llama.cpp's format): metadata to [`Config`], tensors dequantised and
+//! GGUF checkpoints (llama.cpp's format): metadata to [`ModelConfig`], tensors dequantised and
 //! renamed to their Hugging Face names, so the decoder never knows where weights came from.
 //!
 //! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` of the `llama` architecture to
 //! suit its interleaved RoPE; we undo that so the rotate-half RoPE of the decoder applies.
 //! Qwen2/Qwen3 GGUFs are stored unpermuted.
 
-use super::config::{Arch, Config};
+use super::config::{Arch, ModelConfig};
 use super::weights::{ModelFiles, TensorMap};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -115,9 +115,9 @@ pub fn permute(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((out, inp))?)
 }
 
-/// The [`Config`] of a GGUF file's metadata; `tied` says whether the head is the embedding
+/// The [`ModelConfig`] of a GGUF file's metadata; `tied` says whether the head is the embedding
 /// matrix (the file has no `output.weight`).
-fn config_from_metadata(md: &HashMap<String, Value>, tied: bool) -> Result<Config> {
+fn config_from_metadata(md: &HashMap<String, Value>, tied: bool) -> Result<ModelConfig> {
     let arch_name = md
         .get("general.architecture")
         .context("no general.architecture")?
@@ -173,5 +173,5 @@ fn config_from_metadata(md: &HashMap<String, Value>, tied: bool) -> Result<Confi
         "bos_token_id": token("tokenizer.ggml.bos_token_id"),
         "eos_token_id": token("tokenizer.ggml.eos_token_id"),
     });
-    Config::from_json(&json.to_string())
+    ModelConfig::from_json(&json.to_string())
 }

@@ -130,12 +130,12 @@ pub fn init_model(texts: &[String], options: &InitOptions, out: &Path) -> Result
 }
 
 /// A model of these sizes in memory, with no tokenizer and nothing written: its `config.json`
-/// as [`init_model`] writes it, the parsed [`Config`](super::Config), and the same seeded
+/// as [`init_model`] writes it, the parsed [`ModelConfig`](super::ModelConfig), and the same seeded
 /// weights. For speed measurements, where only the shapes matter (token ids are any numbers
 /// below `vocab_size`).
 pub struct RandomModel {
     pub config_json: serde_json::Value,
-    pub config: super::Config,
+    pub config: super::ModelConfig,
     pub weights: super::weights::TensorMap,
     pub parameters: usize,
 }
@@ -146,7 +146,7 @@ pub fn random_model(options: &InitOptions) -> Result<RandomModel> {
     check_sizes(options)?;
     let vocab = options.vocab_size;
     let config_json = config_json(options, vocab, 0, 2);
-    let config = super::Config::from_json(&config_json.to_string())?;
+    let config = super::ModelConfig::from_json(&config_json.to_string())?;
     let tensors = random_weights(options, vocab)?;
     let parameters = tensors.values().map(|t| t.elem_count()).sum();
     Ok(RandomModel {

@@ -8,9 +8,9 @@
 //! weights compute it). [`Kernels`] is the only place in a layer that picks a kernel.
 
 use super::attention;
-use super::config::Config;
+use super::config::ModelConfig;
 use super::fused;
-use super::lora::{Adapter, LoraLinear, Pass};
+use super::lora::{LoraLinear, LoraPair, Pass};
 use super::weights::Weights;
 use candle_core::{Result, Tensor};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
@@ -168,7 +168,7 @@ fn linear(
     let b = bias.then(|| weights.get("bias", &[out])).transpose()?;
     let adapter = match lora {
         Some(l) if l.targets.iter().any(|t| t == weights.module()) => {
-            Some(Adapter::for_weight(&w, l.r, l.alpha, l.dropout, l.rng)?)
+            Some(LoraPair::for_weight(&w, l.r, l.alpha, l.dropout, l.rng)?)
         }
         _ => None,
     };
@@ -191,7 +191,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn new(
-        cfg: &Config,
+        cfg: &ModelConfig,
         weights: Weights,
         mut lora: Option<&mut LoraSpec>,
     ) -> anyhow::Result<Self> {
@@ -322,7 +322,7 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn new(
-        cfg: &Config,
+        cfg: &ModelConfig,
         weights: Weights,
         mut lora: Option<&mut LoraSpec>,
     ) -> anyhow::Result<Self> {
@@ -355,7 +355,7 @@ impl DecoderLayer {
     /// The layer at `weights` (`model.layers.{i}`). Adapters are drawn from `lora`'s RNG in
     /// [`LORA_MODULES`] order: a seed's adapters depend on that order.
     pub fn new(
-        cfg: &Config,
+        cfg: &ModelConfig,
         weights: Weights,
         mut lora: Option<&mut LoraSpec>,
     ) -> anyhow::Result<Self> {

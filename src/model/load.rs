@@ -1,9 +1,9 @@
 //! Where the weights come from: a local directory in Hugging Face layout (`config.json` +
 //! `*.safetensors`, sharded through `model.safetensors.index.json`), a GGUF file (dequantised),
 //! or a hub id resolved through the `hf-hub` cache. Every source ends as the same
-//! [`ModelFiles`]: a [`Config`] and a [`WeightSource`] by HF tensor name.
+//! [`ModelFiles`]: a [`ModelConfig`] and a [`WeightSource`] by HF tensor name.
 
-use super::config::Config;
+use super::config::ModelConfig;
 use super::gguf;
 use super::weights::{ModelFiles, SafetensorsWeights};
 use anyhow::{bail, Context, Result};
@@ -74,7 +74,7 @@ fn looks_local(model: &str) -> bool {
 
 /// Loads a directory in HF layout.
 pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<ModelFiles> {
-    let config = Config::from_file(&dir.join("config.json"))?;
+    let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let files = safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every safetensors reader, we assume
     // nobody truncates them while the model is loaded.

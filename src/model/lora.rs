@@ -39,7 +39,7 @@ impl Pass<'_> {
 
 /// The trainable part of one adapted linear layer.
 #[derive(Debug, Clone)]
-pub struct Adapter {
+pub struct LoraPair {
     /// `[r, in]`.
     pub a: Var,
     /// `[out, r]`.
@@ -49,7 +49,7 @@ pub struct Adapter {
     pub dropout: f64,
 }
 
-impl Adapter {
+impl LoraPair {
     /// A fresh adapter for the frozen `weight` (`[out, in]`): `A` as PEFT initialises it,
     /// `B = 0`, on the weight's device.
     pub fn for_weight(
@@ -88,11 +88,11 @@ pub struct LoraLinear {
     weight: Tensor,
     /// `[out]`.
     bias: Option<Tensor>,
-    adapter: Option<Adapter>,
+    adapter: Option<LoraPair>,
 }
 
 impl LoraLinear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, adapter: Option<Adapter>) -> Self {
+    pub fn new(weight: Tensor, bias: Option<Tensor>, adapter: Option<LoraPair>) -> Self {
         Self {
             weight,
             bias,
@@ -104,7 +104,7 @@ impl LoraLinear {
         &self.weight
     }
 
-    pub fn adapter(&self) -> Option<&Adapter> {
+    pub fn adapter(&self) -> Option<&LoraPair> {
         self.adapter.as_ref()
     }
 
@@ -302,7 +302,7 @@ where
 }
 
 /// `weight + (B·A)·alpha/r` for `adapter` (or `weight` alone), in `dtype`: a sampling copy.
-pub fn sampling_copy(weight: &Tensor, adapter: Option<&Adapter>, dtype: DType) -> Result<Tensor> {
+pub fn sampling_copy(weight: &Tensor, adapter: Option<&LoraPair>, dtype: DType) -> Result<Tensor> {
     let (out_dim, in_dim) = weight.dims2()?;
     let (a, b, scale) = match adapter {
         Some(ad) => (

@@ -28,6 +28,6 @@ pub mod sampler;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::{Arch, Config};
+pub use config::{Arch, ModelConfig};
 pub use options::{LoraOptions, ModelOptions, SamplingOptions};
 pub use policy::{argmax, GenerateOptions, Generation, Policy};

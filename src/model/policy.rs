@@ -3,7 +3,7 @@
 //! (adapters off), without a second copy of the weights.
 
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
-use super::config::Config;
+use super::config::ModelConfig;
 use super::decoder::{Decoder, LoraSpec, SampleWeights, SharedBatch, LORA_MODULES};
 use super::device::{model_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings};
@@ -116,7 +116,7 @@ impl Policy {
 
     /// Builds the policy from any weight source (e.g. generated weights in benchmarks).
     pub fn from_weights(
-        config: &Config,
+        config: &ModelConfig,
         weights: &dyn WeightSource,
         dir: &Path,
         lora: &LoraOptions,
@@ -185,7 +185,7 @@ impl Policy {
         Ok(())
     }
 
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ModelConfig {
         self.decoder.config()
     }
 

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::config::Config;
+use super::config::ModelConfig;
 
 /// Source of the frozen weights by HF tensor name (`model.layers.0.self_attn.q_proj.weight`).
 pub trait WeightSource {
@@ -67,7 +67,7 @@ impl<'a> Weights<'a> {
 
 /// A loaded checkpoint, whatever its source.
 pub struct ModelFiles {
-    pub config: Config,
+    pub config: ModelConfig,
     pub weights: Box<dyn WeightSource>,
     /// Where the tokenizer comes from, for `Tokenizer::from_dir`: the directory holding
     /// `tokenizer.json` and friends (the hub snapshot for hub ids), or for GGUF the `.gguf` file
