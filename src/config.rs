@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::algo::{AlgoConfig, AlgoError};
+use crate::algo::{AlgoConfig, AlgoError, BatchShape};
 use crate::lean::CheckerOptions;
 use crate::model::optim::{AdamWParams, OptimizerSettings, ScheduleKind};
 use crate::model::{LoraOptions, ModelOptions, SamplingOptions};
@@ -277,8 +277,10 @@ impl Config {
         let algo = AlgoConfig::resolve(
             &self.train.algorithm,
             &self.algorithm_config,
-            self.train.num_generations,
-            self.sampling.max_completion_length,
+            BatchShape {
+                group_size: self.train.num_generations,
+                max_completion_length: self.sampling.max_completion_length,
+            },
         )?;
         // The loss can weigh an entropy bonus (docs/algorithms.md §5), but the trainer scores
         // the sampled tokens only and has no full-vocabulary entropies to give it.

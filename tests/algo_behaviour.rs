@@ -5,12 +5,20 @@ mod algo_support;
 
 use algo_support::{run, synthetic_logps, tensor2};
 use candle_core::{Device, Tensor, Var};
-use lean_grpo::algo::{loss, prepare, AlgoConfig, Denominators, LogProbs, Prepared};
+use lean_grpo::algo::{loss, prepare, AlgoConfig, BatchShape, Denominators, LogProbs, Prepared};
 use serde_json::{json, Map, Value};
 
 fn config(algorithm: &str, overrides: Value, g: usize, l: usize) -> AlgoConfig {
     let map: Map<String, Value> = serde_json::from_value(overrides).unwrap();
-    AlgoConfig::resolve(algorithm, &map, g, l).unwrap()
+    AlgoConfig::resolve(
+        algorithm,
+        &map,
+        BatchShape {
+            group_size: g,
+            max_completion_length: l,
+        },
+    )
+    .unwrap()
 }
 
 fn prep(cfg: &AlgoConfig, rewards: &[f64], lengths: &[usize]) -> Prepared {

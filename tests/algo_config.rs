@@ -2,7 +2,7 @@
 //! of §5, as the messages a user sees.
 
 use lean_grpo::algo::{
-    catalog_json, presets, table, AdvantageNorm, AlgoConfig, DynamicSamplingMetric,
+    catalog_json, presets, table, AdvantageNorm, AlgoConfig, BatchShape, DynamicSamplingMetric,
     ImportanceLevel, KlEstimator, LossAgg, ScaleRewards, KEYS,
 };
 use serde_json::{json, Map, Value};
@@ -15,12 +15,26 @@ fn overrides(v: Value) -> Map<String, Value> {
 }
 
 fn resolve(algorithm: &str, v: Value) -> AlgoConfig {
-    AlgoConfig::resolve(algorithm, &overrides(v), 8, 512)
-        .unwrap_or_else(|e| panic!("{algorithm}: {e}"))
+    AlgoConfig::resolve(
+        algorithm,
+        &overrides(v),
+        BatchShape {
+            group_size: 8,
+            max_completion_length: 512,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{algorithm}: {e}"))
 }
 
 fn error(algorithm: &str, v: Value) -> String {
-    match AlgoConfig::resolve(algorithm, &overrides(v.clone()), 8, 512) {
+    match AlgoConfig::resolve(
+        algorithm,
+        &overrides(v.clone()),
+        BatchShape {
+            group_size: 8,
+            max_completion_length: 512,
+        },
+    ) {
         Ok(c) => panic!("{v} should be rejected, resolved to {c:?}"),
         Err(e) => e.to_string(),
     }
@@ -77,7 +91,15 @@ fn dapo_preset_and_its_overlong_window() {
     assert_eq!(c.overlong_cache, 102, "floor(512 / 5)");
     assert_eq!(c.beta, 0.0);
     for (l, want) in [(10, 2), (4, 0), (1024, 204), (4096, 819)] {
-        let c = AlgoConfig::resolve("dapo", &Map::new(), 8, l).unwrap();
+        let c = AlgoConfig::resolve(
+            "dapo",
+            &Map::new(),
+            BatchShape {
+                group_size: 8,
+                max_completion_length: l,
+            },
+        )
+        .unwrap();
         assert_eq!(c.overlong_cache, want, "L = {l}");
     }
     assert_eq!(
@@ -132,7 +154,11 @@ fn unknown_key_lists_every_valid_key() {
         &["unknown algorithm_config key `epsilonhigh`", "valid keys: "],
     );
     assert_contains(&msg, KEYS);
-    assert_eq!(KEYS.len(), 31, "docs/algorithms.md §5 has 31 keys");
+    assert_eq!(
+        KEYS.len(),
+        29,
+        "docs/algorithms.md §5 has 29 keys besides the batch shape"
+    );
 }
 
 #[test]
@@ -229,12 +255,12 @@ fn range_errors_name_the_key_and_the_allowed_range() {
             "`dynamic_sampling_metric` must be one of reward, shaped_reward, got \"accuracy\"",
         ),
         (
-            json!({"group_size": 4}),
-            "`group_size` must be equal to the trainer's `train.num_generations` (8); set it there only, got 4",
+            json!({"group_size": 8}),
+            "`group_size` is not accepted: the group size is the trainer's: set `train.num_generations`",
         ),
         (
-            json!({"max_completion_length": 256}),
-            "equal to the trainer's `sampling.max_completion_length` (512)",
+            json!({"max_completion_length": 512}),
+            "set `sampling.max_completion_length` (--max-completion-length)",
         ),
         (
             json!({"algorithm": "dapo"}),
@@ -245,11 +271,8 @@ fn range_errors_name_the_key_and_the_allowed_range() {
         let msg = error("grpo", v.clone());
         assert!(msg.contains(want), "{v}: message {msg:?} lacks {want:?}");
     }
-    // The trainer's own values may be repeated, and `delta` is fine above the bound.
-    let c = resolve(
-        "grpo",
-        json!({"group_size": 8, "max_completion_length": 512, "delta": 1.21}),
-    );
+    // `delta` is fine above the bound.
+    let c = resolve("grpo", json!({"delta": 1.21}));
     assert_eq!(c.delta, Some(1.21));
 }
 
@@ -361,13 +384,17 @@ fn rejected_seed_keys_name_their_replacement() {
 fn the_effective_config_serialises_and_resolves_back() {
     for p in presets::PRESETS {
         let c = resolve(p.name, json!({"beta": 0.01, "advantage_clip": 3.0}));
-        let saved = serde_json::to_value(&c).unwrap();
+        let mut saved = serde_json::to_value(&c).unwrap();
         assert_eq!(saved["algorithm"], p.name);
+        // G and L_max are the batch shape, given apart from the keys.
+        let shape = saved.as_object_mut().unwrap();
+        assert_eq!(shape.remove("group_size"), Some(8.into()));
+        assert_eq!(shape.remove("max_completion_length"), Some(512.into()));
         assert_eq!(
             saved["epsilon_high"],
             c.epsilon_high.map_or(Value::Null, Value::from)
         );
-        let back = AlgoConfig::resolve(p.name, &overrides(saved), 8, 512).unwrap();
+        let back = AlgoConfig::resolve(p.name, &overrides(saved), c.shape()).unwrap();
         assert_eq!(back, c);
     }
 }
@@ -432,7 +459,8 @@ fn catalog_json_lists_all_five_with_their_preset_overrides() {
         json!({"use_dpo_loss": true, "dpo_coef": 0.3})
     );
     for a in algos {
-        assert_eq!(a["resolved"].as_object().unwrap().len(), KEYS.len() + 1);
+        // The keys, the algorithm's name and the batch shape (G, L_max).
+        assert_eq!(a["resolved"].as_object().unwrap().len(), KEYS.len() + 3);
         assert!(!a["description"].as_str().unwrap().is_empty());
     }
 }

@@ -3,7 +3,7 @@
 mod algo_support;
 
 use algo_support::{run, synthetic_logps};
-use lean_grpo::algo::{prepare, presets::PRESETS, AlgoConfig};
+use lean_grpo::algo::{prepare, presets::PRESETS, AlgoConfig, BatchShape};
 use proptest::prelude::*;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -45,7 +45,15 @@ fn batches() -> impl Strategy<Value = Batch> {
 
 fn config(algorithm: &str, overrides: Value, g: usize) -> AlgoConfig {
     let map: Map<String, Value> = serde_json::from_value(overrides).unwrap();
-    AlgoConfig::resolve(algorithm, &map, g, L_MAX).unwrap()
+    AlgoConfig::resolve(
+        algorithm,
+        &map,
+        BatchShape {
+            group_size: g,
+            max_completion_length: L_MAX,
+        },
+    )
+    .unwrap()
 }
 
 fn close(a: f64, b: f64) -> bool {

@@ -7,7 +7,8 @@ mod algo_support;
 
 use algo_support::{run, synthetic_logps};
 use lean_grpo::algo::{
-    prepare, presets::PRESETS, AlgoConfig, ImportanceLevel, KlEstimator, LossAgg, Prepared,
+    prepare, presets::PRESETS, AlgoConfig, BatchShape, ImportanceLevel, KlEstimator, LossAgg,
+    Prepared,
 };
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -225,7 +226,7 @@ proptest! {
                 opts.insert("dpo_reference_free".into(), json!(true));
                 opts.insert("beta".into(), json!(0.0));
             }
-            let cfg = AlgoConfig::resolve(preset.name, &opts, g, 8).unwrap();
+            let cfg = AlgoConfig::resolve(preset.name, &opts, BatchShape { group_size: g, max_completion_length: 8 }).unwrap();
             let p = prepare(&cfg, rewards, &lengths, truncated).unwrap();
             let (want, want_grad) =
                 reference_loss(&cfg, &p, &to_f64(&new), &to_f64(&old), &to_f64(&refp));

@@ -5,7 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::config::{
-    AdvantageNorm, AlgoConfig, DynamicSamplingMetric, ImportanceLevel, ScaleRewards,
+    AdvantageNorm, AlgoConfig, BatchShape, DynamicSamplingMetric, ImportanceLevel, ScaleRewards,
 };
 use super::presets::{Preset, PresetValue, PRESETS};
 
@@ -18,8 +18,10 @@ fn resolved(p: &Preset) -> AlgoConfig {
     AlgoConfig::resolve(
         p.name,
         &Map::new(),
-        CATALOG_GROUP_SIZE,
-        CATALOG_MAX_COMPLETION_LENGTH,
+        BatchShape {
+            group_size: CATALOG_GROUP_SIZE,
+            max_completion_length: CATALOG_MAX_COMPLETION_LENGTH,
+        },
     )
     .unwrap_or_else(|e| panic!("built-in preset `{}` is invalid: {e}", p.name))
 }

@@ -137,6 +137,14 @@ display_choice!(
     LossAgg
 );
 
+/// The shape of a generation batch, fixed by the trainer: G completions per prompt
+/// (`train.num_generations`), each at most L_max tokens (`sampling.max_completion_length`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BatchShape {
+    pub group_size: usize,
+    pub max_completion_length: usize,
+}
+
 /// One algorithm's resolved settings (docs/algorithms.md §5). Build it with [`AlgoConfig::resolve`];
 /// serialising it gives the effective configuration of a run, which `resolve` reads back.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -217,24 +225,22 @@ impl AlgoConfig {
     }
 
     /// Builds the configuration of `algorithm` (a name or alias from [`presets::PRESETS`]): base
-    /// defaults, the preset, then `overrides` (the `algorithm_config` map; docs/algorithms.md §5 keys
-    /// or the seed keys §6 maps), then validation.
+    /// defaults, the preset, then `overrides` (the `algorithm_config` map; docs/algorithms.md §5
+    /// keys or the seed keys §6 maps), then validation.
     ///
-    /// `group_size` and `max_completion_length` are the trainer's; the same keys in `overrides`
-    /// are accepted only when they agree, because the loss must use the G and L_max the samples
-    /// were drawn with. A key `algorithm` (as in a saved effective config) must name the same
-    /// algorithm.
+    /// G and L_max come in as `shape`, the trainer's own settings, never as overrides: the loss
+    /// must use the group size and completion length the samples were drawn with. A key
+    /// `algorithm` (as in a saved effective config) must name the same algorithm.
     pub fn resolve(
         algorithm: &str,
         overrides: &Map<String, Value>,
-        group_size: usize,
-        max_completion_length: usize,
+        shape: BatchShape,
     ) -> Result<Self, AlgoError> {
         let preset = presets::find(algorithm)?;
-        let mut cfg = Self::base(group_size, max_completion_length);
+        let mut cfg = Self::base(shape.group_size, shape.max_completion_length);
         cfg.algorithm = preset.name.to_string();
         for (key, value) in preset.overrides {
-            cfg.set(key, value.to_json(max_completion_length))?;
+            cfg.set(key, value.to_json(shape.max_completion_length))?;
         }
 
         let mut seen: Vec<(&'static str, &str)> = Vec::new();
@@ -254,29 +260,18 @@ impl AlgoConfig {
                 ));
             }
             seen.push((canonical, key));
-            match canonical {
-                "group_size" | "max_completion_length" => {
-                    let (trainer, home) = if canonical == "group_size" {
-                        (group_size, "train.num_generations")
-                    } else {
-                        (max_completion_length, "sampling.max_completion_length")
-                    };
-                    let given = parse_usize(key, &value, 1, "an integer ≥ 1")?;
-                    if given != trainer {
-                        return Err(AlgoError::invalid(
-                            key,
-                            format!(
-                                "equal to the trainer's `{home}` ({trainer}); set it there only"
-                            ),
-                            &value,
-                        ));
-                    }
-                }
-                _ => cfg.set(canonical, value)?,
-            }
+            cfg.set(canonical, value)?;
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The batch shape this configuration was resolved for.
+    pub fn shape(&self) -> BatchShape {
+        BatchShape {
+            group_size: self.group_size,
+            max_completion_length: self.max_completion_length,
+        }
     }
 
     /// ε_high, defaulting to ε_low when unset.
@@ -299,10 +294,6 @@ impl AlgoConfig {
     fn set(&mut self, key: &str, v: Value) -> Result<(), AlgoError> {
         let v = &v;
         match key {
-            "group_size" => self.group_size = parse_usize(key, v, 1, "an integer ≥ 1")?,
-            "max_completion_length" => {
-                self.max_completion_length = parse_usize(key, v, 1, "an integer ≥ 1")?
-            }
             "scale_rewards" => self.scale_rewards = parse_choice(key, v)?,
             "std_eps" => self.std_eps = parse_f64(key, v, |x| x > 0.0, "a number > 0")?,
             "advantage_norm" => self.advantage_norm = parse_choice(key, v)?,

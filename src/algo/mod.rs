@@ -28,17 +28,16 @@ pub use advantage::{overlong_penalty, prepare, Prepared};
 pub use batch::{Denominators, Row, StepBatch};
 pub use catalog::{catalog_json, table};
 pub use config::{
-    AdvantageNorm, AlgoConfig, DynamicSamplingMetric, ImportanceLevel, KlEstimator, LossAgg,
-    ScaleRewards,
+    AdvantageNorm, AlgoConfig, BatchShape, DynamicSamplingMetric, ImportanceLevel, KlEstimator,
+    LossAgg, ScaleRewards,
 };
 pub use loss::{loss, Diagnostics, LogProbs, LossOutput};
 
 use std::fmt::Display;
 
 /// The keys of docs/algorithms.md §5 in its order: what `algorithm_config` accepts and errors list.
+/// (G and L_max are not among them: they come from the trainer, see [`BatchShape`].)
 pub const KEYS: &[&str] = &[
-    "group_size",
-    "max_completion_length",
     "scale_rewards",
     "std_eps",
     "advantage_norm",

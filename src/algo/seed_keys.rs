@@ -29,8 +29,22 @@ const NO_REWARD_EDIT: &str =
     "rewards are not rescaled or filtered inside the algorithm; shape them \
      in the reward config, and use `std_eps` for the std floor";
 
-/// Every seed key that is not itself a §5 key.
+/// Every key that is not itself a §5 key: the seed project's, and the batch shape's (which the
+/// trainer sets).
 const SEED_KEYS: &[(&str, Seed)] = &[
+    (
+        "group_size",
+        Seed::Rejected(
+            "the group size is the trainer's: set `train.num_generations` (--num-generations)",
+        ),
+    ),
+    (
+        "max_completion_length",
+        Seed::Rejected(
+            "the completion length is the sampler's: set `sampling.max_completion_length` \
+             (--max-completion-length)",
+        ),
+    ),
     ("reduce_loss", Seed::Alias("loss_agg")),
     ("is_level", Seed::Alias("importance_sampling_level")),
     ("max_negative_advantage_is_weight", Seed::Alias("delta")),

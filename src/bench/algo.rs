@@ -10,7 +10,9 @@ use serde::Serialize;
 use serde_json::Map;
 
 use super::best_of;
-use crate::algo::{loss, prepare, presets::PRESETS, AlgoConfig, Denominators, LogProbs};
+use crate::algo::{
+    loss, prepare, presets::PRESETS, AlgoConfig, BatchShape, Denominators, LogProbs,
+};
 
 /// The size of the batch the loss runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -75,8 +77,10 @@ pub fn preset(name: &str, shape: LossShape) -> Result<AlgoConfig> {
     Ok(AlgoConfig::resolve(
         name,
         &Map::new(),
-        shape.group_size,
-        shape.tokens,
+        BatchShape {
+            group_size: shape.group_size,
+            max_completion_length: shape.tokens,
+        },
     )?)
 }
 

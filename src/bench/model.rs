@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Map;
 
 use super::best_of;
-use crate::algo::{prepare, AlgoConfig};
+use crate::algo::{prepare, AlgoConfig, BatchShape};
 use crate::config::TrainOptions;
 use crate::model::init::{random_model, InitOptions};
 use crate::model::optim::Optimizer;
@@ -168,7 +168,11 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
     );
     let prompts = vec![token_ids(1, plan.train_prompt_tokens, vocab); g];
     let completions: Vec<Vec<u32>> = (0..g).map(|i| token_ids(100 + i, width, vocab)).collect();
-    let algo = AlgoConfig::resolve("grpo", &Map::new(), g, width)?;
+    let shape = BatchShape {
+        group_size: g,
+        max_completion_length: width,
+    };
+    let algo = AlgoConfig::resolve("grpo", &Map::new(), shape)?;
     // Half the group right: non-zero advantages, so every step has a gradient to apply.
     let rewards: Vec<f64> = (0..g).map(|i| (i % 2) as f64).collect();
     let prepared = prepare(&algo, &rewards, &vec![width; g], &vec![false; g])?;

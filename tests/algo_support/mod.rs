@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, Var};
-use lean_grpo::algo::{self, AlgoConfig, Denominators, LogProbs, StepBatch};
+use lean_grpo::algo::{self, AlgoConfig, BatchShape, Denominators, LogProbs, StepBatch};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -86,7 +86,15 @@ pub fn case_config(case: &Case) -> AlgoConfig {
     let l = case.config["max_completion_length"]
         .as_u64()
         .expect("max_completion_length in config") as usize;
-    AlgoConfig::resolve(algorithm, &case.config, case.inputs.group_size, l)
+    // The vectors give L_max among the algorithm keys; the trainer passes it as the batch shape.
+    let mut keys = case.config.clone();
+    keys.remove("max_completion_length");
+    keys.remove("group_size");
+    let shape = BatchShape {
+        group_size: case.inputs.group_size,
+        max_completion_length: l,
+    };
+    AlgoConfig::resolve(algorithm, &keys, shape)
         .unwrap_or_else(|e| panic!("{}: config does not resolve: {e}", case.name))
 }
 
