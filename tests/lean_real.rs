@@ -6,8 +6,16 @@ mod support;
 use std::time::Instant;
 
 use lean_grpo::data::Theorem;
-use lean_grpo::lean::{Backend, Checker, CheckerOptions, Job, VerdictKind};
+use lean_grpo::lean::{Backend, Checked, Checker, CheckerOptions, Job, VerdictKind};
 use support::*;
+
+/// The verdict of one job.
+fn check_one(checker: &Checker, job: &Job) -> Checked {
+    let mut all = checker
+        .check(std::slice::from_ref(job), None)
+        .expect("the checker runs");
+    all.pop().expect("one verdict per job")
+}
 
 fn real_options(lean: &str) -> CheckerOptions {
     let mut o = options(Backend::Lean, &format!("'{lean}' --json"));
@@ -98,19 +106,18 @@ fn error_positions_are_relative_to_the_proof() {
         .find(|(t, _)| t.name == "add_0_2")
         .unwrap();
     let checker = Checker::new(&real_options(&lean)).unwrap();
-    let r = checker
-        .check_one(&Job::new(
-            &t,
-            "MyEq.trans\n    (MyEq.refl _)\n    (N.zero_add N.two)",
-        ))
-        .unwrap();
+    let r = check_one(
+        &checker,
+        &Job::new(&t, "MyEq.trans\n    (MyEq.refl _)\n    (N.zero_add N.two)"),
+    );
     assert_eq!(r.verdict.kind, VerdictKind::Accepted, "{:?}", r.verdict);
-    let r = checker
-        .check_one(&Job::new(
+    let r = check_one(
+        &checker,
+        &Job::new(
             &t,
             "MyEq.trans\n    (MyEq.refl _)\n    (N.zero_add N.three)",
-        ))
-        .unwrap();
+        ),
+    );
     assert_eq!(r.verdict.kind, VerdictKind::LeanError);
     let m = r
         .verdict
@@ -166,7 +173,7 @@ fn a_proof_that_needs_longer_than_the_timeout_is_a_timeout() {
     let checker = Checker::new(&o).unwrap();
     // Unfolding the products (6561 unary steps) with a raised recursion limit takes ~17 s.
     let started = Instant::now();
-    let r = checker.check_one(&Job::new(&t, UNFOLD)).unwrap();
+    let r = check_one(&checker, &Job::new(&t, UNFOLD));
     assert_eq!(r.verdict.kind, VerdictKind::Timeout, "{:?}", r.verdict);
     assert!(
         started.elapsed().as_secs_f64() < 3.0,
@@ -187,7 +194,7 @@ fn a_proof_that_outgrows_the_memory_limit_is_memory() {
     let mut o = real_options(&lean);
     o.memory_mb = 60; // Lean starts at ~35 MiB of private memory and grows ~15 MiB/s here.
     let checker = Checker::new(&o).unwrap();
-    let r = checker.check_one(&Job::new(&t, UNFOLD)).unwrap();
+    let r = check_one(&checker, &Job::new(&t, UNFOLD));
     assert_eq!(r.verdict.kind, VerdictKind::Memory, "{:?}", r.verdict);
 }
 
@@ -202,7 +209,7 @@ fn a_foreign_axiom_fails_the_audit() {
         "theorem uses_cheat : MyEq N.one N.two :=",
     );
     let checker = Checker::new(&real_options(&lean)).unwrap();
-    let r = checker.check_one(&Job::new(&t, "cheat _")).unwrap();
+    let r = check_one(&checker, &Job::new(&t, "cheat _"));
     assert_eq!(r.verdict.kind, VerdictKind::Axioms, "{:?}", r.verdict);
     assert_eq!(r.verdict.evidence.axioms, ["cheat"]);
 }
@@ -219,7 +226,7 @@ fn a_broken_header_is_never_accepted() {
         "theorem via_helper : MyEq N.one N.two :=",
     );
     let checker = Checker::new(&real_options(&lean)).unwrap();
-    let r = checker.check_one(&Job::new(&t, "helper")).unwrap();
+    let r = check_one(&checker, &Job::new(&t, "helper"));
     assert_eq!(r.verdict.kind, VerdictKind::LeanError, "{:?}", r.verdict);
     let in_header = r
         .verdict

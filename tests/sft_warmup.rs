@@ -80,7 +80,7 @@ fn init_model_is_a_loadable_chatml_qwen2_with_prompts_that_fit() {
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     );
     let im_end = tokenizer.token_to_id("<|im_end|>").unwrap();
-    assert!(tokenizer.is_eos(im_end));
+    assert!(tokenizer.eos_ids().contains(&im_end));
     assert_eq!(
         tokenizer.pad_id(),
         tokenizer.token_to_id("<|endoftext|>").unwrap()

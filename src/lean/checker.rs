@@ -239,12 +239,6 @@ impl Checker {
             .collect()
     }
 
-    /// Check one job (no progress bar).
-    pub fn check_one(&self, job: &Job) -> anyhow::Result<Checked> {
-        let mut all = self.check(std::slice::from_ref(job), None)?;
-        all.pop().context("no verdict")
-    }
-
     /// Extraction, statement comparison and screening: everything decided without Lean.
     fn prepare(&self, job: &Job) -> Prepared {
         let proof = match extract_proof(&job.completion, &job.statement) {

@@ -258,14 +258,6 @@ impl Policy {
             .collect()
     }
 
-    /// All trainable variables (`A` then `B` of each adapter), for the optimizer.
-    pub fn trainable_vars(&self) -> Vec<Var> {
-        self.lora_vars()
-            .into_iter()
-            .flat_map(|(_, a, b)| [a, b])
-            .collect()
-    }
-
     /// Overwrites adapter weights (e.g. from a saved adapter): `(module path, A, B)`. Every
     /// name must be an adapted module and shapes must match.
     pub fn set_lora_weights(&self, weights: &[(String, Tensor, Tensor)]) -> Result<()> {

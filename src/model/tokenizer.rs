@@ -329,10 +329,6 @@ impl Tokenizer {
             .or_else(|| self.eos_ids.first().copied())
     }
 
-    pub fn is_eos(&self, id: u32) -> bool {
-        self.eos_ids.binary_search(&id).is_ok()
-    }
-
     /// Id written at padded positions (see [`Self::from_dir`] for where it comes from).
     pub fn pad_id(&self) -> u32 {
         self.pad_id

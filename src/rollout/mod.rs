@@ -66,10 +66,9 @@ impl RolloutTimes {
 /// template (a plain template when the model has none).
 pub fn prompt_tokens(tokenizer: &Tokenizer, theorem: &Theorem) -> Result<Vec<u32>> {
     let messages = [ChatMessage::user(user_message(theorem))];
-    let text = tokenizer
-        .apply_chat_template(&messages, true)
-        .with_context(|| format!("building the prompt of theorem {}", theorem.name))?;
-    tokenizer.encode(&text, false)
+    tokenizer
+        .encode_chat(&messages)
+        .with_context(|| format!("building the prompt of theorem {}", theorem.name))
 }
 
 /// Everything sampling needs besides the prompts.
