@@ -54,7 +54,7 @@ model with the same tokenizer as --model; restarting the server on an exported c
 resuming with the new --endpoint brings the samples up to date.",
         after_help = "Examples:\n  lean-grpo train data/prelude.jsonl --split train --algorithm dapo --model ./my-model\n  \
 lean-grpo train data/minif2f.jsonl --split valid --config configs/grpo.yaml --algo-config '{\"beta\": 0.04}'\n  \
-lean-grpo train data/prelude.jsonl --resume runs/dapo-20261122-101500\n  \
+lean-grpo train --resume runs/dapo-20261122-101500\n  \
 lean-grpo train data/minif2f.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --endpoint http://gpu-box:8000 --served-model Qwen/Qwen2.5-0.5B-Instruct"
     )]
     Train(TrainArgs),
@@ -288,8 +288,9 @@ impl EndpointArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Theorem file (JSONL, one record per line).
-    pub theorems: PathBuf,
+    /// Theorem file (JSONL, one record per line); with `--resume`, the run's own by default.
+    #[arg(required_unless_present = "resume")]
+    pub theorems: Option<PathBuf>,
     #[command(flatten)]
     pub config: ConfigArgs,
     #[command(flatten)]
@@ -316,6 +317,10 @@ pub struct TrainArgs {
     pub learning_rate: Option<f64>,
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// Recompute each layer in the backward instead of keeping its activations: the same
+    /// gradient in a fraction of the memory, for about one more forward's time.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[arg(long)]
@@ -326,7 +331,8 @@ pub struct TrainArgs {
     /// Run directory.
     #[arg(long, short = 'o', value_name = "DIR")]
     pub output: Option<PathBuf>,
-    /// Continue a run from its latest checkpoint.
+    /// Continue a run from its latest checkpoint, with the run's configuration and theorem
+    /// file; only --max-steps and the --endpoint settings may change.
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     #[command(flatten)]
@@ -346,6 +352,8 @@ impl TrainArgs {
         push(&mut out, "train", "num_train_epochs", &self.epochs);
         push(&mut out, "train", "learning_rate", &self.learning_rate);
         push(&mut out, "lora", "r", &self.lora_rank);
+        let checkpointing = self.gradient_checkpointing.then_some(true);
+        push(&mut out, "train", "gradient_checkpointing", &checkpointing);
         self.sampling.overrides(&mut out);
         push(&mut out, "train", "seed", &self.seed);
         push(&mut out, "train", "split", &self.split);
@@ -482,14 +490,19 @@ pub struct SftArgs {
     /// Directory to write the PEFT adapter to.
     #[arg(long, short = 'o', value_name = "DIR")]
     pub output: PathBuf,
+    /// Recompute each layer in the backward instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 impl SftArgs {
-    /// The flags that set configuration keys (model, adapter rank).
+    /// The flags that set configuration keys (model, adapter rank, checkpointing).
     pub fn overrides(&self) -> Vec<Override> {
         let mut out = Vec::new();
         self.model.overrides(&mut out);
         push(&mut out, "lora", "r", &self.lora_rank);
+        let checkpointing = self.gradient_checkpointing.then_some(true);
+        push(&mut out, "train", "gradient_checkpointing", &checkpointing);
         out
     }
 }

@@ -5,14 +5,14 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cli::{
     AlgorithmsArgs, CheckArgs, Cli, Command, ConfigArgs, EvalArgs, ExportArgs, PlotArgs, TrainArgs,
 };
 use crate::config::{Config, Override};
 use crate::data::load_theorems;
-use crate::train::TrainInputs;
+use crate::train::{RunDir, TheoremFile, TrainInputs};
 
 /// What a command that ran to the end found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +59,17 @@ fn configure(
     flags: &[Override],
     algo_config: Option<&str>,
 ) -> Result<Option<Config>> {
-    let config = Config::load(args.config.as_deref(), flags, algo_config)?;
+    configure_onto(&Config::default(), args, flags, algo_config)
+}
+
+/// [`configure`] over `base` instead of the defaults (a resumed run's own configuration).
+fn configure_onto(
+    base: &Config,
+    args: &ConfigArgs,
+    flags: &[Override],
+    algo_config: Option<&str>,
+) -> Result<Option<Config>> {
+    let config = Config::load_onto(base, args.config.as_deref(), flags, algo_config)?;
     if args.print_config {
         print!("{}", config.with_resolved_algorithm()?.to_yaml());
         return Ok(None);
@@ -68,11 +78,32 @@ fn configure(
 }
 
 fn train(args: TrainArgs, quiet: bool) -> Result<Outcome> {
-    let Some(config) = configure(&args.config, &args.overrides(), args.algo_config.as_deref())?
-    else {
+    // A resumed run continues with its own configuration and theorem file; what is given on
+    // the command line goes over them (and must agree, but for what a resume may change).
+    let (base, started_on) = match &args.resume {
+        Some(run) => (RunDir::saved_config(run)?, RunDir::saved_theorems(run)?),
+        None => (Config::default(), None),
+    };
+    let flags = args.overrides();
+    let algo_config = args.algo_config.as_deref();
+    let Some(config) = configure_onto(&base, &args.config, &flags, algo_config)? else {
         return Ok(Outcome::Success);
     };
-    let theorems = load_theorems(&args.theorems, config.train.split.as_deref())?;
+    let theorem_path = match (&args.theorems, started_on) {
+        (Some(path), _) => path.clone(),
+        (None, Some(file)) => file.path,
+        (None, None) => match &args.resume {
+            Some(run) => bail!(
+                "{} does not record its theorem file (it predates `theorems.json`); give it: \
+                 lean-grpo train THEOREMS.jsonl --resume {}",
+                run.display(),
+                run.display()
+            ),
+            None => bail!("give the theorem file to train on: lean-grpo train THEOREMS.jsonl"),
+        },
+    };
+    let theorem_file = TheoremFile::read(&theorem_path)?;
+    let theorems = load_theorems(&theorem_path, config.train.split.as_deref())?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     // The first Ctrl-C asks the loop to checkpoint and stop; a second one exits at once.
@@ -86,6 +117,7 @@ fn train(args: TrainArgs, quiet: bool) -> Result<Outcome> {
         &config,
         TrainInputs {
             theorems,
+            theorem_file,
             resume: args.resume.as_deref(),
             show_progress: !quiet && std::io::stderr().is_terminal(),
             stop,
@@ -110,8 +142,7 @@ fn train(args: TrainArgs, quiet: bool) -> Result<Outcome> {
     }
     if report.interrupted {
         println!(
-            "continue with: lean-grpo train {} --resume {}",
-            args.theorems.display(),
+            "continue with: lean-grpo train --resume {}",
             report.run_dir.display()
         );
     }

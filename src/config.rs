@@ -57,11 +57,18 @@ pub struct TrainOptions {
     pub max_grad_norm: f64,
     /// Micro-batches per optimizer step (memory only: the gradient is the same).
     pub gradient_accumulation_steps: usize,
+    /// Recompute each decoder layer in the backward instead of keeping its activations
+    /// (memory only: the gradient is the same, for about one more forward's time).
+    pub gradient_checkpointing: bool,
     pub seed: u64,
     /// Run directory; `None` = `runs/<algorithm>-<time>`.
     pub output_dir: Option<PathBuf>,
     /// Write a checkpoint every this many steps (0 = only at the end).
     pub save_steps: usize,
+    /// Also write one after any step that ends more than this many minutes after the last
+    /// checkpoint (0 = off): on a CPU a real model's step takes minutes, so `save_steps` alone
+    /// could lose hours to a crash.
+    pub save_every_minutes: f64,
     /// Keep this many checkpoints (the oldest are deleted).
     pub save_total_limit: usize,
     /// Reward preset: `binary` (1 accepted, 0 otherwise) or `partial`.
@@ -99,9 +106,11 @@ impl Default for TrainOptions {
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
             gradient_accumulation_steps: 1,
+            gradient_checkpointing: false,
             seed: 42,
             output_dir: None,
             save_steps: 50,
+            save_every_minutes: 10.0,
             save_total_limit: 3,
             reward: RewardPreset::Binary,
             partial_credit_cap: 0.3,
@@ -226,7 +235,18 @@ impl Config {
         flags: &[Override],
         algo_config: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        let mut merged = match serde_json::to_value(Config::default()) {
+        Self::load_onto(&Config::default(), file, flags, algo_config)
+    }
+
+    /// [`Self::load`] with `base` in place of the built-in defaults: a resumed run's own
+    /// `config.yaml`, so `--resume RUN` alone continues the run as it was started.
+    pub fn load_onto(
+        base: &Config,
+        file: Option<&Path>,
+        flags: &[Override],
+        algo_config: Option<&str>,
+    ) -> Result<Config, ConfigError> {
+        let mut merged = match serde_json::to_value(base) {
             Ok(Value::Object(map)) => map,
             _ => Map::new(),
         };

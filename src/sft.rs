@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -135,11 +136,30 @@ fn end_of_turn(tokenizer: &Tokenizer) -> Result<u32> {
 /// Mean negative log-likelihood per completion token of `batch` (a scalar; with `grad` it
 /// carries gradient to the adapters).
 pub fn mean_nll(policy: &Policy, batch: &[&Example], grad: bool) -> Result<Tensor> {
-    let prompts: Vec<Vec<u32>> = batch.iter().map(|e| e.prompt.clone()).collect();
-    let completions: Vec<Vec<u32>> = batch.iter().map(|e| e.completion.clone()).collect();
+    let (prompts, completions) = rows(batch);
+    let logp = policy.logprobs(&prompts, &completions, 1.0, grad, true)?;
+    token_mean_nll(&logp, &completions)
+}
+
+/// The mean NLL of `batch` and its gradient for the adapters (through
+/// [`Policy::train_logprobs`], so gradient checkpointing applies).
+fn nll_gradient(policy: &Policy, batch: &[&Example]) -> Result<(f32, GradStore)> {
+    let (prompts, completions) = rows(batch);
+    let forward = policy.train_logprobs(&prompts, &completions, 1.0)?;
+    let loss = token_mean_nll(&forward.logp, &completions)?;
+    let value = loss.to_scalar::<f32>()?;
+    Ok((value, forward.backward(&loss)?))
+}
+
+fn rows(batch: &[&Example]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let prompts = batch.iter().map(|e| e.prompt.clone()).collect();
+    let completions = batch.iter().map(|e| e.completion.clone()).collect();
+    (prompts, completions)
+}
+
+fn token_mean_nll(logp: &Tensor, completions: &[Vec<u32>]) -> Result<Tensor> {
     let tokens: usize = completions.iter().map(Vec::len).sum();
     // Positions past a completion's end are zero in `logprobs`, so a plain sum is the masked sum.
-    let logp = policy.logprobs(&prompts, &completions, 1.0, grad, true)?;
     Ok((logp.sum_all()?.neg()? / tokens.max(1) as f64)?)
 }
 
@@ -169,7 +189,8 @@ pub fn run_sft(
         bail!("--batch-size and --epochs must be at least 1");
     }
     // Continues from `model.adapter` when one is set (`Policy::load` applies it).
-    let policy = Policy::load(&config.model, &config.lora, options.seed)?;
+    let mut policy = Policy::load(&config.model, &config.lora, options.seed)?;
+    policy.set_gradient_checkpointing(config.train.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
     let examples = examples(&tokenizer, theorems, options.limit)?;
     let longest = examples
@@ -198,10 +219,9 @@ pub fn run_sft(
         order.shuffle(&mut rng);
         for ids in order.chunks(options.batch_size) {
             let batch: Vec<&Example> = ids.iter().map(|&i| &examples[i]).collect();
-            let loss = mean_nll(&policy, &batch, true)?;
-            let value = loss.to_scalar::<f32>()?;
+            let (value, gradient) = nll_gradient(&policy, &batch)?;
             let mut grads = optimizer.accumulator();
-            grads.add(loss.backward()?)?;
+            grads.add(gradient)?;
             optimizer.step(&mut grads.take(), train.max_grad_norm)?;
             bar.set_message(format!("epoch {}  loss {value:.3}", epoch + 1));
             bar.inc(1);

@@ -60,6 +60,8 @@ fn reduced_bench_prints_every_figure() {
         "/sampling/candle_transformers_batch_1_tokens_per_second",
         "/training/step_seconds",
         "/training/reference_logprobs_seconds",
+        "/memory/training_step_seconds",
+        "/memory/training_step_checkpointed_seconds",
     ]
     .map(String::from)
     .to_vec();
@@ -68,6 +70,32 @@ fn reduced_bench_prints_every_figure() {
             .iter()
             .map(|p| format!("/algorithm_loss/loss_backward_seconds/{}", p.name)),
     );
+    // Linux gives peak RSS per phase; each peak includes the weights the process holds.
+    if std::path::Path::new("/proc/self/status").exists() {
+        let model = figures["memory"]["model_rss_gib"]
+            .as_f64()
+            .expect("model RSS");
+        for phase in [
+            "sampling_peak_rss_gib",
+            "training_step_peak_rss_gib",
+            "training_step_checkpointed_peak_rss_gib",
+        ] {
+            let peak = figures["memory"][phase].as_f64();
+            assert!(
+                peak.is_some_and(|p| p > 0.0 && p >= 0.9 * model),
+                "{phase} is {peak:?} with the model at {model} GiB"
+            );
+        }
+        expected.extend(
+            [
+                "model_rss_gib",
+                "sampling_peak_rss_gib",
+                "training_step_peak_rss_gib",
+                "training_step_checkpointed_peak_rss_gib",
+            ]
+            .map(|f| format!("/memory/{f}")),
+        );
+    }
     let checker = &figures["checker"];
     match &lean {
         Some(_) => {

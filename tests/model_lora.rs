@@ -401,16 +401,7 @@ fn plain_logp(logits: &Tensor, targets: &Tensor, t: f64) -> Tensor {
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    max_abs(&(a - b).unwrap())
 }
 
 #[test]
@@ -872,4 +863,58 @@ fn trainable_vars(p: &Policy) -> Vec<candle_core::Var> {
         .into_iter()
         .flat_map(|(_, a, b)| [a, b])
         .collect()
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout_masks() {
+    let lora = LoraOptions {
+        r: 4,
+        lora_dropout: 0.3,
+        ..LoraOptions::default()
+    };
+    let moved = |checkpointing: bool| {
+        let mut p = policy("tiny-qwen3", DType::F64, &lora);
+        p.set_gradient_checkpointing(checkpointing);
+        randomize_b(&p, 0.2, 4);
+        p
+    };
+    let (plain, checkpointed) = (moved(false), moved(true));
+    let (prompts, completions) = batch();
+    let gradients = |p: &Policy| {
+        let forward = p.train_logprobs(&prompts, &completions, 0.8).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let w = random(forward.logp.dims(), 1.0, &mut rng, forward.logp.dtype());
+        let loss = (&forward.logp * w).unwrap().sum_all().unwrap();
+        let grads = forward.backward(&loss).unwrap();
+        trainable_vars(p)
+            .iter()
+            .map(|v| grads.get(v).expect("every adapter gets a gradient").clone())
+            .collect::<Vec<_>>()
+    };
+    // Twice: the second pass draws its dropout masks after the first's, so a checkpointed
+    // backward that left the dropout RNG elsewhere than the plain one would show there.
+    for pass in 0..2 {
+        let (a, b) = (gradients(&plain), gradients(&checkpointed));
+        assert_eq!(a.len(), b.len());
+        let largest = a.iter().map(max_abs).fold(0.0, f32::max);
+        assert!(largest > 1e-3, "pass {pass}: the gradients are not trivial");
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            let diff = max_diff(a, b);
+            assert!(
+                diff <= 1e-9 * largest.max(1.0),
+                "pass {pass}, tensor {i}: {diff}"
+            );
+        }
+    }
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }

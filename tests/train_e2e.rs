@@ -206,7 +206,7 @@ fn every_algorithm_trains_three_steps_and_writes_its_run_directory() {
 }
 
 #[test]
-fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
+fn resume_from_the_run_directory_alone_reproduces_the_uninterrupted_run() {
     let Some(lean) = real_lean() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
@@ -222,7 +222,7 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
     )
     .unwrap();
     let with_config = |out: &Path| {
-        let mut args = train_args(&model, &lean, out, "grpo", 3);
+        let mut args = train_args(&model, &lean, out, "grpo", 6);
         args.extend(["--config".into(), config.to_str().unwrap().into()]);
         args
     };
@@ -238,36 +238,41 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
     while !killed
-        .join("checkpoints/step-2/trainer_state.json")
+        .join("checkpoints/step-3/trainer_state.json")
         .exists()
     {
-        assert!(Instant::now() < deadline, "no step-2 checkpoint");
+        assert!(Instant::now() < deadline, "no step-3 checkpoint");
         if let Some(status) = child.try_wait().unwrap() {
             panic!("training ended ({status}) before it could be killed");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child.kill().unwrap();
+    child.kill().unwrap(); // SIGKILL: no handler runs, no checkpoint is saved on the way out
     child.wait().unwrap();
     assert!(
-        lora_b_max_abs(&killed.join("checkpoints/step-2")) > 0.0,
+        lora_b_max_abs(&killed.join("checkpoints/step-3")) > 0.0,
         "the adapter the resumed run starts from has moved"
     );
 
-    let mut resume = with_config(&killed);
-    resume.extend(["--resume".into(), killed.to_str().unwrap().into()]);
-    assert!(run(lean_grpo().args(&resume)).status.success());
+    // The run directory alone: no theorem file, no model, no config, no flags.
+    let resume = ["train", "--resume", killed.to_str().unwrap()];
+    assert!(run(lean_grpo().args(resume)).status.success());
 
     let a = json_lines(&whole.join("metrics.jsonl"));
     let b = json_lines(&killed.join("metrics.jsonl"));
-    assert_eq!(b.len(), 3, "the resumed run has exactly one line per step");
+    let steps = |m: &[Value]| {
+        m.iter()
+            .map(|m| m["step"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steps(&b), [1, 2, 3, 4, 5, 6], "every step logged once");
     assert!(
         a.iter()
             .all(|m| m["reward_std"].as_f64().unwrap() > 0.0
                 && m["grad_norm"].as_f64().unwrap() > 0.0),
         "every step learns something: {a:?}"
     );
-    for step in 0..3 {
+    for step in 0..6 {
         assert_eq!(
             reproducible(a[step].clone()),
             reproducible(b[step].clone()),
@@ -285,32 +290,63 @@ fn resume_after_a_kill_reproduces_the_uninterrupted_run() {
 }
 
 #[test]
-fn resume_with_another_configuration_is_refused() {
+fn resume_refuses_another_configuration_or_theorem_file() {
     let Some(lean) = real_lean() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
+    let theorems = tmp.path().join("theorems.jsonl");
+    std::fs::copy(Path::new(ROOT).join("data/prelude.jsonl"), &theorems).unwrap();
     let out = tmp.path().join("run");
+    let mut args = train_args(&model, &lean, &out, "grpo", 1);
+    args[1] = theorems.to_str().unwrap().into();
+    assert!(run(lean_grpo().args(&args)).status.success());
+    let refusal = |extra: &[&str]| {
+        let mut args = vec!["train", "--resume", out.to_str().unwrap()];
+        args.extend(extra);
+        let result = lean_grpo().args(&args).output().unwrap();
+        assert!(!result.status.success(), "{extra:?} was accepted");
+        String::from_utf8_lossy(&result.stderr).into_owned()
+    };
+
+    let stderr = refusal(&["--learning-rate", "0.5"]);
     assert!(
-        run(lean_grpo().args(train_args(&model, &lean, &out, "grpo", 1)))
-            .status
-            .success()
-    );
-    let mut args = train_args(&model, &lean, &out, "grpo", 2);
-    args.extend([
-        "--learning-rate".into(),
-        "0.5".into(),
-        "--resume".into(),
-        out.to_str().unwrap().into(),
-    ]);
-    let result = lean_grpo().args(&args).output().unwrap();
-    assert!(!result.status.success());
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(
-        stderr.contains(
-            "configuration differs from the one the run started with in train.learning_rate"
-        ),
+        stderr.contains("`train.learning_rate` is 0.00001 in the run and 0.5 here")
+            && stderr.contains("--output NEW_DIR"),
         "{stderr}"
     );
+    let other = tmp.path().join("other.yaml");
+    std::fs::write(&other, "sampling:\n  temperature: 0.3\n").unwrap();
+    let stderr = refusal(&["--config", other.to_str().unwrap()]);
+    assert!(
+        stderr.contains("`sampling.temperature` is 1.0 in the run and 0.3 here"),
+        "{stderr}"
+    );
+
+    // The same file, named or not, continues the run; one byte more and it is refused.
+    let same = [
+        "train",
+        theorems.to_str().unwrap(),
+        "--resume",
+        out.to_str().unwrap(),
+    ];
+    assert!(run(lean_grpo().args(same).args(["--max-steps", "2"]))
+        .status
+        .success());
+    assert_eq!(json_lines(&out.join("metrics.jsonl")).len(), 2);
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&theorems)
+        .unwrap();
+    writeln!(file).unwrap();
+    let stderr = refusal(&["--max-steps", "3"]);
+    assert!(
+        stderr.contains(&format!(
+            "{} is not the theorem file the run started on",
+            theorems.display()
+        )),
+        "{stderr}"
+    );
+
     // A new run into the same directory is refused too, pointing at --resume.
     let result = lean_grpo()
         .args(train_args(&model, &lean, &out, "grpo", 1))
@@ -321,6 +357,34 @@ fn resume_with_another_configuration_is_refused() {
         stderr.contains("already holds a run; continue it with `--resume"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_checkpoint_is_written_when_save_every_minutes_has_passed() {
+    let Some(lean) = real_lean() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    // Three steps with only the given checkpoint rules; which step-N checkpoints exist after.
+    let saved_after = |name: &str, rules: &str| {
+        let config = tmp.path().join(format!("{name}.yaml"));
+        std::fs::write(&config, format!("train:\n  save_total_limit: 10\n{rules}")).unwrap();
+        let out = tmp.path().join(name);
+        let mut args = train_args(&model, &lean, &out, "grpo", 3);
+        args.extend(["--config".into(), config.to_str().unwrap().into()]);
+        assert!(run(lean_grpo().args(&args)).status.success());
+        (1..=3)
+            .map(|n| {
+                out.join(format!("checkpoints/step-{n}/trainer_state.json"))
+                    .exists()
+            })
+            .collect::<Vec<bool>>()
+    };
+    // No step-based checkpoints; 6 ms is shorter than any step, so one follows every step.
+    let timed = "  save_steps: 0\n  save_every_minutes: 0.0001\n";
+    assert_eq!(saved_after("timed", timed), [true, true, true]);
+    // With the time rule off, only the final checkpoint is written.
+    let untimed = "  save_steps: 0\n  save_every_minutes: 0\n";
+    assert_eq!(saved_after("untimed", untimed), [false, false, true]);
 }
 
 #[test]

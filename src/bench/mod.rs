@@ -9,6 +9,7 @@
 
 pub mod algo;
 pub mod checker;
+mod memory;
 pub mod model;
 
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use crate::data::load_theorems;
 use crate::model::init::InitOptions;
 use algo::LossShape;
 use checker::{CheckerFigures, CheckerSettings};
-use model::{ModelPlan, ModelSettings, SamplingFigures, TrainingFigures};
+use model::{MemoryFigures, ModelPlan, ModelSettings, SamplingFigures, TrainingFigures};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -67,6 +68,9 @@ impl Plan {
                     group_size: 4,
                     train_prompt_tokens: 16,
                     train_completion_tokens: 64,
+                    memory_group_size: 8,
+                    memory_prompt_tokens: 700,
+                    memory_completion_tokens: 48,
                     rounds: 2,
                 },
                 loss: LossShape {
@@ -97,6 +101,9 @@ impl Plan {
                     group_size: 4,
                     train_prompt_tokens: 16,
                     train_completion_tokens: 32,
+                    memory_group_size: 4,
+                    memory_prompt_tokens: 128,
+                    memory_completion_tokens: 16,
                     rounds: 1,
                 },
                 loss: LossShape {
@@ -166,6 +173,7 @@ pub struct Figures {
     pub checker: CheckerSection,
     pub sampling: SamplingFigures,
     pub training: TrainingFigures,
+    pub memory: MemoryFigures,
     pub algorithm_loss: LossFigures,
 }
 
@@ -224,7 +232,7 @@ pub fn run(plan: &Plan, lean_cmd: Option<&str>, theorems: &Path) -> Result<Summa
         }
     };
     tracing::info!("bench: model, {} shape", plan.model.shape);
-    let (model, sampling, training) = model::measure(&plan.model)?;
+    let (model, sampling, training, memory) = model::measure(&plan.model)?;
     tracing::info!("bench: algorithm loss + backward");
     let loss_backward_seconds = algo::measure(plan.loss, plan.loss_rounds)?;
     machine.load_average_end = load_average();
@@ -245,6 +253,7 @@ pub fn run(plan: &Plan, lean_cmd: Option<&str>, theorems: &Path) -> Result<Summa
             checker: checker_figures,
             sampling,
             training,
+            memory,
             algorithm_loss: LossFigures {
                 loss_backward_seconds,
             },

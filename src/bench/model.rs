@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 use serde_json::Map;
 
-use super::best_of;
-use crate::algo::{prepare, AlgoConfig, BatchShape};
+use super::{best_of, timed};
+use crate::algo::{prepare, AlgoConfig, BatchShape, Prepared};
 use crate::config::TrainOptions;
 use crate::model::init::{random_model, InitOptions};
 use crate::model::optim::Optimizer;
@@ -32,6 +32,12 @@ pub struct ModelPlan {
     pub group_size: usize,
     pub train_prompt_tokens: usize,
     pub train_completion_tokens: usize,
+    /// Memory: one group of this many completions of this many tokens after a prompt of this
+    /// many (a real prompt's length: a header and instructions), with and without gradient
+    /// checkpointing.
+    pub memory_group_size: usize,
+    pub memory_prompt_tokens: usize,
+    pub memory_completion_tokens: usize,
     /// Each figure is the best of this many runs.
     pub rounds: usize,
 }
@@ -75,8 +81,30 @@ pub struct TrainingFigures {
     pub reference_logprobs_seconds: f64,
 }
 
+/// Peak resident memory (GiB, the whole process: weights included) of a phase, on Linux.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryFigures {
+    /// Resident memory before the phases below: the f32 weights, mostly.
+    pub model_rss_gib: Option<f64>,
+    /// Sampling `memory_group_size` completions of the memory plan's prompt.
+    pub sampling_peak_rss_gib: Option<f64>,
+    /// The training update of that group (GRPO), the whole graph kept for the backward.
+    pub training_step_peak_rss_gib: Option<f64>,
+    /// The same update with `train.gradient_checkpointing`.
+    pub training_step_checkpointed_peak_rss_gib: Option<f64>,
+    pub training_step_seconds: f64,
+    pub training_step_checkpointed_seconds: f64,
+}
+
 /// Builds the model and measures sampling and one training step.
-pub fn measure(plan: &ModelPlan) -> Result<(ModelSettings, SamplingFigures, TrainingFigures)> {
+pub fn measure(
+    plan: &ModelPlan,
+) -> Result<(
+    ModelSettings,
+    SamplingFigures,
+    TrainingFigures,
+    MemoryFigures,
+)> {
     ensure!(
         plan.group_size >= 2,
         "the training step needs a group of two or more completions"
@@ -120,6 +148,7 @@ pub fn measure(plan: &ModelPlan) -> Result<(ModelSettings, SamplingFigures, Trai
         candle_transformers_batch_1_tokens_per_second: baseline,
     };
     let training = training_step(&policy, plan)?;
+    let memory = memory(&mut policy, plan)?;
     let settings = ModelSettings {
         plan: plan.clone(),
         parameters: model.parameters,
@@ -127,7 +156,7 @@ pub fn measure(plan: &ModelPlan) -> Result<(ModelSettings, SamplingFigures, Trai
         dtype: "f32",
         candle_threads: candle_core::utils::get_num_threads(),
     };
-    Ok((settings, sampling, training))
+    Ok((settings, sampling, training, memory))
 }
 
 /// `len` token ids below `vocab`, spread over the vocabulary, a different run per `seed`.
@@ -168,28 +197,9 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
     );
     let prompts = vec![token_ids(1, plan.train_prompt_tokens, vocab); g];
     let completions: Vec<Vec<u32>> = (0..g).map(|i| token_ids(100 + i, width, vocab)).collect();
-    let shape = BatchShape {
-        group_size: g,
-        max_completion_length: width,
-    };
-    let algo = AlgoConfig::resolve("grpo", &Map::new(), shape)?;
-    // Half the group right: non-zero advantages, so every step has a gradient to apply.
-    let rewards: Vec<f64> = (0..g).map(|i| (i % 2) as f64).collect();
-    let prepared = prepare(&algo, &rewards, &vec![width; g], &vec![false; g])?;
     let train = TrainOptions::default();
     let mut optimizer = Optimizer::new(&policy.lora_vars(), &train.optimizer(), plan.rounds + 1)?;
-    let update = Update {
-        algo: &algo,
-        policy,
-        temperature: 1.0,
-        micro_batches: 1,
-        max_grad_norm: train.max_grad_norm,
-    };
-    let mut step = || {
-        let outcome = update.run_tokens(&prepared, &prompts, &completions, &mut optimizer)?;
-        ensure!(outcome.stepped, "the training step took no optimizer step");
-        Ok(())
-    };
+    let mut step = || one_update(policy, &prompts, &completions, &mut optimizer);
     // A run's first update also touches its activation memory for the first time and creates
     // the optimizer's moments (1-1.3 s more on the bench machine); a run pays that once in
     // hundreds of steps, so it is run here untimed.
@@ -203,6 +213,90 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
         step_seconds,
         reference_logprobs_seconds,
     })
+}
+
+/// Peak RSS of sampling and of the training update at the memory plan's lengths.
+fn memory(policy: &mut Policy, plan: &ModelPlan) -> Result<MemoryFigures> {
+    let (g, vocab) = (plan.memory_group_size, plan.model.vocab_size);
+    let prompt = token_ids(2, plan.memory_prompt_tokens, vocab);
+    let model_rss_gib = super::memory::rss_gib();
+    let opts = GenerateOptions {
+        max_new_tokens: plan.memory_completion_tokens,
+        eos_ids: Vec::new(),
+        adapters: true,
+    };
+    let (sampling_peak_rss_gib, _) = super::memory::peak_rss_gib(|| {
+        let mut sampler = Sampler::new(&SamplingOptions::default(), 0);
+        policy.generate(
+            std::slice::from_ref(&prompt),
+            g,
+            &opts,
+            &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
+            &mut |_: &[u32]| false,
+        )
+    })?;
+    let width = plan.memory_completion_tokens;
+    let prompts = vec![prompt; g];
+    let completions: Vec<Vec<u32>> = (0..g).map(|i| token_ids(200 + i, width, vocab)).collect();
+    let settings = TrainOptions::default().optimizer();
+    let mut step = |checkpointing: bool| {
+        policy.set_gradient_checkpointing(checkpointing);
+        let out = super::memory::peak_rss_gib(|| {
+            let mut optimizer = Optimizer::new(&policy.lora_vars(), &settings, 1)?;
+            timed(|| one_update(policy, &prompts, &completions, &mut optimizer))
+        });
+        policy.set_gradient_checkpointing(false);
+        out
+    };
+    let (training_step_peak_rss_gib, (training_step_seconds, ())) = step(false)?;
+    let (checkpointed_peak, (checkpointed_seconds, ())) = step(true)?;
+    tracing::info!(
+        "bench: memory: model {model_rss_gib:?} GiB, sampling peak {sampling_peak_rss_gib:?}, \
+         training step peak {training_step_peak_rss_gib:?} ({training_step_seconds:.1} s), \
+         checkpointed {checkpointed_peak:?} ({checkpointed_seconds:.1} s)"
+    );
+    Ok(MemoryFigures {
+        model_rss_gib,
+        sampling_peak_rss_gib,
+        training_step_peak_rss_gib,
+        training_step_checkpointed_peak_rss_gib: checkpointed_peak,
+        training_step_seconds,
+        training_step_checkpointed_seconds: checkpointed_seconds,
+    })
+}
+
+/// GRPO on one group of `g` completions of `width` tokens, half of them right: non-zero
+/// advantages, so every update has a gradient to apply.
+fn grpo_group(g: usize, width: usize) -> Result<(AlgoConfig, Prepared)> {
+    let shape = BatchShape {
+        group_size: g,
+        max_completion_length: width,
+    };
+    let algo = AlgoConfig::resolve("grpo", &Map::new(), shape)?;
+    let rewards: Vec<f64> = (0..g).map(|i| (i % 2) as f64).collect();
+    let prepared = prepare(&algo, &rewards, &vec![width; g], &vec![false; g])?;
+    Ok((algo, prepared))
+}
+
+/// The trainer's update of one GRPO group (half of it right) with the default settings.
+fn one_update(
+    policy: &Policy,
+    prompts: &[Vec<u32>],
+    completions: &[Vec<u32>],
+    optimizer: &mut Optimizer,
+) -> Result<()> {
+    let width = completions.iter().map(Vec::len).max().unwrap_or(0);
+    let (algo, prepared) = grpo_group(completions.len(), width)?;
+    let update = Update {
+        algo: &algo,
+        policy,
+        temperature: 1.0,
+        micro_batches: 1,
+        max_grad_norm: TrainOptions::default().max_grad_norm,
+    };
+    let outcome = update.run_tokens(&prepared, prompts, completions, optimizer)?;
+    ensure!(outcome.stepped, "the training step took no optimizer step");
+    Ok(())
 }
 
 /// Batch-1 greedy decoding through candle-transformers' Qwen2 on the same weights: tokens/s.

@@ -23,7 +23,9 @@ use super::layer::{
 pub use super::layer::{LoraSpec, LORA_MODULES};
 use super::lora::{LoraLinear, Pass};
 use super::weights::{WeightSource, Weights};
-use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
+use rand_chacha::ChaCha8Rng;
 
 /// A sampling copy of the weights: each linear layer's frozen weight with its adapter merged
 /// in, and the LM head, in the sampling dtype. [`super::Policy::sampling_weights`] keeps it
@@ -165,6 +167,86 @@ impl Decoder {
             x = layer.forward(&x, Span::Shared(&span), kernels)?;
         }
         kernels.rms_norm(&x, &self.norm, self.eps())
+    }
+
+    /// [`Self::forward_shared`] with gradient checkpointing per layer: the layers run without a
+    /// graph, each keeping only its input, and the returned hidden states hang off a leaf (the
+    /// last layer's output) whose gradient [`Self::backward_checkpointed`] carries down through
+    /// the layers, recomputing one layer at a time.
+    ///
+    /// Why: the graph of a training forward keeps every intermediate of every layer until the
+    /// backward, above all the attention scores (several `heads × T × T` tensors per layer and
+    /// prompt); checkpointed, the backward holds one layer's at a time, for one more forward.
+    pub fn forward_checkpointed(
+        &self,
+        batch: &SharedBatch,
+        pass: &Pass,
+    ) -> Result<(Tensor, LayerTape)> {
+        let span = self.shared_span(batch)?;
+        let tokens = Tensor::cat(
+            &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
+            0,
+        )?;
+        let mut x = self.embed_tokens.index_select(&tokens, 0)?;
+        let no_graph = Pass {
+            adapters: pass.adapters,
+            grad: false,
+            dropout_rng: pass.dropout_rng,
+        };
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut dropout = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            inputs.push(x.clone());
+            dropout.push(rng_state(&no_graph));
+            x = layer.forward(&x, Span::Shared(&span), Kernels::Train(&no_graph))?;
+        }
+        let top = Var::from_tensor(&x)?;
+        let hidden = Kernels::Train(pass).rms_norm(top.as_tensor(), &self.norm, self.eps())?;
+        let tape = LayerTape {
+            span,
+            inputs,
+            dropout,
+            top,
+        };
+        Ok((hidden, tape))
+    }
+
+    /// The adapters' gradients of a loss over [`Self::forward_checkpointed`]'s hidden states,
+    /// from `grads` (the loss's own backward, which stops at the tape's leaf): each layer is
+    /// run again from its saved input, with the dropout masks of the first run, and
+    /// backpropagated alone. `pass` must be the one the forward ran with.
+    pub fn backward_checkpointed(
+        &self,
+        tape: LayerTape,
+        mut grads: GradStore,
+        pass: &Pass,
+    ) -> Result<GradStore> {
+        let mut out = GradStore::default();
+        let Some(mut g) = grads.remove(tape.top.as_tensor()) else {
+            return Ok(out); // the loss does not depend on the model
+        };
+        let after_forward = rng_state(pass);
+        for (l, layer) in self.layers.iter().enumerate().rev() {
+            set_rng_state(pass, &tape.dropout[l]);
+            // The embeddings are frozen: no gradient is needed below the first layer.
+            let input = match l {
+                0 => None,
+                _ => Some(Var::from_tensor(&tape.inputs[l])?),
+            };
+            let x = input.as_ref().map_or(&tape.inputs[l], Var::as_tensor);
+            let y = layer.forward(x, Span::Shared(&tape.span), Kernels::Train(pass))?;
+            // d/dy of sum(y ⊙ g) is exactly g: the layer's backward gets the gradient from above.
+            let mut layer_grads = (y * &g)?.sum_all()?.backward()?;
+            if let Some(input) = &input {
+                g = match layer_grads.remove(input.as_tensor()) {
+                    Some(grad) => grad,
+                    None => input.as_tensor().zeros_like()?,
+                };
+            }
+            out.extend(layer_grads)?;
+        }
+        set_rng_state(pass, &after_forward);
+        Ok(out)
     }
 
     /// The positions, rotary tables and masks of `batch`, after checking it is consistent.
@@ -393,6 +475,28 @@ pub struct SharedBatch {
     pub tails: Tensor,
     /// Which prompt each continuation continues.
     pub prefix_of: Vec<usize>,
+}
+
+/// What [`Decoder::backward_checkpointed`] needs of a checkpointed forward.
+pub struct LayerTape {
+    span: SharedSpan,
+    /// The input of each layer, without graph.
+    inputs: Vec<Tensor>,
+    /// The dropout RNG before each layer ran, so its recomputation draws the same masks.
+    dropout: Vec<Option<ChaCha8Rng>>,
+    /// The last layer's output, as a leaf: the loss's own backward ends here.
+    top: Var,
+}
+
+fn rng_state(pass: &Pass) -> Option<ChaCha8Rng> {
+    pass.dropout_rng
+        .map(|rng| rng.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+fn set_rng_state(pass: &Pass, state: &Option<ChaCha8Rng>) {
+    if let (Some(rng), Some(state)) = (pass.dropout_rng, state) {
+        *rng.lock().unwrap_or_else(|e| e.into_inner()) = state.clone();
+    }
 }
 
 /// `[B, 1, C, P + C]` mask for tails after right-padded prefixes: key column `j < P` is

@@ -4,7 +4,7 @@
 
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::ModelConfig;
-use super::decoder::{Decoder, LoraSpec, SampleWeights, SharedBatch, LORA_MODULES};
+use super::decoder::{Decoder, LayerTape, LoraSpec, SampleWeights, SharedBatch, LORA_MODULES};
 use super::device::{model_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings};
 use super::lora::Pass;
@@ -12,6 +12,7 @@ use super::ops::{lm_head_logprobs, logp_dtype};
 use super::options::{LoraOptions, ModelOptions};
 use super::weights::{ModelFiles, WeightSource};
 use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -55,6 +56,53 @@ pub struct Policy {
     sample_dtype: Option<DType>,
     /// The merged copy last built, kept while the adapters stay as they were.
     sampling_copy: std::sync::Mutex<Option<SamplingCopy>>,
+    /// [`Self::train_logprobs`] checkpoints per layer (see [`Decoder::forward_checkpointed`]).
+    gradient_checkpointing: bool,
+}
+
+/// The longest completion, after checking there is one prompt per completion.
+fn row_width(prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Result<usize> {
+    if prompts.len() != completions.len() {
+        bail!(
+            "{} prompts for {} completions",
+            prompts.len(),
+            completions.len()
+        );
+    }
+    Ok(completions.iter().map(Vec::len).max().unwrap_or(0))
+}
+
+/// How [`Policy::logprobs_rows`] runs the model.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    NoGrad,
+    /// The whole graph kept for `backward()`.
+    Graph,
+    /// Per-layer checkpoints kept for [`TrainLogProbs::backward`].
+    Checkpointed,
+}
+
+/// Log-probs `[B, width]` of [`Policy::train_logprobs`], with what their backward needs.
+pub struct TrainLogProbs<'a> {
+    pub logp: Tensor,
+    tape: Option<LayerTape>,
+    policy: &'a Policy,
+}
+
+impl TrainLogProbs<'_> {
+    /// Gradients of `loss` (a function of [`Self::logp`]) for the adapters.
+    pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        let grads = loss.backward()?;
+        Ok(match self.tape {
+            None => grads,
+            Some(tape) => {
+                let pass = self.policy.train_pass();
+                self.policy
+                    .decoder
+                    .backward_checkpointed(tape, grads, &pass)?
+            }
+        })
+    }
 }
 
 /// A merged sampling copy and what it was built from.
@@ -162,6 +210,7 @@ impl Policy {
             dropout_rng,
             sample_dtype: None,
             sampling_copy: std::sync::Mutex::new(None),
+            gradient_checkpointing: false,
         })
     }
 
@@ -183,6 +232,13 @@ impl Policy {
         }
         self.sample_dtype = dtype;
         Ok(())
+    }
+
+    /// Recompute each layer in the backward instead of keeping its activations
+    /// (`train.gradient_checkpointing`): the same gradient for one more forward's time, with the
+    /// memory of one layer's activations instead of all of them.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -354,28 +410,60 @@ impl Policy {
         grad: bool,
         adapters: bool,
     ) -> Result<Tensor> {
-        if prompts.len() != completions.len() {
-            bail!(
-                "{} prompts for {} completions",
-                prompts.len(),
-                completions.len()
-            );
-        }
-        let width = completions.iter().map(Vec::len).max().unwrap_or(0);
+        let width = row_width(prompts, completions)?;
         if grad {
             // A gradient pass comes before an optimizer step, after which the kept sampling
             // copy is stale anyway: free its memory for the backward.
             *self.sampling_copy_slot() = None;
         }
+        let mode = if grad { Mode::Graph } else { Mode::NoGrad };
         if grad || prompts.len() <= NO_GRAD_ROWS {
-            return self.logprobs_rows(prompts, completions, width, temperature, grad, adapters);
+            let rows = self.logprobs_rows(prompts, completions, width, temperature, mode, adapters);
+            return Ok(rows?.0);
         }
         let parts = prompts
             .chunks(NO_GRAD_ROWS)
             .zip(completions.chunks(NO_GRAD_ROWS))
-            .map(|(p, c)| self.logprobs_rows(p, c, width, temperature, false, adapters))
+            .map(|(p, c)| {
+                let rows = self.logprobs_rows(p, c, width, temperature, Mode::NoGrad, adapters);
+                Ok(rows?.0)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The adapted policy's log-probs to differentiate, as [`Self::logprobs`] with `grad`;
+    /// their gradient must be taken with [`TrainLogProbs::backward`], which recomputes the
+    /// layers when gradient checkpointing is on.
+    pub fn train_logprobs(
+        &self,
+        prompts: &[Vec<u32>],
+        completions: &[Vec<u32>],
+        temperature: f64,
+    ) -> Result<TrainLogProbs<'_>> {
+        let width = row_width(prompts, completions)?;
+        *self.sampling_copy_slot() = None;
+        let mode = if self.gradient_checkpointing {
+            Mode::Checkpointed
+        } else {
+            Mode::Graph
+        };
+        let (logp, tape) =
+            self.logprobs_rows(prompts, completions, width, temperature, mode, true)?;
+        Ok(TrainLogProbs {
+            logp,
+            tape,
+            policy: self,
+        })
+    }
+
+    /// The training pass of [`Self::train_logprobs`] (adapters on, dropout on).
+    fn train_pass(&self) -> Pass<'_> {
+        Pass {
+            adapters: true,
+            grad: true,
+            dropout_rng: Some(&self.dropout_rng),
+        }
     }
 
     fn logprobs_rows(
@@ -384,9 +472,10 @@ impl Policy {
         completions: &[Vec<u32>],
         width: usize,
         temperature: f64,
-        grad: bool,
+        mode: Mode,
         adapters: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<LayerTape>)> {
+        let grad = mode != Mode::NoGrad;
         let b = prompts.len();
         if let Some(i) = prompts.iter().position(Vec::is_empty) {
             bail!("prompt {i} is empty: a completion needs at least one prompt token before it");
@@ -423,7 +512,13 @@ impl Policy {
             tails,
             prefix_of,
         };
-        let hidden = self.decoder.forward_shared(&batch, &pass)?;
+        let (hidden, tape) = match mode {
+            Mode::Checkpointed => {
+                let (hidden, tape) = self.decoder.forward_checkpointed(&batch, &pass)?;
+                (hidden, Some(tape))
+            }
+            _ => (self.decoder.forward_shared(&batch, &pass)?, None),
+        };
         // Row of `hidden` predicting each completion token, and where it goes in the output:
         // the prompt's last position for the first token, the tail's positions after it.
         let mut pick = Vec::new();
@@ -450,9 +545,10 @@ impl Policy {
             lm_head_logprobs(&sel, self.decoder.lm_head(), &targets, temperature)?
         };
         let padded = Tensor::cat(&[&logp, &Tensor::zeros(1, logp.dtype(), dev)?], 0)?;
-        Ok(padded
+        let logp = padded
             .index_select(&Tensor::new(place.as_slice(), dev)?, 0)?
-            .reshape((b, width))?)
+            .reshape((b, width))?;
+        Ok((logp, tape))
     }
 
     /// Logits of every position of right-padded `rows`: `[B, T, vocab]` f32 (no gradient).

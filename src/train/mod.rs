@@ -15,14 +15,14 @@ mod update;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 
 pub use cursor::Cursor;
 pub use metrics::{StepMetrics, TrainSample};
-pub use run_dir::{read_state, RunDir, TrainerState};
+pub use run_dir::{read_state, RunDir, TheoremFile, TrainerState};
 pub(crate) use update::Update;
 
 use crate::algo::{self, AlgoConfig};
@@ -53,6 +53,9 @@ pub struct TrainReport {
 /// Everything `lean-grpo train` needs besides the configuration.
 pub struct TrainInputs<'a> {
     pub theorems: Vec<Theorem>,
+    /// The file they were read from, recorded in the run so a resume finds it and can tell
+    /// whether it changed.
+    pub theorem_file: TheoremFile,
     /// Continue the run in this directory.
     pub resume: Option<&'a Path>,
     pub show_progress: bool,
@@ -76,16 +79,17 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
         (None, None) => default_run_dir(&train.algorithm),
     };
     let resumed = match inputs.resume {
-        Some(dir) => Some(RunDir::resume(dir, config)?),
+        Some(dir) => Some(RunDir::resume(dir, config, &inputs.theorem_file)?),
         None => RunDir::ensure_new(&root).map(|()| None)?,
     };
     let checker = Checker::new(&config.checker)?;
-    let policy = Policy::load(&config.model, &config.lora, train.seed)?;
+    let mut policy = Policy::load(&config.model, &config.lora, train.seed)?;
+    policy.set_gradient_checkpointing(train.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
     let prompts = all_prompt_tokens(&tokenizer, &inputs.theorems)?;
     let (mut run, latest) = match resumed {
         Some(resumed) => resumed,
-        None => (RunDir::create(&root, config)?, None),
+        None => (RunDir::create(&root, config, &inputs.theorem_file)?, None),
     };
     let total_steps = total_steps(config, inputs.theorems.len());
     let updates = total_steps * algo.num_iterations * algo.num_minibatches;
@@ -143,7 +147,7 @@ fn run_steps(
     total_steps: usize,
     bar: &ProgressBar,
 ) -> Result<(bool, Option<StepMetrics>)> {
-    let save_steps = step.config.train.save_steps;
+    let mut checkpoints = Schedule::new(&step.config.train);
     let mut last = None;
     while progress.state.step < total_steps {
         if step.stop.load(Ordering::SeqCst) {
@@ -164,12 +168,43 @@ fn run_steps(
         ));
         bar.inc(1);
         let done = progress.state.step;
-        if save_steps > 0 && done % save_steps == 0 && done < total_steps {
+        if done < total_steps && checkpoints.due(done) {
             progress.save(run, step.config, step.setup.policy)?;
+            checkpoints.saved();
         }
         last = Some(metrics);
     }
     Ok((false, last))
+}
+
+/// When to write a checkpoint: every `save_steps` steps, and after any step that ends more
+/// than `save_every_minutes` after the last checkpoint (or the run's start).
+struct Schedule {
+    every_steps: usize,
+    every: Option<Duration>,
+    last: Instant,
+}
+
+impl Schedule {
+    fn new(train: &TrainOptions) -> Schedule {
+        let minutes = train.save_every_minutes;
+        Schedule {
+            every_steps: train.save_steps,
+            every: (minutes > 0.0).then(|| Duration::from_secs_f64(minutes * 60.0)),
+            last: Instant::now(),
+        }
+    }
+
+    /// Whether a checkpoint is due after step `done`.
+    fn due(&self, done: usize) -> bool {
+        let by_steps = self.every_steps > 0 && done % self.every_steps == 0;
+        let by_time = self.every.is_some_and(|every| self.last.elapsed() >= every);
+        by_steps || by_time
+    }
+
+    fn saved(&mut self) {
+        self.last = Instant::now();
+    }
 }
 
 /// The checks of the configuration that need no model: the batch shape and the algorithm.
@@ -184,6 +219,10 @@ fn check(config: &Config) -> Result<AlgoConfig> {
     }
     if train.batch_size == 0 {
         bail!("train.batch_size (theorems per step) must be at least 1");
+    }
+    let minutes = train.save_every_minutes;
+    if !(minutes.is_finite() && minutes >= 0.0) {
+        bail!("train.save_every_minutes must be a number of minutes, 0 or more (got {minutes})");
     }
     Ok(config.algorithm()?)
 }

@@ -4,6 +4,10 @@
 //! Checkpoints are written under a temporary name and renamed into place, so a crash leaves
 //! either the whole checkpoint or none of it; `--resume` takes the newest complete one and
 //! drops the metric and sample lines written after it.
+//!
+//! The directory is enough to continue a run: `config.yaml` is the effective configuration and
+//! `theorems.json` names the theorem file with the sha256 of its content, so `--resume RUN`
+//! alone finds both, and a theorem file edited since is refused rather than silently trained on.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -12,6 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::cursor::Cursor;
 use super::metrics::{StepMetrics, TrainSample};
@@ -40,6 +45,29 @@ impl TrainerState {
     }
 }
 
+/// The theorem file a run trains on, as `theorems.json` records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TheoremFile {
+    /// Absolute, so a resume from another working directory finds it.
+    pub path: PathBuf,
+    /// sha256 of the file's bytes, in hex.
+    pub sha256: String,
+}
+
+impl TheoremFile {
+    /// Fingerprints the file at `path`.
+    pub fn read(path: &Path) -> Result<TheoremFile> {
+        let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let path = std::path::absolute(path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let sha256 = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(TheoremFile { path, sha256 })
+    }
+}
+
 pub struct RunDir {
     root: PathBuf,
     metrics: File,
@@ -47,6 +75,7 @@ pub struct RunDir {
 }
 
 const CONFIG: &str = "config.yaml";
+const THEOREMS: &str = "theorems.json";
 const CHECKPOINTS: &str = "checkpoints";
 
 impl RunDir {
@@ -64,34 +93,87 @@ impl RunDir {
     }
 
     /// Starts a new run in `root`, which must not hold a run already.
-    pub fn create(root: &Path, config: &Config) -> Result<RunDir> {
+    pub fn create(root: &Path, config: &Config, theorems: &TheoremFile) -> Result<RunDir> {
         Self::ensure_new(root)?;
         fs::create_dir_all(root.join(CHECKPOINTS))
             .with_context(|| format!("cannot create the run directory {}", root.display()))?;
+        atomic::write_file(&root.join(THEOREMS), &serde_json::to_vec_pretty(theorems)?)?;
         atomic::write_file(&root.join(CONFIG), config.to_yaml().as_bytes())?;
         Self::open(root)
     }
 
-    /// Reopens the run in `root` for `--resume`: the configuration must be the one it was
-    /// started with. Only `train.max_steps` and `train.output_dir` may change, and, in a run that
-    /// samples from an endpoint, where that endpoint is (a server restarted elsewhere, or on a
-    /// newer checkpoint).
-    pub fn resume(root: &Path, config: &Config) -> Result<(RunDir, Option<PathBuf>)> {
-        let saved_path = root.join(CONFIG);
-        let saved = Config::load(Some(&saved_path), &[], None)
-            .with_context(|| format!("{} is not a run directory to resume", root.display()))?;
-        let differences = differing_keys(&saved, config);
-        if !differences.is_empty() {
+    /// The configuration the run in `root` was started with: what `--resume` continues with.
+    pub fn saved_config(root: &Path) -> Result<Config> {
+        let path = root.join(CONFIG);
+        if !path.exists() {
             bail!(
-                "cannot resume {}: the configuration differs from the one the run started with \
-                 in {}; resume with the same flags and config file (only --max-steps and the \
-                 --endpoint settings of an endpoint run may change), or start a new run",
-                root.display(),
-                differences.join(", ")
+                "{} is not a run directory to resume: it has no {CONFIG}",
+                root.display()
             );
         }
+        Config::load(Some(&path), &[], None)
+            .with_context(|| format!("cannot resume {}", root.display()))
+    }
+
+    /// The theorem file the run in `root` trains on; `None` for a run started before runs
+    /// recorded it.
+    pub fn saved_theorems(root: &Path) -> Result<Option<TheoremFile>> {
+        let path = root.join(THEOREMS);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let file = serde_json::from_str(&text)
+            .with_context(|| format!("{} is corrupt", path.display()))?;
+        Ok(Some(file))
+    }
+
+    /// Reopens the run in `root` for `--resume`. `config` is the run's own configuration with
+    /// the flags and file given to `--resume` over it: only `train.max_steps`, `train.output_dir`
+    /// and, in a run that samples from an endpoint, where that endpoint is (a server restarted
+    /// elsewhere, or on a newer checkpoint) may differ. `theorems` must be the file the run
+    /// started on, byte for byte.
+    pub fn resume(
+        root: &Path,
+        config: &Config,
+        theorems: &TheoremFile,
+    ) -> Result<(RunDir, Option<PathBuf>)> {
+        let saved = Self::saved_config(root)?;
+        if let Some(key) = differing_keys(&saved, config).first() {
+            bail!(
+                "cannot resume {root}: `{key}` is {was} in the run and {now} here; a resumed run \
+                 keeps its configuration ({root}/{CONFIG}) and may change only --max-steps and, \
+                 sampling from an endpoint, the --endpoint settings. Drop the flag or config key \
+                 to continue the run, or start a new run with `--output NEW_DIR`",
+                root = root.display(),
+                was = key_value(&saved, key),
+                now = key_value(config, key),
+            );
+        }
+        match Self::saved_theorems(root)? {
+            Some(started) if started.sha256 != theorems.sha256 => bail!(
+                "cannot resume {}: {} is not the theorem file the run started on ({}, sha256 {}; \
+                 now sha256 {}); resume with that file as it was, or start a new run on this one \
+                 with `--output NEW_DIR`",
+                root.display(),
+                theorems.path.display(),
+                started.path.display(),
+                started.sha256,
+                theorems.sha256
+            ),
+            Some(_) => {}
+            None => {
+                tracing::warn!(
+                    "{} predates theorem fingerprints; trusting that {} is the file it started on",
+                    root.display(),
+                    theorems.path.display()
+                );
+                atomic::write_file(&root.join(THEOREMS), &serde_json::to_vec_pretty(theorems)?)?;
+            }
+        }
         // A longer max_steps is the usual reason to resume a finished run.
-        atomic::write_file(&saved_path, config.to_yaml().as_bytes())?;
+        atomic::write_file(&root.join(CONFIG), config.to_yaml().as_bytes())?;
         let latest = latest_checkpoint(root)?;
         let step = match &latest {
             Some(dir) => read_state(dir)?.step,
@@ -224,6 +306,18 @@ fn append_line(file: &mut File, value: &impl Serialize) -> Result<()> {
     file.write_all(&line)?;
     file.flush()?;
     Ok(())
+}
+
+/// The value of `section.key` in `config`, as the user would write it.
+fn key_value(config: &Config, key: &str) -> String {
+    let value = serde_json::to_value(config).unwrap_or(Value::Null);
+    let found = key.split_once('.').map_or(value.get(key), |(section, k)| {
+        value.get(section).and_then(|s| s.get(k))
+    });
+    match found {
+        None | Some(Value::Null) => "unset".into(),
+        Some(v) => v.to_string(),
+    }
 }
 
 /// Keys (as `section.key`) whose values differ, ignoring those a resume may change.

@@ -114,10 +114,11 @@ impl Update<'_> {
                 let (mut loss, mut pg, mut kl, mut dpo) = (0.0, 0.0, None, None);
                 for micro in minibatch.split(self.micro_batches) {
                     let (p, c) = rows.select(&micro);
-                    let new = self
+                    let forward = self
                         .policy
-                        .logprobs(&p, &c, self.temperature, true, true)
+                        .train_logprobs(&p, &c, self.temperature)
                         .context("forward pass of the policy")?;
+                    let new = &forward.logp;
                     let width = new.dim(1)?;
                     let old_t = match &old {
                         Some(table) => table.gather(&micro, width, new.device())?,
@@ -128,7 +129,7 @@ impl Update<'_> {
                         .map(|table| table.gather(&micro, width, new.device()))
                         .transpose()?;
                     let logp = LogProbs {
-                        new: &new,
+                        new,
                         old: &old_t,
                         reference: ref_t.as_ref(),
                         entropy: None,
@@ -143,7 +144,7 @@ impl Update<'_> {
                         *dpo.get_or_insert(0.0) += v;
                     }
                     outcome.diagnostics.merge(&out.diagnostics);
-                    grads.add(out.loss.backward()?)?;
+                    grads.add(forward.backward(&out.loss)?)?;
                 }
                 outcome.grad_norm += optimizer.step(&mut grads.take(), self.max_grad_norm)?;
                 steps += 1;
