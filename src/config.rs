@@ -58,7 +58,9 @@ pub struct TrainOptions {
     /// Micro-batches per optimizer step (memory only: the gradient is the same).
     pub gradient_accumulation_steps: usize,
     /// Recompute each decoder layer in the backward instead of keeping its activations
-    /// (memory only: the gradient is the same, for about one more forward's time).
+    /// (memory only: the gradient is the same, for about one more forward's time). On by
+    /// default: on SmolLM2-135M with four prelude prompts of ~790 tokens, one SFT step peaked
+    /// at 19.5 GB without it and 2.0 GB with it (docs/model.md §5).
     pub gradient_checkpointing: bool,
     pub seed: u64,
     /// Run directory; `None` = `runs/<algorithm>-<time>`.
@@ -106,7 +108,7 @@ impl Default for TrainOptions {
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
             gradient_accumulation_steps: 1,
-            gradient_checkpointing: false,
+            gradient_checkpointing: true,
             seed: 42,
             output_dir: None,
             save_steps: 50,

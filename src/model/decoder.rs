@@ -225,6 +225,7 @@ impl Decoder {
         let Some(mut g) = grads.remove(tape.top.as_tensor()) else {
             return Ok(out); // the loss does not depend on the model
         };
+        drop(grads); // the rest are gradients of constants (the LM head's, say)
         let after_forward = rng_state(pass);
         for (l, layer) in self.layers.iter().enumerate().rev() {
             set_rng_state(pass, &tape.dropout[l]);
@@ -243,7 +244,18 @@ impl Decoder {
                     None => input.as_tensor().zeros_like()?,
                 };
             }
-            out.extend(layer_grads)?;
+            // Keep the adapters' gradients only: candle's backward also leaves gradients of
+            // the graph's constants (the attention mask broadcast to heads × T × T, the rotary
+            // tables), which would pile up layer after layer.
+            let vars = layer
+                .linears()
+                .into_iter()
+                .filter_map(|(_, lin)| lin.adapter());
+            for var in vars.flat_map(|pair| [&pair.a, &pair.b]) {
+                if let Some(grad) = layer_grads.remove(var.as_tensor()) {
+                    out.insert(var.as_tensor(), grad);
+                }
+            }
         }
         set_rng_state(pass, &after_forward);
         Ok(out)
