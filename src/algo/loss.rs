@@ -45,7 +45,8 @@ pub struct LossOutput {
 }
 
 /// Counters of one or more (micro-)batches; [`Diagnostics::merge`] accumulates a step. Units are
-/// tokens at token level and non-empty sequences at sequence level.
+/// tokens at token level and non-empty sequences at sequence level. Only the rows whose log-probs
+/// were given count ([`loss_rows`] leaves out rows without gradient).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Diagnostics {
     pub sequences: usize,
