@@ -65,7 +65,8 @@ pub struct StepMetrics {
     /// base model, adapters off): the mean over the completion tokens of the rows whose forward
     /// ran of Schulman's k3 estimator exp(Δ) − Δ − 1, Δ = ℓ^ref − ℓ^old (docs/algorithms.md
     /// §3.6), measured whatever β. 0 at step 1 (LoRA B starts at 0); `None` when no row was
-    /// computed.
+    /// computed. With `train.endpoint` the tokens are the server's, not the policy's samples,
+    /// so it is then a drift indicator rather than an estimate of KL(π_old ‖ π_ref).
     #[serde(default)]
     pub kl_to_start: Option<f64>,
     pub grad_norm: f64,
