@@ -5,7 +5,9 @@ mod algo_support;
 
 use algo_support::{run, synthetic_logps, tensor2};
 use candle_core::{Device, Tensor, Var};
-use lean_grpo::algo::{loss, prepare, AlgoConfig, BatchShape, Denominators, LogProbs, Prepared};
+use lean_grpo::algo::{
+    loss, loss_rows, prepare, AlgoConfig, BatchShape, Denominators, LogProbs, Prepared, StepBatch,
+};
 use serde_json::{json, Map, Value};
 
 fn config(algorithm: &str, overrides: Value, g: usize, l: usize) -> AlgoConfig {
@@ -428,4 +430,135 @@ fn on_policy_ratio_on_a_zero_width_clip_keeps_the_full_gradient() {
         a.grad[1][0] < 0.0,
         "positive advantage: gradient pushes ℓ up"
     );
+}
+
+/// docs/algorithms.md §3.9: three groups of four. Rewards 0, ½, 1, ½ (the ½ rows sit at the
+/// group mean: A = 0, yet DGPO pairs them), an all-failed group (A = 0) and 1, 0, 0, 1 whose last
+/// row is truncated (no loss token when truncated rows are masked).
+fn skip_case(cfg: &AlgoConfig) -> (StepBatch, [usize; 12]) {
+    let rewards = [0.0, 0.5, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+    let lengths = [3, 5, 2, 6, 4, 1, 6, 3, 5, 2, 6, 8];
+    let mut truncated = [false; 12];
+    truncated[11] = true;
+    let p = prepare(cfg, &rewards, &lengths, &truncated).unwrap();
+    (p.kept_rows(), lengths)
+}
+
+fn computed(algorithm: &str, overrides: Value) -> Vec<usize> {
+    let cfg = config(algorithm, overrides, 4, 8);
+    let (batch, _) = skip_case(&cfg);
+    batch
+        .rows_with_gradient(&cfg)
+        .into_iter()
+        .map(|i| batch.rows[i].index)
+        .collect()
+}
+
+#[test]
+fn rows_with_gradient_leave_out_zero_advantages_unless_kl_or_dpo_reads_them() {
+    let all: Vec<usize> = (0..12).collect();
+    let nonzero = vec![0, 2, 8, 9, 10, 11];
+    assert_eq!(computed("grpo", json!({})), nonzero);
+    assert_eq!(computed("drgrpo", json!({})), nonzero);
+    assert_eq!(computed("gspo", json!({})), nonzero);
+    // The KL term reads every row with a loss token.
+    assert_eq!(computed("grpo", json!({"beta": 0.04})), all);
+    // DGPO's pairs use the rows at the mean: 1 > ½ > 0.
+    assert_eq!(computed("dgpo", json!({})), [0, 1, 2, 3, 8, 9, 10, 11]);
+    assert_eq!(
+        computed("dgpo", json!({"dpo_reference_free": true})),
+        [0, 1, 2, 3, 8, 9, 10, 11]
+    );
+    // DAPO: dynamic sampling dropped the flat group, the masked truncated row has no loss token
+    // (even with β ≠ 0).
+    assert_eq!(computed("dapo", json!({})), [0, 2, 8, 9, 10]);
+    assert_eq!(
+        computed("dapo", json!({"beta": 0.04})),
+        [0, 1, 2, 3, 8, 9, 10]
+    );
+}
+
+/// Value and ∂/∂ℓ of the loss of `batch` computed from the rows `rows` only, and from all rows.
+fn both_ways(cfg: &AlgoConfig, batch: &StepBatch, lengths: &[usize]) -> [(f64, Vec<Vec<f32>>); 2] {
+    let (new, old, reference) = synthetic_logps(lengths, 8, 0.3, 21);
+    let rows = batch.rows_with_gradient(cfg);
+    let reference = cfg.needs_reference().then_some(&reference);
+    let denom = Denominators::new(cfg, batch).unwrap();
+    let eval = |subset: Option<&[usize]>| {
+        let var = Var::from_tensor(&new).unwrap();
+        let pick = |t: &Tensor| match subset {
+            Some(rows) => {
+                let idx: Vec<u32> = rows.iter().map(|&i| i as u32).collect();
+                t.index_select(&Tensor::new(idx.as_slice(), &Device::Cpu).unwrap(), 0)
+                    .unwrap()
+            }
+            None => t.clone(),
+        };
+        let (n, o, r) = (pick(var.as_tensor()), pick(&old), reference.map(pick));
+        let logp = LogProbs {
+            new: &n,
+            old: &o,
+            reference: r.as_ref(),
+            entropy: None,
+        };
+        let out = match subset {
+            Some(rows) => loss_rows(cfg, batch, rows, &logp, &denom).unwrap(),
+            None => loss(cfg, batch, &logp, &denom).unwrap(),
+        };
+        let grads = out.loss.backward().unwrap();
+        let grad = grads.get(var.as_tensor()).unwrap().to_vec2().unwrap();
+        (out.value, grad)
+    };
+    [eval(Some(&rows)), eval(None)]
+}
+
+#[test]
+fn the_loss_of_the_rows_with_gradient_is_the_loss_of_all_rows() {
+    // Off-policy log-probs (spread 0.3), so that ratios differ from 1 and clips bind.
+    for algorithm in ["grpo", "dapo", "drgrpo", "gspo", "dgpo"] {
+        for overrides in [json!({}), json!({"beta": 0.04})] {
+            let cfg = config(algorithm, overrides.clone(), 4, 8);
+            let (batch, lengths) = skip_case(&cfg);
+            let lengths: Vec<usize> = batch.rows.iter().map(|r| lengths[r.index]).collect();
+            let [(v_rows, g_rows), (v_all, g_all)] = both_ways(&cfg, &batch, &lengths);
+            assert!(
+                (v_rows - v_all).abs() <= 1e-6 * v_all.abs().max(1.0),
+                "{algorithm} {overrides}: loss {v_rows} from the rows with gradient, {v_all} from all"
+            );
+            let scale = g_all.iter().flatten().fold(0f32, |m, g| m.max(g.abs()));
+            assert!(scale > 0.0);
+            for (a, b) in g_rows.iter().flatten().zip(g_all.iter().flatten()) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * scale,
+                    "{algorithm} {overrides}: gradients {g_rows:?} and {g_all:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn loss_rows_refuses_to_leave_out_a_row_with_gradient() {
+    let (new, old, reference) = synthetic_logps(&[3, 5, 2, 6], 6, 0.1, 4);
+    let rewards = [0.0, 0.5, 1.0, 0.5];
+    for (algorithm, overrides) in [("dgpo", json!({})), ("grpo", json!({"beta": 0.04}))] {
+        let cfg = config(algorithm, overrides, 4, 8);
+        let batch = prep(&cfg, &rewards, &[3, 5, 2, 6]).all_rows();
+        assert_eq!(batch.rows[1].advantage, 0.0);
+        let idx = Tensor::new(&[0u32, 2, 3], &Device::Cpu).unwrap();
+        let pick = |t: &Tensor| t.index_select(&idx, 0).unwrap();
+        let (n, o, r) = (pick(&new), pick(&old), pick(&reference));
+        let logp = LogProbs {
+            new: &n,
+            old: &o,
+            reference: Some(&r),
+            entropy: None,
+        };
+        let denom = Denominators::new(&cfg, &batch).unwrap();
+        let e = loss_rows(&cfg, &batch, &[0, 2, 3], &logp, &denom).unwrap_err();
+        assert!(
+            e.to_string().contains("row 1 (completion 1) was left out"),
+            "{algorithm}: {e}"
+        );
+    }
 }

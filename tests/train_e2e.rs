@@ -169,6 +169,21 @@ fn every_algorithm_trains_three_steps_and_writes_its_run_directory() {
                 entropy > 0.1 && entropy.is_finite(),
                 "{algorithm}: {entropy}"
             );
+            // Rows that cannot change the gradient were skipped, at most every trained row.
+            assert!(m["rows_skipped"].as_u64().unwrap() <= m["completions"].as_u64().unwrap());
+            // The drift from the base model: null when no row was computed, else ≥ 0, and 0 at
+            // the first step, whose sampling policy is the base model (LoRA B = 0).
+            let kl = &m["kl_to_start"];
+            assert!(
+                kl.is_null() || kl.as_f64().unwrap() >= 0.0,
+                "{algorithm}: {kl}"
+            );
+            if i == 0 {
+                assert!(
+                    kl.is_null() || kl.as_f64().unwrap() < 1e-9,
+                    "{algorithm}: {kl}"
+                );
+            }
         }
         let samples = json_lines(&out.join("samples.jsonl"));
         let sampled: u64 = metrics
@@ -876,6 +891,12 @@ fn train_through_an_endpoint_learns_from_the_servers_proofs() {
         lora_b_max_abs(&out.join("adapter")) > 0.0,
         "the adapter moved away from its initial value"
     );
+    // The policy starts as the base model and leaves it once it has learned.
+    let kl: Vec<f64> = metrics
+        .iter()
+        .map(|m| m["kl_to_start"].as_f64().unwrap())
+        .collect();
+    assert!(kl[0] < 1e-9 && kl[1] > 1e-9, "kl_to_start per step: {kl:?}");
 }
 
 #[test]

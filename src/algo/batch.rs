@@ -23,6 +23,17 @@ pub struct Row {
     pub truncated: bool,
 }
 
+impl Row {
+    /// Loss tokens |o_i|: the length, or 0 when dropped or a masked truncated completion.
+    pub fn loss_len(&self, cfg: &AlgoConfig) -> usize {
+        if !self.kept || (self.truncated && cfg.mask_truncated_completions) {
+            0
+        } else {
+            self.length
+        }
+    }
+}
+
 /// A batch of whole groups (rows of one group contiguous, in order). Built by
 /// [`super::Prepared::kept_rows`] and split with [`StepBatch::split`].
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -111,14 +122,32 @@ impl StepBatch {
             .collect()
     }
 
-    /// Loss tokens of row `i`: its length, or 0 when dropped or a masked truncated completion.
+    /// Loss tokens of row `i` ([`Row::loss_len`]).
     pub(crate) fn loss_len(&self, cfg: &AlgoConfig, i: usize) -> usize {
-        let r = &self.rows[i];
-        if !r.kept || (r.truncated && cfg.mask_truncated_completions) {
-            0
-        } else {
-            r.length
+        self.rows[i].loss_len(cfg)
+    }
+
+    /// Positions of the rows whose log-probs can change the gradient of this batch's loss
+    /// (docs/algorithms.md §3.9), in order. A row is left out when it has no loss token (it adds 0
+    /// to every sum), or when its advantage is exactly 0 while nothing else reads its log-probs:
+    /// β = 0 (no KL term), `entropy_coef` = 0 and no DGPO pair uses it. Its surrogate is then
+    /// −min(ρ·0, clip(ρ)·0) = 0 whatever ρ, with zero derivative. The trainer runs no forward
+    /// or backward for the rows left out; the denominators stay those of the whole step batch.
+    pub fn rows_with_gradient(&self, cfg: &AlgoConfig) -> Vec<usize> {
+        let mut paired = vec![false; self.len()];
+        if cfg.dpo_enabled() {
+            for (w, l) in self.dpo_pairs(cfg) {
+                paired[w] = true;
+                paired[l] = true;
+            }
         }
+        let read_anyway = cfg.beta != 0.0 || cfg.entropy_coef != 0.0;
+        (0..self.len())
+            .filter(|&i| {
+                self.loss_len(cfg, i) > 0
+                    && (self.rows[i].advantage != 0.0 || read_anyway || paired[i])
+            })
+            .collect()
     }
 
     /// Checks the batch is whole groups, as every per-group computation assumes.

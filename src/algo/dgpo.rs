@@ -4,22 +4,21 @@
 use candle_core::{Result, Tensor};
 
 use super::autograd::softplus;
-use super::batch::StepBatch;
 use super::config::AlgoConfig;
 
 /// Σ_pairs softplus(−z_wl) / `total_pairs` and the number of pairs in this batch.
 ///
-/// `seq_logp` and `seq_logp_ref` are S_i and S^ref_i, shape [b] (the latter `None` when
+/// `pairs` are this batch's pairs ([`super::StepBatch::dpo_pairs`]) as (winner, loser) rows of
+/// `seq_logp` and `seq_logp_ref`, which are S_i and S^ref_i, shape [b] (the latter `None` when
 /// reference-free: S^ref := 0). `total_pairs` is the step-batch pair count, so micro-batch terms
 /// add up to the step's mean. Returns `None` when this batch has no pair.
 pub fn dpo_term(
     cfg: &AlgoConfig,
-    batch: &StepBatch,
+    pairs: &[(usize, usize)],
     seq_logp: &Tensor,
     seq_logp_ref: Option<&Tensor>,
     total_pairs: usize,
 ) -> Result<Option<(Tensor, usize)>> {
-    let pairs = batch.dpo_pairs(cfg);
     if pairs.is_empty() || total_pairs == 0 {
         return Ok(None);
     }

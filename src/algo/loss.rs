@@ -45,7 +45,8 @@ pub struct LossOutput {
 }
 
 /// Counters of one or more (micro-)batches; [`Diagnostics::merge`] accumulates a step. Units are
-/// tokens at token level and non-empty sequences at sequence level.
+/// tokens at token level and non-empty sequences at sequence level. Only the rows whose log-probs
+/// were given count ([`loss_rows`] leaves out rows without gradient).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Diagnostics {
     pub sequences: usize,
@@ -233,12 +234,13 @@ fn as_f32(x: &Tensor) -> candle_core::Result<Tensor> {
     x.to_dtype(DType::F32)
 }
 
+/// Checks the tensors against `batch`, the rows the log-probs are for (not necessarily whole
+/// groups: [`loss_rows`] checks the groups of the batch they come from).
 fn check_shapes(
     cfg: &AlgoConfig,
     batch: &StepBatch,
     logp: &LogProbs,
 ) -> Result<(usize, usize), AlgoError> {
-    batch.check_groups(cfg)?;
     let (b, t) = logp.new.dims2()?;
     let named = [
         ("old", Some(logp.old)),
@@ -297,6 +299,80 @@ fn check_shapes(
 pub fn loss(
     cfg: &AlgoConfig,
     batch: &StepBatch,
+    logp: &LogProbs,
+    denom: &Denominators,
+) -> Result<LossOutput, AlgoError> {
+    let all: Vec<usize> = (0..batch.len()).collect();
+    loss_rows(cfg, batch, &all, logp, denom)
+}
+
+/// [`loss`] of the (micro-)batch `batch` of whole groups when log-probs were computed only for
+/// the rows at positions `rows` (increasing; `logp` has one row per entry of `rows`). Every row
+/// left out must be one [`StepBatch::rows_with_gradient`] leaves out, so the value and gradient
+/// equal those of [`loss`] on all rows, up to float summation order. The diagnostics (clip
+/// counts, ratios, KL sums) cover only the rows given.
+pub fn loss_rows(
+    cfg: &AlgoConfig,
+    batch: &StepBatch,
+    rows: &[usize],
+    logp: &LogProbs,
+    denom: &Denominators,
+) -> Result<LossOutput, AlgoError> {
+    batch.check_groups(cfg)?;
+    let position = positions(cfg, batch, rows)?;
+    let computed = StepBatch {
+        group_size: batch.group_size,
+        rows: rows.iter().map(|&i| batch.rows[i].clone()).collect(),
+    };
+    // DGPO pairs come from whole groups; every row of a pair is among `rows` (checked above).
+    let pairs: Vec<(usize, usize)> = if cfg.dpo_enabled() {
+        batch
+            .dpo_pairs(cfg)
+            .into_iter()
+            .filter_map(|(w, l)| Some((position[w]?, position[l]?)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    computed_loss(cfg, &computed, &pairs, logp, denom)
+}
+
+/// The position in `rows` of each row of `batch` (`None`: left out), after checking that `rows`
+/// is increasing, in range and leaves out only rows without gradient.
+fn positions(
+    cfg: &AlgoConfig,
+    batch: &StepBatch,
+    rows: &[usize],
+) -> Result<Vec<Option<usize>>, AlgoError> {
+    let mut position = vec![None; batch.len()];
+    for (k, &i) in rows.iter().enumerate() {
+        if i >= batch.len() || rows[..k].last().is_some_and(|&prev| prev >= i) {
+            return Err(AlgoError::Batch(format!(
+                "computed rows {rows:?} are not increasing positions in a batch of {} rows",
+                batch.len()
+            )));
+        }
+        position[i] = Some(k);
+    }
+    if let Some(i) = batch
+        .rows_with_gradient(cfg)
+        .into_iter()
+        .find(|&i| position[i].is_none())
+    {
+        return Err(AlgoError::Batch(format!(
+            "row {} (completion {}) was left out of the loss, but its log-probs change the              gradient (see StepBatch::rows_with_gradient)",
+            i, batch.rows[i].index
+        )));
+    }
+    Ok(position)
+}
+
+/// The loss over the rows of `batch` (the rows whose log-probs `logp` holds), `pairs` being the
+/// DGPO pairs as positions in it.
+fn computed_loss(
+    cfg: &AlgoConfig,
+    batch: &StepBatch,
+    pairs: &[(usize, usize)],
     logp: &LogProbs,
     denom: &Denominators,
 ) -> Result<LossOutput, AlgoError> {
@@ -377,7 +453,7 @@ pub fn loss(
         let c = cfg.dpo_coef;
         total = (total * (1.0 - c))?;
         let mut value = 0.0;
-        if let Some((term, n)) = dgpo::dpo_term(cfg, batch, &s, s_ref.as_ref(), denom.pairs)? {
+        if let Some((term, n)) = dgpo::dpo_term(cfg, pairs, &s, s_ref.as_ref(), denom.pairs)? {
             value = term.to_scalar::<f32>()? as f64;
             diag.n_pairs = n;
             total = (total + (term * c)?)?;

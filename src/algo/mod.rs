@@ -11,7 +11,9 @@
 //! 3. [`StepBatch::split`] into `num_minibatches` optimizer-step batches (and again into memory
 //!    micro-batches); [`Denominators::new`] on each optimizer-step batch.
 //! 4. [`loss`] on each micro-batch with the step's denominators; `backward` on
-//!    [`LossOutput::loss`] accumulates exactly the step-batch gradient.
+//!    [`LossOutput::loss`] accumulates exactly the step-batch gradient. [`loss_rows`] is the
+//!    same loss when log-probs were computed only for [`StepBatch::rows_with_gradient`]: the
+//!    trainer spends no forward or backward on rows that cannot change the gradient.
 
 mod advantage;
 mod autograd;
@@ -31,7 +33,7 @@ pub use config::{
     AdvantageNorm, AlgoConfig, BatchShape, DynamicSamplingMetric, ImportanceLevel, KlEstimator,
     LossAgg, ScaleRewards,
 };
-pub use loss::{loss, Diagnostics, LogProbs, LossOutput};
+pub use loss::{loss, loss_rows, Diagnostics, LogProbs, LossOutput};
 
 use std::fmt::Display;
 

@@ -73,11 +73,12 @@ pub struct SamplingFigures {
 pub struct TrainingFigures {
     /// The trainer's own update of one generation batch (one group) with the GRPO preset:
     /// policy log-probs with gradient through the LoRA adapters, loss, backward, gradient
-    /// clipping and one AdamW step. No sampling, no Lean. Steady state: after one untimed
+    /// clipping and one AdamW step, and the log-probs with the adapters off that the
+    /// `kl_to_start` metric reads. No sampling, no Lean. Steady state: after one untimed
     /// update, as every step of a run but its first.
     pub step_seconds: f64,
-    /// Log-probs of the same batch with the adapters off and no gradient: what `beta > 0`
-    /// adds to a step (GRPO's preset has `beta = 0`).
+    /// Log-probs of the same batch with the adapters off and no gradient: the part of
+    /// `step_seconds` that `kl_to_start` costs (a `beta > 0` KL term reuses them).
     pub reference_logprobs_seconds: f64,
 }
 

@@ -400,6 +400,20 @@ impl GradAccumulator {
         self.micro_batches
     }
 
+    /// Counts a micro-batch whose gradient is known to be exactly zero without a backward pass
+    /// (every row of it was left out because it cannot change the gradient): each variable
+    /// without a gradient so far gets zeros. The optimizer step then happens as it would after
+    /// a backward that returned zeros; AdamW still applies weight decay and its momentum.
+    pub fn add_zero(&mut self) -> Result<()> {
+        for var in &self.vars {
+            if self.sum.get(var).is_none() {
+                self.sum.insert(var, var.zeros_like()?);
+            }
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
     /// The summed gradients; the accumulator starts over empty.
     pub fn take(&mut self) -> GradStore {
         self.micro_batches = 0;

@@ -44,11 +44,31 @@ pub struct StepMetrics {
     pub optimizer_step: bool,
     pub loss: f64,
     pub pg_loss: f64,
+    /// The reduced KL term (docs/algorithms.md §3.6), when the algorithm computes reference
+    /// log-probs (β ≠ 0, or DGPO's pairwise term). With β = 0 it covers only the rows whose
+    /// forward ran (see `rows_skipped`).
     pub kl: Option<f64>,
     pub dpo_loss: Option<f64>,
+    /// Fractions of units (tokens, or sequences at sequence level) whose clip binds below
+    /// (ρ < 1 − ε_low, A < 0) and above (ρ > 1 + ε_high, A > 0), and the mean ratio ρ, over
+    /// the rows whose forward ran: rows skipped because they cannot change the gradient
+    /// (`rows_skipped`, mostly A = 0) are not counted.
     pub clip_low_frac: f64,
     pub clip_high_frac: f64,
     pub ratio_mean: f64,
+    /// Rows of the trained batch that got no forward or backward because they cannot change the
+    /// gradient: no loss token, or advantage exactly 0 with β = 0 and no DGPO pair using them
+    /// (docs/algorithms.md §3.9). Counted once per row, whatever `num_iterations`.
+    #[serde(default)]
+    pub rows_skipped: usize,
+    /// KL of the policy that sampled this step (before its update) to the start policy (the
+    /// base model, adapters off): the mean over the completion tokens of the rows whose forward
+    /// ran of Schulman's k3 estimator exp(Δ) − Δ − 1, Δ = ℓ^ref − ℓ^old (docs/algorithms.md
+    /// §3.6), measured whatever β. 0 at step 1 (LoRA B starts at 0); `None` when no row was
+    /// computed. With `train.endpoint` the tokens are the server's, not the policy's samples,
+    /// so it is then a drift indicator rather than an estimate of KL(π_old ‖ π_ref).
+    #[serde(default)]
+    pub kl_to_start: Option<f64>,
     pub grad_norm: f64,
     pub learning_rate: f64,
     /// Shares of this step's replies with no extractable proof (`no_proof`: no code block or
@@ -169,6 +189,8 @@ impl StepOutcome<'_> {
             clip_low_frac: update.diagnostics.clip_low_frac(),
             clip_high_frac: update.diagnostics.clip_high_frac(),
             ratio_mean: update.diagnostics.ratio_mean(),
+            rows_skipped: update.rows_skipped,
+            kl_to_start: update.kl_to_start,
             grad_norm: update.grad_norm,
             learning_rate: self.learning_rate,
             share_no_proof,

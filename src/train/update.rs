@@ -3,10 +3,12 @@
 //! over memory micro-batches under the minibatch's denominators.
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use crate::algo::{self, AlgoConfig, Denominators, Diagnostics, LogProbs, Prepared, StepBatch};
-use crate::model::optim::Optimizer;
+use crate::algo::{
+    self, AlgoConfig, Denominators, Diagnostics, LogProbs, Prepared, Row, StepBatch,
+};
+use crate::model::optim::{GradAccumulator, Optimizer};
 use crate::model::Policy;
 use crate::rollout::Group;
 
@@ -29,7 +31,31 @@ pub(crate) struct UpdateOutcome {
     pub kl: Option<f64>,
     pub dpo_loss: Option<f64>,
     pub grad_norm: f64,
+    /// Over the rows that were computed only.
     pub diagnostics: Diagnostics,
+    /// Rows of the trained batch that got no forward or backward: they cannot change the
+    /// gradient (docs/algorithms.md §3.9).
+    pub rows_skipped: usize,
+    /// KL(π_old ‖ π_ref) per completion token of the computed rows (see [`kl_to_start`]);
+    /// `None` when no row was computed.
+    pub kl_to_start: Option<f64>,
+}
+
+impl UpdateOutcome {
+    /// Turns the sums over `steps` optimizer steps into means (`kl_sum`, `dpo_sum`: the sums of
+    /// `kl` and `dpo_loss`, which are `Some` when any step reported them).
+    fn average(&mut self, steps: usize, kl_sum: f64, dpo_sum: f64) {
+        if steps == 0 {
+            return;
+        }
+        let n = steps as f64;
+        self.stepped = true;
+        self.loss /= n;
+        self.pg_loss /= n;
+        self.grad_norm /= n;
+        self.kl = self.kl.map(|_| kl_sum / n);
+        self.dpo_loss = self.dpo_loss.map(|_| dpo_sum / n);
+    }
 }
 
 /// Prompt and completion tokens of every row of the generation batch, by row index.
@@ -89,18 +115,22 @@ impl Update<'_> {
             return Ok(outcome);
         }
         let minibatches = batch.split(self.algo.num_minibatches);
-        // On-policy with a single optimizer step, ℓ^old equals the detached ℓ of the training
-        // forward; otherwise it is frozen before the first update (docs/algorithms.md §2, step 1).
-        let old = if self.algo.num_iterations == 1 && minibatches.len() == 1 {
-            None
-        } else {
-            Some(self.no_grad(&rows, &batch, true)?)
+        // Rows that cannot change the gradient get no forward at all (docs/algorithms.md §3.9);
+        // whether a row can is the same in every minibatch and pass.
+        let computed: Vec<Row> = batch
+            .rows_with_gradient(self.algo)
+            .into_iter()
+            .map(|i| batch.rows[i].clone())
+            .collect();
+        outcome.rows_skipped = batch.len() - computed.len();
+        let on_policy = self.algo.num_iterations == 1 && minibatches.len() == 1;
+        let (old, reference) = self.frozen(&rows, &computed, on_policy)?;
+        let tables = Tables {
+            rows: &rows,
+            old: old.as_ref(),
+            reference: reference.as_ref().filter(|_| self.algo.needs_reference()),
         };
-        let reference = if self.algo.needs_reference() {
-            Some(self.no_grad(&rows, &batch, false)?)
-        } else {
-            None
-        };
+        let mut seen = LogProbTable::new(rows.completions.len());
         let mut steps = 0usize;
         let (mut kl_sum, mut dpo_sum) = (0.0, 0.0);
         for _ in 0..self.algo.num_iterations {
@@ -111,90 +141,171 @@ impl Update<'_> {
                     continue;
                 }
                 let mut grads = optimizer.accumulator();
-                let (mut loss, mut pg, mut kl, mut dpo) = (0.0, 0.0, None, None);
-                for micro in minibatch.split(self.micro_batches) {
-                    let (p, c) = rows.select(&micro);
-                    let forward = self
-                        .policy
-                        .train_logprobs(&p, &c, self.temperature)
-                        .context("forward pass of the policy")?;
-                    let new = &forward.logp;
-                    let width = new.dim(1)?;
-                    let old_t = match &old {
-                        Some(table) => table.gather(&micro, width, new.device())?,
-                        None => new.detach(),
-                    };
-                    let ref_t = reference
-                        .as_ref()
-                        .map(|table| table.gather(&micro, width, new.device()))
-                        .transpose()?;
-                    let logp = LogProbs {
-                        new,
-                        old: &old_t,
-                        reference: ref_t.as_ref(),
-                        entropy: None,
-                    };
-                    let out = algo::loss(self.algo, &micro, &logp, &denom)?;
-                    loss += out.value;
-                    pg += out.pg_loss;
-                    if let Some(v) = out.kl_term {
-                        *kl.get_or_insert(0.0) += v;
-                    }
-                    if let Some(v) = out.dpo_loss {
-                        *dpo.get_or_insert(0.0) += v;
-                    }
-                    outcome.diagnostics.merge(&out.diagnostics);
-                    grads.add(forward.backward(&out.loss)?)?;
-                }
+                let sums = self.accumulate(minibatch, &denom, &tables, &mut seen, &mut grads)?;
+                outcome.diagnostics.merge(&sums.diagnostics);
                 outcome.grad_norm += optimizer.step(&mut grads.take(), self.max_grad_norm)?;
                 steps += 1;
-                outcome.loss += loss;
-                outcome.pg_loss += pg;
-                if let Some(v) = kl {
+                outcome.loss += sums.loss;
+                outcome.pg_loss += sums.pg;
+                if let Some(v) = sums.kl {
                     kl_sum += v;
                     outcome.kl = Some(0.0);
                 }
-                if let Some(v) = dpo {
+                if let Some(v) = sums.dpo {
                     dpo_sum += v;
                     outcome.dpo_loss = Some(0.0);
                 }
             }
         }
-        if steps > 0 {
-            let n = steps as f64;
-            outcome.stepped = true;
-            outcome.loss /= n;
-            outcome.pg_loss /= n;
-            outcome.grad_norm /= n;
-            outcome.kl = outcome.kl.map(|_| kl_sum / n);
-            outcome.dpo_loss = outcome.dpo_loss.map(|_| dpo_sum / n);
-        }
+        outcome.average(steps, kl_sum, dpo_sum);
+        outcome.kl_to_start = reference
+            .as_ref()
+            .map(|r| kl_to_start(self.algo, &computed, old.as_ref().unwrap_or(&seen), r));
         Ok(outcome)
     }
 
-    /// Log-probs without gradient of every row of `batch` (adapters on: ℓ^old; off: ℓ^ref).
-    fn no_grad(&self, rows: &Rows, batch: &StepBatch, adapters: bool) -> Result<LogProbTable> {
-        let (p, c) = rows.select(batch);
+    /// ℓ^old and ℓ^ref of the `computed` rows, without gradient, before any update
+    /// (docs/algorithms.md §2, step 1). ℓ^old is `None` when `on_policy` (μ = 1, a single
+    /// minibatch): it equals the detached ℓ of the training forward. ℓ^ref feeds the loss when the
+    /// algorithm needs it, and `kl_to_start` always. Both are `None` without computed rows.
+    fn frozen(
+        &self,
+        rows: &Rows,
+        computed: &[Row],
+        on_policy: bool,
+    ) -> Result<(Option<LogProbTable>, Option<LogProbTable>)> {
+        if computed.is_empty() {
+            return Ok((None, None));
+        }
+        let old = if on_policy {
+            None
+        } else {
+            Some(self.no_grad(rows, computed, true)?)
+        };
+        Ok((old, Some(self.no_grad(rows, computed, false)?)))
+    }
+
+    /// Forward, loss and backward of the micro-batches of one optimizer-step batch under its
+    /// denominators, gradients summed into `grads`. Only the rows with gradient are computed; a
+    /// micro-batch without any gets no forward, and when no row of the step has gradient the
+    /// sum is an explicit zero, so the optimizer step is the one a zero backward would give.
+    /// `seen` receives the detached training log-probs when they serve as ℓ^old.
+    fn accumulate(
+        &self,
+        minibatch: &StepBatch,
+        denom: &Denominators,
+        tables: &Tables,
+        seen: &mut LogProbTable,
+        grads: &mut GradAccumulator,
+    ) -> Result<StepSums> {
+        let mut sums = StepSums {
+            kl: tables.reference.map(|_| 0.0),
+            dpo: self.algo.dpo_enabled().then_some(0.0),
+            ..StepSums::default()
+        };
+        for micro in minibatch.split(self.micro_batches) {
+            let keep = micro.rows_with_gradient(self.algo);
+            if keep.is_empty() {
+                continue;
+            }
+            let computed: Vec<Row> = keep.iter().map(|&i| micro.rows[i].clone()).collect();
+            let (p, c) = tables.rows.select(&computed);
+            let forward = self
+                .policy
+                .train_logprobs(&p, &c, self.temperature)
+                .context("forward pass of the policy")?;
+            let new = &forward.logp;
+            let width = new.dim(1)?;
+            let old_t = match tables.old {
+                Some(table) => table.gather(&computed, width, new.device())?,
+                None => {
+                    seen.record(&computed, new)?;
+                    new.detach()
+                }
+            };
+            let ref_t = tables
+                .reference
+                .map(|table| table.gather(&computed, width, new.device()))
+                .transpose()?;
+            let logp = LogProbs {
+                new,
+                old: &old_t,
+                reference: ref_t.as_ref(),
+                entropy: None,
+            };
+            let out = algo::loss_rows(self.algo, &micro, &keep, &logp, denom)?;
+            sums.loss += out.value;
+            sums.pg += out.pg_loss;
+            if let Some(v) = out.kl_term {
+                *sums.kl.get_or_insert(0.0) += v;
+            }
+            if let Some(v) = out.dpo_loss {
+                *sums.dpo.get_or_insert(0.0) += v;
+            }
+            sums.diagnostics.merge(&out.diagnostics);
+            grads.add(forward.backward(&out.loss)?)?;
+        }
+        if grads.micro_batches() == 0 {
+            grads.add_zero()?;
+        }
+        Ok(sums)
+    }
+
+    /// Log-probs without gradient of `computed` (adapters on: ℓ^old; off: ℓ^ref).
+    fn no_grad(&self, rows: &Rows, computed: &[Row], adapters: bool) -> Result<LogProbTable> {
+        let (p, c) = rows.select(computed);
         let t = self
             .policy
             .logprobs(&p, &c, self.temperature, false, adapters)?;
-        let values: Vec<Vec<f32>> = t.to_vec2()?;
-        let mut table = LogProbTable {
-            rows: vec![Vec::new(); rows.completions.len()],
-        };
-        for (row, mut v) in batch.rows.iter().zip(values) {
-            v.truncate(row.length);
-            table.rows[row.index] = v;
-        }
+        let mut table = LogProbTable::new(rows.completions.len());
+        table.record(computed, &t)?;
         Ok(table)
     }
 }
 
+/// The rows' tokens and the constant log-prob tables the loss reads: ℓ^old (`None`: the
+/// detached training forward) and ℓ^ref (`None` unless the algorithm needs it).
+struct Tables<'a> {
+    rows: &'a Rows<'a>,
+    old: Option<&'a LogProbTable>,
+    reference: Option<&'a LogProbTable>,
+}
+
+/// One optimizer step's loss values and diagnostics, summed over its micro-batches.
+#[derive(Default)]
+struct StepSums {
+    loss: f64,
+    pg: f64,
+    kl: Option<f64>,
+    dpo: Option<f64>,
+    diagnostics: Diagnostics,
+}
+
+/// `kl_to_start`: the mean over the completion tokens of `computed` of Schulman's k3 estimator
+/// exp(Δ) − Δ − 1 with Δ = ℓ^ref − ℓ^old (docs/algorithms.md §3.6), i.e. KL(π_old ‖ π_ref)
+/// estimated on the tokens π_old sampled. Computed rows have no masked tokens, so their
+/// completion tokens are their loss tokens. Δ is clamped to ±`log_ratio_clamp` (§8).
+fn kl_to_start(
+    cfg: &AlgoConfig,
+    computed: &[Row],
+    old: &LogProbTable,
+    reference: &LogProbTable,
+) -> f64 {
+    let (mut sum, mut tokens) = (0.0, 0usize);
+    for row in computed {
+        let (o, r) = (&old.rows[row.index], &reference.rows[row.index]);
+        for (&o, &r) in o.iter().zip(r).take(row.loss_len(cfg)) {
+            let delta = (r as f64 - o as f64).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp);
+            sum += delta.exp_m1() - delta;
+            tokens += 1;
+        }
+    }
+    sum / tokens.max(1) as f64
+}
+
 impl Rows<'_> {
-    fn select(&self, batch: &StepBatch) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-        batch
-            .rows
-            .iter()
+    fn select(&self, rows: &[Row]) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+        rows.iter()
             .map(|r| {
                 (
                     self.prompts[r.index].to_vec(),
@@ -211,14 +322,34 @@ struct LogProbTable {
 }
 
 impl LogProbTable {
-    /// The rows of `batch` as a `[b, width]` tensor, zero-padded.
-    fn gather(&self, batch: &StepBatch, width: usize, device: &Device) -> Result<Tensor> {
-        let mut flat = vec![0f32; batch.len() * width];
-        for (i, row) in batch.rows.iter().enumerate() {
+    /// An empty table for a generation batch of `n` rows.
+    fn new(n: usize) -> Self {
+        Self {
+            rows: vec![Vec::new(); n],
+        }
+    }
+
+    /// Stores `values` (`[rows.len(), T]`, detached) as the log-probs of `rows`.
+    fn record(&mut self, rows: &[Row], values: &Tensor) -> Result<()> {
+        let values: Vec<Vec<f32>> = values.detach().to_dtype(DType::F32)?.to_vec2()?;
+        for (row, mut v) in rows.iter().zip(values) {
+            v.truncate(row.length);
+            self.rows[row.index] = v;
+        }
+        Ok(())
+    }
+
+    /// `rows` as a `[rows.len(), width]` tensor, zero-padded.
+    fn gather(&self, rows: &[Row], width: usize, device: &Device) -> Result<Tensor> {
+        let mut flat = vec![0f32; rows.len() * width];
+        for (i, row) in rows.iter().enumerate() {
             let values = &self.rows[row.index];
             let n = values.len().min(width);
             flat[i * width..i * width + n].copy_from_slice(&values[..n]);
         }
-        Ok(Tensor::from_vec(flat, (batch.len(), width), device)?)
+        Ok(Tensor::from_vec(flat, (rows.len(), width), device)?)
     }
 }
+
+#[cfg(test)]
+mod tests;
