@@ -1,5 +1,6 @@
-//! Training curves as a PNG: reward mean and pass rate per step, read from a run's
-//! `metrics.jsonl`.
+//! Training curves as a PNG, read from a run's `metrics.jsonl`: reward mean and pass rate per
+//! step, and beside them what shows a policy collapsing before the reward does: mean completion
+//! length, share of replies with no proof, sampled-token entropy and KL to the start policy.
 //!
 //! A PNG is what a researcher pastes into a report or opens over ssh without a notebook.
 //! Drawing is done by `plotters` into an in-memory RGB buffer, which the `png` crate encodes;
@@ -24,21 +25,28 @@ use std::path::Path;
 /// The file a training run writes one line per step to.
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-const WIDTH: u32 = 1200;
-const HEIGHT: u32 = 800;
+const WIDTH: u32 = 1400;
+const HEIGHT: u32 = 1200;
 const REWARD_COLOR: RGBColor = RGBColor(31, 119, 180);
 const PASS_COLOR: RGBColor = RGBColor(214, 39, 40);
+const DIAGNOSTIC_COLOR: RGBColor = RGBColor(44, 160, 44);
 /// Above this many steps markers would merge into a smear; the line alone is clearer.
 const MAX_STEPS_WITH_MARKERS: usize = 200;
 
 /// The part of one `metrics.jsonl` line the plot uses; other keys are ignored.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepMetrics {
     pub step: u64,
     /// `None` where the run logged `null` (serde_json writes NaN as `null`): a gap in the curve.
     pub reward_mean: Option<f64>,
     /// Fraction of samples accepted, in `[0, 1]`; `None` for `null`.
     pub pass_rate: Option<f64>,
+    /// The collapse diagnostics; `None` where the line lacks them (runs logged before they
+    /// existed) or logged `null`.
+    pub completion_length_mean: Option<f64>,
+    pub share_no_proof: Option<f64>,
+    pub sampled_entropy: Option<f64>,
+    pub kl_to_start: Option<f64>,
 }
 
 /// Reads `metrics.jsonl`: one JSON object per line with at least `step`, `reward_mean` and
@@ -88,15 +96,23 @@ fn parse_line(line: &str) -> Result<StepMetrics> {
                 .ok_or_else(|| anyhow!("`{name}` must be a number or null, found {v}")),
         }
     };
+    let optional = |name: &str| match object.get(name) {
+        None => Ok(None),
+        Some(_) => number(name),
+    };
     Ok(StepMetrics {
         step,
         reward_mean: number("reward_mean")?,
         pass_rate: number("pass_rate")?,
+        completion_length_mean: optional("completion_length_mean")?,
+        share_no_proof: optional("share_no_proof")?,
+        sampled_entropy: optional("sampled_entropy")?,
+        kl_to_start: optional("kl_to_start")?,
     })
 }
 
-/// Draws `run_dir/metrics.jsonl` as a PNG at `out_png`: reward mean (top) and pass rate
-/// (bottom) against the training step.
+/// Draws `run_dir/metrics.jsonl` as a PNG at `out_png`: reward mean and pass rate (top row),
+/// then the collapse diagnostics, against the training step.
 pub fn plot_run(run_dir: &Path, out_png: &Path) -> Result<()> {
     let metrics = read_metrics(&run_dir.join(METRICS_FILE))?;
     plot_metrics(&metrics, &run_dir.display().to_string(), out_png)
@@ -117,32 +133,65 @@ fn draw(metrics: &[StepMetrics], title: &str, pixels: &mut [u8]) -> Result<()> {
     let root = BitMapBackend::with_buffer(pixels, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 28))?;
-    let panels = root.split_evenly((2, 1));
+    let panels = root.split_evenly((3, 2));
     let steps = step_range(metrics);
     let rewards = segments(metrics, |m| m.reward_mean);
     let reward_range = value_range(rewards.iter().flatten().map(|p| p.1));
-    let pass_rates = segments(metrics, |m| m.pass_rate);
-    // Pass rate is a fraction: a fixed 0-100% axis makes runs comparable at a glance.
+    // Fractions get a fixed 0-100% axis: runs compare at a glance.
     let percent = |v: &f64| format!("{:.0}%", 100.0 * v);
     let decimals = decimals_for(reward_range.end - reward_range.start);
     let reward_label = move |v: &f64| fixed(*v, decimals);
-    let reward_panel = Panel {
+    Panel {
         name: "reward mean",
         values: reward_range,
         y_format: &reward_label,
         color: REWARD_COLOR,
-    };
-    let pass_panel = Panel {
-        name: "pass rate",
-        values: 0.0..1.0,
-        y_format: &percent,
-        color: PASS_COLOR,
-    };
-    reward_panel.draw(&panels[0], steps.clone(), &rewards)?;
-    pass_panel.draw(&panels[1], steps, &pass_rates)?;
+    }
+    .draw(&panels[0], steps.clone(), &rewards)?;
+    let fractions: [(&str, Series, RGBColor); 2] = [
+        ("pass rate", |m| m.pass_rate, PASS_COLOR),
+        (
+            "share of replies with no proof",
+            |m| m.share_no_proof,
+            DIAGNOSTIC_COLOR,
+        ),
+    ];
+    for (area, (name, value, color)) in [&panels[1], &panels[2]].into_iter().zip(fractions) {
+        let series = segments(metrics, value);
+        let panel = Panel {
+            name,
+            values: 0.0..1.0,
+            y_format: &percent,
+            color,
+        };
+        panel.draw(area, steps.clone(), &series)?;
+    }
+    let scaled: [(&str, Series); 3] = [
+        ("mean completion length (tokens)", |m| {
+            m.completion_length_mean
+        }),
+        ("sampled-token entropy (nats)", |m| m.sampled_entropy),
+        ("KL to the start policy", |m| m.kl_to_start),
+    ];
+    for (area, (name, value)) in panels[3..].iter().zip(scaled) {
+        let series = segments(metrics, value);
+        let range = value_range(series.iter().flatten().map(|p| p.1));
+        let decimals = decimals_for(range.end - range.start);
+        let label = move |v: &f64| fixed(*v, decimals);
+        let panel = Panel {
+            name,
+            values: range,
+            y_format: &label,
+            color: DIAGNOSTIC_COLOR,
+        };
+        panel.draw(area, steps.clone(), &series)?;
+    }
     root.present()?;
     Ok(())
 }
+
+/// Reads one plotted value of a step.
+type Series = fn(&StepMetrics) -> Option<f64>;
 
 /// One chart: a named series against the step.
 struct Panel<'a> {

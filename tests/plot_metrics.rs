@@ -25,14 +25,16 @@ fn run_dir(lines: &str) -> tempfile::TempDir {
 }
 
 #[test]
-fn draws_both_curves_and_text() {
+fn draws_every_curve_in_its_panel_and_text() {
     let mut lines = String::new();
     for step in 0..40u32 {
         let reward = -0.5 + step as f64 / 40.0;
         let pass = (step as f64 / 50.0).min(1.0);
-        // Extra keys are what a real run logs besides the two plotted series.
+        let length = 30.0 - step as f64 / 2.0;
+        let kl = step as f64 * 1e-3;
+        // Extra keys are what a real run logs besides the plotted series.
         lines.push_str(&format!(
-            "{{\"step\":{step},\"reward_mean\":{reward},\"pass_rate\":{pass},\"loss\":0.1,\"kl\":0.01,\"lr\":1e-5}}\n"
+            "{{\"step\":{step},\"reward_mean\":{reward},\"pass_rate\":{pass},\"loss\":0.1,\"kl\":0.01,\"lr\":1e-5,\"completion_length_mean\":{length},\"kl_to_start\":{kl}}}\n"
         ));
     }
     let dir = run_dir(&lines);
@@ -40,26 +42,40 @@ fn draws_both_curves_and_text() {
     plot_run(dir.path(), &out).unwrap();
 
     let (w, h, pixels) = decode(&out);
-    assert_eq!((w, h), (1200, 800));
-    let count = |pred: &dyn Fn(&[u8; 3]) -> bool, rows: std::ops::Range<u32>| {
-        rows.flat_map(|y| (0..w).map(move |x| (y * w + x) as usize))
+    assert_eq!((w, h), (1400, 1200));
+    // Pixels matching `pred` in the panel at `row` (of 3) and `column` (of 2).
+    let count = |pred: &dyn Fn(&[u8; 3]) -> bool, row: u32, column: u32| {
+        let (ys, xs) = (
+            row * h / 3..(row + 1) * h / 3,
+            column * w / 2..(column + 1) * w / 2,
+        );
+        ys.flat_map(|y| xs.clone().map(move |x| (y * w + x) as usize))
             .filter(|&i| pred(&pixels[i]))
             .count()
     };
     let blue = |p: &[u8; 3]| p[2] > 150 && p[0] < 80; // reward curve
     let red = |p: &[u8; 3]| p[0] > 180 && p[1] < 80 && p[2] < 80; // pass-rate curve
+    let green = |p: &[u8; 3]| p[1] > 130 && p[0] < 90 && p[2] < 90; // diagnostics
     let dark = |p: &[u8; 3]| p[0] < 100 && p[1] < 100 && p[2] < 100; // text, axes
-                                                                     // Reward is drawn in the top half, pass rate in the bottom half.
-    assert!(count(&blue, 0..h / 2) > 300, "reward curve missing");
-    assert!(count(&red, h / 2..h) > 300, "pass-rate curve missing");
+    assert!(count(&blue, 0, 0) > 300, "reward curve missing");
+    assert!(count(&red, 0, 1) > 300, "pass-rate curve missing");
     assert_eq!(
-        count(&red, 0..h / 2),
+        count(&red, 0, 0),
         0,
         "pass rate leaked into the reward panel"
     );
+    assert!(count(&green, 1, 1) > 300, "completion length curve missing");
+    assert!(count(&green, 2, 1) > 300, "KL to the start policy missing");
+    // Lines without them (share of no-proof replies, entropy here) leave their panels empty.
+    assert_eq!(count(&green, 1, 0), 0, "a curve drawn from no data");
+    assert_eq!(count(&green, 2, 0), 0, "a curve drawn from no data");
     // The title strip holds only the title text: dark pixels there mean the font rendered.
-    assert!(count(&dark, 0..30) > 50, "no title text drawn");
-    assert!(count(&dark, 0..h) > 2000, "no axes or labels drawn");
+    let title = (0..30 * w as usize).filter(|&i| dark(&pixels[i])).count();
+    assert!(title > 50, "no title text drawn");
+    assert!(
+        pixels.iter().filter(|p| dark(p)).count() > 2000,
+        "no axes or labels drawn"
+    );
 }
 
 #[test]
@@ -89,17 +105,20 @@ fn reads_last_line_of_a_repeated_step_in_step_order() {
             StepMetrics {
                 step: 1,
                 reward_mean: Some(0.1),
-                pass_rate: Some(0.0)
+                pass_rate: Some(0.0),
+                ..StepMetrics::default()
             },
             StepMetrics {
                 step: 2,
                 reward_mean: Some(0.9),
-                pass_rate: Some(0.5)
+                pass_rate: Some(0.5),
+                ..StepMetrics::default()
             },
             StepMetrics {
                 step: 3,
                 reward_mean: None,
-                pass_rate: Some(0.6)
+                pass_rate: Some(0.6),
+                ..StepMetrics::default()
             },
         ]
     );
