@@ -58,6 +58,29 @@ lean-grpo train --resume runs/dapo-20261122-101500\n  \
 lean-grpo train data/minif2f.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --endpoint http://gpu-box:8000 --served-model Qwen/Qwen2.5-0.5B-Instruct"
     )]
     Train(TrainArgs),
+    /// Keep the theorems whose pass rate, measured by an `eval` run, lies in a band.
+    #[command(
+        long_about = "Keep the theorems whose pass rate, measured by an `eval` run (its \
+`results.jsonl`), lies in [--min-pass-rate, --max-pass-rate]. A problem the model always or \
+never solves gives groups of equal rewards, so zero advantages: sampling and checking it \
+teaches nothing. The defaults keep what is solved sometimes. The kept records go to -o \
+unchanged; OUT.filter.json beside it records the evaluation read (with its configuration), \
+the band and the counts, and a histogram of pass rates is printed.",
+        after_help = "Example:\n  lean-grpo eval data/prelude.jsonl --split train -n 8 --model M --adapter sft -o evals/sft-train\n  \
+lean-grpo filter data/prelude.jsonl --split train --from evals/sft-train -o data/prelude-filtered.jsonl"
+    )]
+    Filter(FilterArgs),
+    /// Convert a public Lean dataset (JSONL, JSON array or Parquet) to our theorem JSONL.
+    #[command(
+        long_about = "Convert a public Lean 4 theorem dataset to our theorem JSONL, validating \
+every record: a statement cut to end with `:=` (placeholder `by`/`sorry` removed), imports and \
+options moved to `header`, a known proof kept where the dataset has one. Records that cannot be \
+converted are skipped with their file:line (or row) and reason; duplicate statements are \
+dropped. The field names of each format are listed in docs/data.md.",
+        after_help = "Examples:\n  lean-grpo prepare minif2f.jsonl --format deepseek-minif2f -o data/minif2f.jsonl\n  \
+lean-grpo prepare train-00000-of-00001.parquet --format numina --split-ratio 0.05 --limit 2000 -o data/numina.jsonl"
+    )]
+    Prepare(PrepareArgs),
     /// Measure pass@k of a model (or an OpenAI-compatible endpoint) on a theorem file.
     #[command(
         long_about = "Measure pass@k: sample `-n` proofs per theorem from a local model (with an \
@@ -362,6 +385,48 @@ impl TrainArgs {
         self.endpoint.overrides("train", &mut out);
         out
     }
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// The dataset file: .jsonl, .json (an array of records) or .parquet.
+    pub input: PathBuf,
+    /// The dataset's layout.
+    #[arg(long, value_enum)]
+    pub format: crate::data::prepare::Format,
+    /// Where to write the theorem JSONL.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+    /// Give every record a split: `test` for about this share, `train` for the rest (the same
+    /// record gets the same split for the same --seed, whatever the file's order).
+    #[arg(long, value_name = "SHARE")]
+    pub split_ratio: Option<f64>,
+    /// Keep this many records, drawn by --seed.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct FilterArgs {
+    /// Theorem file (JSONL) the evaluation ran on.
+    pub theorems: PathBuf,
+    /// The output directory of a `lean-grpo eval` run on these theorems.
+    #[arg(long, value_name = "EVAL_DIR")]
+    pub from: PathBuf,
+    /// Keep records of this split only.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Lowest pass rate kept (inclusive); the default drops problems never solved.
+    #[arg(long, default_value_t = 0.01, value_name = "RATE")]
+    pub min_pass_rate: f64,
+    /// Highest pass rate kept (inclusive); the default drops problems always solved.
+    #[arg(long, default_value_t = 0.99, value_name = "RATE")]
+    pub max_pass_rate: f64,
+    /// Where to write the kept records (JSONL).
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -43,6 +43,8 @@ pub fn run(cli: Cli) -> Result<Outcome> {
     match cli.command {
         Command::Train(args) => train(args, cli.quiet),
         Command::Eval(args) => eval(args, cli.quiet),
+        Command::Filter(args) => filter(args),
+        Command::Prepare(args) => prepare(args),
         Command::Check(args) => check(args, cli.quiet),
         Command::Algorithms(args) => algorithms(args),
         Command::Export(args) => export(args),
@@ -146,6 +148,52 @@ fn train(args: TrainArgs, quiet: bool) -> Result<Outcome> {
             report.run_dir.display()
         );
     }
+    Ok(Outcome::Success)
+}
+
+fn filter(args: crate::cli::FilterArgs) -> Result<Outcome> {
+    use crate::data::filter::{filter_by_pass_rate, Band};
+    let theorems = load_theorems(&args.theorems, args.split.as_deref())?;
+    let band = Band {
+        min: args.min_pass_rate,
+        max: args.max_pass_rate,
+    };
+    let (kept, report) = filter_by_pass_rate(&theorems, &args.theorems, &args.from, band)?;
+    crate::data::write_theorems(&args.output, &kept)?;
+    let mut beside = args.output.clone().into_os_string();
+    beside.push(".filter.json");
+    let beside = std::path::PathBuf::from(beside);
+    crate::atomic::write_file(&beside, &serde_json::to_vec_pretty(&report)?)?;
+    print!("{}", report.render());
+    println!(
+        "written: {} ({} records) and {}",
+        args.output.display(),
+        kept.len(),
+        beside.display()
+    );
+    Ok(Outcome::Success)
+}
+
+fn prepare(args: crate::cli::PrepareArgs) -> Result<Outcome> {
+    use crate::data::prepare::{prepare, PrepareOptions};
+    let options = PrepareOptions {
+        split_ratio: args.split_ratio,
+        seed: args.seed,
+        limit: args.limit,
+    };
+    let (theorems, report) = prepare(&args.input, args.format, &options)?;
+    if theorems.is_empty() {
+        print!("{}", report.render());
+        let format = clap::ValueEnum::to_possible_value(&args.format)
+            .map_or_else(String::new, |v| v.get_name().to_string());
+        bail!(
+            "{}: no record could be converted as --format {format}; nothing written",
+            args.input.display()
+        );
+    }
+    crate::data::write_theorems(&args.output, &theorems)?;
+    print!("{}", report.render());
+    println!("written: {}", args.output.display());
     Ok(Outcome::Success)
 }
 

@@ -65,6 +65,9 @@ pub fn evaluate(config: &Config, theorems: &[Theorem], show_progress: bool) -> R
             output_dir.display()
         )
     })?;
+    // What produced the results (model, adapter, sampling, samples per problem): the pass-rate
+    // filter records it beside its output, so a filtered set can be made again.
+    crate::atomic::write_file(&output_dir.join("config.yaml"), config.to_yaml().as_bytes())?;
     let results_path = output_dir.join("results.jsonl");
     let mut results = BufWriter::new(
         File::create(&results_path)

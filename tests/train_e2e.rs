@@ -533,6 +533,28 @@ fn fake_openai(
     })
 }
 
+/// `eval` of the prelude test split through the endpoint at `base`, `n` samples each, into `out`.
+fn endpoint_eval_args(base: &str, lean: &str, n: usize, out: &Path) -> Vec<String> {
+    let args = [
+        "eval",
+        "data/prelude.jsonl",
+        "--split",
+        "test",
+        "--endpoint",
+        base,
+    ];
+    let mut args: Vec<String> = args.map(String::from).to_vec();
+    args.extend([
+        "--served-model".into(),
+        "prover".into(),
+        "-n".into(),
+        n.to_string(),
+    ]);
+    args.extend(["--lean-cmd".into(), format!("{lean} --json")]);
+    args.extend(["--output".into(), out.to_str().unwrap().into()]);
+    args
+}
+
 /// The fenced reply a prover gives.
 fn reply(proof: &str) -> String {
     format!("```lean\n{proof}\n```")
@@ -565,26 +587,9 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
     let start = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("eval");
-    let result = run(lean_grpo().args([
-        "eval",
-        "data/prelude.jsonl",
-        "--split",
-        "test",
-        "--endpoint",
-        &server.base,
-        "--served-model",
-        "prover",
-        "-n",
-        "3",
-        "--k",
-        "1,3",
-        "--lean-cmd",
-        &format!("{lean} --json"),
-        "--jobs",
-        "2",
-        "--output",
-        out.to_str().unwrap(),
-    ]));
+    let result = run(lean_grpo()
+        .args(endpoint_eval_args(&server.base, &lean, 3, &out))
+        .args(["--k", "1,3", "--jobs", "2"]));
     assert!(result.status.success());
     eprintln!("eval --endpoint: {:.1?}", start.elapsed());
     let requests = server.seen();
@@ -648,6 +653,114 @@ fn eval_through_an_endpoint_writes_pass_at_k_that_recomputes() {
             "no row {row:?} in\n{stdout}"
         );
     }
+}
+
+/// `filter` on the results of a real `eval` (real Lean, scripted replies): problems solved
+/// 0 of 4, 2 of 4 and 4 of 4 times, by position; the default band keeps the middle ones only,
+/// unchanged, and records the evaluation's configuration beside its output.
+#[test]
+fn filter_keeps_the_problems_an_eval_solved_sometimes() {
+    let Some(lean) = real_lean() else { return };
+    let theorems =
+        lean_grpo::data::load_theorems(&Path::new(ROOT).join("data/prelude.jsonl"), Some("test"))
+            .unwrap();
+    let position: std::collections::HashMap<String, usize> = theorems
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let solved_of_4 = move |name: &str| [0, 2, 4][position[name] % 3];
+    let server = fake_openai(&theorems, move |theorem, n| {
+        let good = solved_of_4(&theorem.name);
+        (0..n)
+            .map(|i| match i < good {
+                true => (reply(theorem.proof.as_deref().unwrap()), "stop"),
+                false => ("N.z".to_string(), "stop"),
+            })
+            .collect()
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let eval_dir = tmp.path().join("eval");
+    let eval = endpoint_eval_args(&server.base, &lean, 4, &eval_dir);
+    assert!(run(lean_grpo().args(eval).args(["--k", "1"]))
+        .status
+        .success());
+
+    let out = tmp.path().join("filtered.jsonl");
+    let filter = [
+        "filter",
+        "data/prelude.jsonl",
+        "--split",
+        "test",
+        "--from",
+        eval_dir.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let result = run(lean_grpo().args(filter));
+    assert!(result.status.success());
+    let kept: Vec<Value> = json_lines(&out);
+    let expected: Vec<Value> = theorems
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 1)
+        .map(|(_, t)| serde_json::to_value(t).unwrap())
+        .collect();
+    assert_eq!(
+        kept, expected,
+        "the sometimes-solved records, unchanged, in file order"
+    );
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let (never, always) = (theorems.len().div_ceil(3), theorems.len() / 3);
+    assert!(
+        stdout.contains(&format!(
+            "{} records read, {} kept (pass rate in [0.01, 0.99]), {never} below, {always} above",
+            theorems.len(),
+            expected.len()
+        )),
+        "{stdout}"
+    );
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("filtered.jsonl.filter.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["eval_config"]["eval"]["num_samples"], 4);
+    assert_eq!(
+        report["eval_config"]["eval"]["endpoint"],
+        server.base.as_str()
+    );
+    let bins: Vec<(String, u64)> = report["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b[0].as_str().unwrap().to_string(), b[1].as_u64().unwrap()))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(
+        bins,
+        [
+            ("0".to_string(), never as u64),
+            ("(0.4, 0.5]".to_string(), expected.len() as u64),
+            ("1".to_string(), always as u64)
+        ]
+    );
+
+    // The whole band keeps every record; a directory that is no eval is named in the error.
+    let all = tmp.path().join("all.jsonl");
+    let mut whole = filter.to_vec();
+    whole[7] = all.to_str().unwrap();
+    whole.extend(["--min-pass-rate", "0", "--max-pass-rate", "1"]);
+    assert!(run(lean_grpo().args(&whole)).status.success());
+    assert_eq!(json_lines(&all).len(), theorems.len());
+    let mut wrong = filter.to_vec();
+    wrong[5] = tmp.path().to_str().unwrap();
+    let result = lean_grpo().args(&wrong).output().unwrap();
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("must be the output directory of `lean-grpo eval`"),
+        "{stderr}"
+    );
 }
 
 /// `eval -n 1` reports the default k values that fit n (pass@1) instead of failing on pass@8;
