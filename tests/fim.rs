@@ -192,22 +192,29 @@ fn the_same_seed_gives_the_same_hole() {
     assert!(distinct.len() > 1, "seeds never vary the hole");
 }
 
-#[test]
-fn the_prompt_shows_the_hole_and_ratio_one_is_the_whole_proof_task() {
+/// A prelude record with a two-argument term proof, and its FIM example at ratio 0.3.
+fn trans_example() -> (lean_grpo::data::Theorem, lean_grpo::data::Theorem) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/prelude.jsonl");
     let theorems = lean_grpo::data::load_theorems(&path, None).unwrap();
     let theorem = theorems
-        .iter()
+        .into_iter()
         .find(|t| {
             t.proof
                 .as_deref()
                 .is_some_and(|p| p.starts_with("MyEq.trans ("))
         })
         .unwrap();
-    let proof = theorem.proof.as_deref().unwrap();
-    let example = lean_grpo::lean::holes::example(theorem, 0.3, 5)
+    let example = lean_grpo::lean::holes::example(&theorem, 0.3, 5)
         .unwrap()
         .unwrap();
+    (theorem, example)
+}
+
+#[test]
+fn the_prompt_shows_the_hole_and_ratio_one_is_the_whole_proof_task() {
+    let (theorem, example) = trans_example();
+    let theorem = &theorem;
+    let proof = theorem.proof.as_deref().unwrap();
     let hole = example.hole.as_ref().expect("0.3 cuts a hole");
     let message = lean_grpo::data::user_message(&example);
     assert!(message.contains(&format!("{} {}", theorem.statement, hole.marked())));
@@ -269,4 +276,75 @@ fn task_flags_set_the_config_and_typos_name_the_key() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("train.task"), "{stderr}");
+}
+
+/// The tiny model's tokenizer in `dir`, with the FIM tokens added and, for `base`, without its
+/// chat template.
+fn tokenizer_with_fim_tokens(
+    dir: &std::path::Path,
+    base: bool,
+) -> lean_grpo::model::tokenizer::Tokenizer {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-qwen2");
+    for name in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(name), dir.join(name)).unwrap();
+    }
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(src.join(name)).unwrap()).unwrap()
+    };
+    let mut tokenizer = read("tokenizer.json");
+    let vocab = tokenizer["model"]["vocab"].as_object().unwrap();
+    let added = tokenizer["added_tokens"].as_array().unwrap();
+    let next = vocab
+        .values()
+        .chain(added.iter().map(|t| &t["id"]))
+        .map(|id| id.as_u64().unwrap())
+        .max()
+        .unwrap()
+        + 1;
+    for (i, content) in ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+        .into_iter()
+        .enumerate()
+    {
+        tokenizer["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": next + i as u64, "content": content, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
+    }
+    let mut config = read("tokenizer_config.json");
+    if base {
+        config.as_object_mut().unwrap().remove("chat_template");
+    }
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    lean_grpo::model::tokenizer::Tokenizer::from_dir(dir).unwrap()
+}
+
+#[test]
+fn a_base_model_with_fim_tokens_gets_the_fim_layout_and_a_chat_model_the_marker() {
+    let (_, example) = trans_example();
+    let hole = example.hole.as_ref().unwrap();
+    let (base_dir, chat_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let base = tokenizer_with_fim_tokens(base_dir.path(), true);
+    let text = lean_grpo::rollout::prompt_text(&base, &example).unwrap();
+    let tail = format!("{}<|fim_suffix|>{}<|fim_middle|>", hole.prefix, hole.suffix);
+    assert!(
+        text.starts_with("<|fim_prefix|>") && text.ends_with(&tail),
+        "{text}"
+    );
+    let ids = lean_grpo::rollout::prompt_tokens(&base, &example).unwrap();
+    let middle = base.token_to_id("<|fim_middle|>").unwrap();
+    assert_eq!(
+        ids.last(),
+        Some(&middle),
+        "the FIM tokens are single special tokens"
+    );
+    let chat = tokenizer_with_fim_tokens(chat_dir.path(), false);
+    let text = lean_grpo::rollout::prompt_text(&chat, &example).unwrap();
+    assert!(
+        text.contains(&hole.marked()) && !text.contains("<|fim_prefix|>"),
+        "{text}"
+    );
 }
