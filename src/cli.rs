@@ -361,6 +361,10 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub endpoint: EndpointArgs,
+    /// `proof` (whole proofs) or `fim` (fill holes in the records' proofs, with the mask-ratio
+    /// curriculum of the `train.fim` config section).
+    #[arg(long, value_name = "proof|fim")]
+    pub task: Option<String>,
 }
 
 impl TrainArgs {
@@ -382,6 +386,7 @@ impl TrainArgs {
         push(&mut out, "train", "seed", &self.seed);
         push(&mut out, "train", "split", &self.split);
         push(&mut out, "train", "output_dir", &self.output);
+        push(&mut out, "train", "task", &self.task);
         self.endpoint.overrides("train", &mut out);
         out
     }
@@ -457,6 +462,13 @@ pub struct EvalArgs {
     /// Output directory for per-problem results and the summary.
     #[arg(long, short = 'o', value_name = "DIR")]
     pub output: Option<PathBuf>,
+    /// `proof` (whole proofs) or `fim` (fill holes cut at --mask-ratio in the records' proofs,
+    /// the same holes for the same --seed).
+    #[arg(long, value_name = "proof|fim")]
+    pub task: Option<String>,
+    /// The hole's share of the proof's tokens with `--task fim` (1.0 = the whole proof).
+    #[arg(long, value_name = "R")]
+    pub mask_ratio: Option<f64>,
 }
 
 impl EvalArgs {
@@ -471,6 +483,8 @@ impl EvalArgs {
         push(&mut out, "eval", "split", &self.split);
         push(&mut out, "eval", "seed", &self.seed);
         push(&mut out, "eval", "output_dir", &self.output);
+        push(&mut out, "eval", "task", &self.task);
+        push(&mut out, "eval", "mask_ratio", &self.mask_ratio);
         out
     }
 }

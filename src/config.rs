@@ -89,6 +89,65 @@ pub struct TrainOptions {
     pub served_model: Option<String>,
     /// Environment variable holding the endpoint's API key (the key never goes in a file).
     pub api_key_env: Option<String>,
+    /// `proof` (write the whole proof) or `fim` (fill a hole in a known proof, docs/fim.md).
+    pub task: Task,
+    /// The mask-ratio curriculum of `task: fim`.
+    pub fim: FimOptions,
+}
+
+/// What the model is asked to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// The whole proof after `:=`.
+    #[default]
+    Proof,
+    /// The text of a hole cut in a record's known proof (records without a proof are skipped).
+    Fim,
+}
+
+/// How the mask ratio moves during a FIM run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FimSchedule {
+    /// From `start_ratio` at the first step to `end_ratio` at the last.
+    #[default]
+    Linear,
+    /// By `ratio_step` up when the pass rate at the current ratio is above `raise_above`, down
+    /// when it is below `lower_below`, each judged over the last `window` steps at that ratio.
+    Adaptive,
+}
+
+/// The `train.fim` section (docs/fim.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FimOptions {
+    pub start_ratio: f64,
+    /// 1.0 ends on the whole-proof task.
+    pub end_ratio: f64,
+    pub schedule: FimSchedule,
+    /// Adaptive: the change of ratio per move.
+    pub ratio_step: f64,
+    /// Adaptive: raise the ratio when the rolling pass rate exceeds this.
+    pub raise_above: f64,
+    /// Adaptive: lower it when the rolling pass rate falls below this.
+    pub lower_below: f64,
+    /// Adaptive: steps at the current ratio the rolling pass rate covers; no move before.
+    pub window: usize,
+}
+
+impl Default for FimOptions {
+    fn default() -> Self {
+        Self {
+            start_ratio: 0.2,
+            end_ratio: 1.0,
+            schedule: FimSchedule::Linear,
+            ratio_step: 0.1,
+            raise_above: 0.5,
+            lower_below: 0.1,
+            window: 4,
+        }
+    }
 }
 
 impl Default for TrainOptions {
@@ -121,6 +180,8 @@ impl Default for TrainOptions {
             endpoint: None,
             served_model: None,
             api_key_env: None,
+            task: Task::Proof,
+            fim: FimOptions::default(),
         }
     }
 }
@@ -163,6 +224,10 @@ pub struct EvalOptions {
     pub served_model: Option<String>,
     /// Environment variable holding the endpoint's API key.
     pub api_key_env: Option<String>,
+    /// `proof`, or `fim`: fill holes cut at `mask_ratio` in the records' proofs.
+    pub task: Task,
+    /// The hole's share of the proof's tokens for `task: fim` (1.0 = the whole proof).
+    pub mask_ratio: f64,
 }
 
 impl Default for EvalOptions {
@@ -177,6 +242,8 @@ impl Default for EvalOptions {
             endpoint: None,
             served_model: None,
             api_key_env: None,
+            task: Task::Proof,
+            mask_ratio: 0.5,
         }
     }
 }

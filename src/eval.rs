@@ -12,15 +12,16 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigError, DEFAULT_K};
+use crate::config::{Config, ConfigError, Task, DEFAULT_K};
+use crate::data::fim::Hole;
 use crate::data::{user_message, Theorem};
 use crate::endpoint::{ChatRequest, EndpointClient, EndpointOptions};
-use crate::lean::{Checked, Checker, Evidence, Job, VerdictKind};
+use crate::lean::{holes, Checked, Checker, Evidence, Job, VerdictKind};
 use crate::model::sampler::Sampler;
-use crate::model::tokenizer::{ChatMessage, Tokenizer};
+use crate::model::tokenizer::Tokenizer;
 use crate::model::Policy;
 use crate::passk::{self, PassAtKSummary, ProblemCounts};
-use crate::rollout::{all_prompt_tokens, chat_request, rollout, SamplingSetup};
+use crate::rollout::{all_prompt_tokens, chat_request, prompt_text, rollout, SamplingSetup};
 
 /// One sample of one problem, as written to `results.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +44,9 @@ pub struct ProblemResult {
     pub prompt: String,
     pub samples: Vec<EvalSample>,
     pub accepted: usize,
+    /// With `--task fim`: the hole the samples fill (its `cut` is the reference answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hole: Option<Hole>,
 }
 
 pub struct EvalReport {
@@ -58,6 +62,17 @@ pub fn evaluate(config: &Config, theorems: &[Theorem], show_progress: bool) -> R
         bail!("eval.num_samples (-n) must be at least 1");
     }
     let ks = k_values(eval.k.as_deref(), eval.num_samples)?;
+    let examples;
+    let theorems = match eval.task {
+        Task::Proof => theorems,
+        Task::Fim => {
+            examples = holes::examples(theorems, eval.mask_ratio, eval.seed)?;
+            if examples.is_empty() {
+                bail!("--task fim needs records with a `proof`, and none of these has one");
+            }
+            &examples[..]
+        }
+    };
     let output_dir = eval.output_dir.clone().unwrap_or_else(default_output_dir);
     std::fs::create_dir_all(&output_dir).with_context(|| {
         format!(
@@ -163,8 +178,7 @@ fn local(
         )?;
         for group in groups {
             let theorem = &theorems[group.theorem];
-            let prompt =
-                tokenizer.apply_chat_template(&[ChatMessage::user(user_message(theorem))], true)?;
+            let prompt = prompt_text(&tokenizer, theorem)?;
             let samples = group
                 .completions
                 .into_iter()
@@ -232,6 +246,7 @@ fn problem(theorem: &Theorem, prompt: String, samples: Vec<EvalSample>) -> Probl
         prompt,
         accepted: samples.iter().filter(|s| s.accepted).count(),
         samples,
+        hole: theorem.hole.clone(),
     }
 }
 

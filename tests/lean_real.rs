@@ -154,6 +154,7 @@ fn with_header(extra: &str, name: &str, statement: &str) -> Theorem {
         imports: vec![],
         proof: None,
         split: None,
+        hole: None,
     }
 }
 

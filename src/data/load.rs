@@ -116,6 +116,7 @@ impl<R: BufRead> TheoremReader<R> {
             header: self.optional_string(record, "header")?,
             proof: self.optional_string(record, "proof")?,
             split: self.optional_string(record, "split")?,
+            hole: None,
         })
     }
 

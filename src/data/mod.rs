@@ -2,13 +2,14 @@
 //! the data stages before training (`prepare` from public datasets, the pass-rate filter).
 
 pub mod filter;
+pub mod fim;
 mod load;
 pub mod prepare;
 mod prompt;
 mod theorem;
 
 pub use load::{load_theorems, LoadError, TheoremReader};
-pub use prompt::user_message;
+pub use prompt::{fim_message, user_message};
 pub use theorem::Theorem;
 
 /// Writes `theorems` as our theorem JSONL, one record per line, atomically.

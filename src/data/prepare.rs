@@ -278,6 +278,7 @@ fn build(
         header,
         proof: proof.filter(|p| !p.trim().is_empty() && p.trim() != "sorry"),
         split,
+        hole: None,
     })
 }
 
@@ -441,6 +442,7 @@ mod tests {
             header: None,
             proof: None,
             split: None,
+            hole: None,
         };
         let all: Vec<Theorem> = (0..50).map(|i| t(&format!("t{i}"))).collect();
         let reversed: Vec<Theorem> = all.iter().rev().cloned().collect();

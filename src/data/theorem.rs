@@ -1,5 +1,7 @@
 use serde::{Deserialize, Serialize};
 
+use super::fim::Hole;
+
 /// One theorem record (see the README's "Theorem format").
 ///
 /// `statement` always ends with `:=` once loaded: records in the seed project's shape (no `:=`)
@@ -22,9 +24,22 @@ pub struct Theorem {
     pub proof: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<String>,
+    /// Set on a fill-in-the-middle example: the model writes the hole's text instead of the
+    /// whole proof (docs/fim.md). Never read from a theorem file.
+    #[serde(skip)]
+    pub hole: Option<Hole>,
 }
 
 impl Theorem {
+    /// This theorem as a fill-in-the-middle example with `hole`; a whole-proof hole is the
+    /// whole-proof task, so it leaves the theorem as it is.
+    pub fn with_hole(&self, hole: Hole) -> Theorem {
+        Theorem {
+            hole: (!hole.is_whole()).then_some(hole),
+            ..self.clone()
+        }
+    }
+
     /// The Lean text placed before the statement: `header` verbatim when present, else one
     /// `import` line per module, then `context` and a blank line.
     pub fn preamble(&self) -> String {

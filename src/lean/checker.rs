@@ -13,11 +13,13 @@ use super::backend::{KiminaClient, ProcessBackend, ReplPool, ReplSettings, Runne
 use super::cache::{self, VerdictCache};
 use super::command::{network_isolation, CommandLine};
 use super::extract::{extract_proof, Extracted};
+use super::fill::{fill_hole, Filled};
 use super::options::{Backend, CheckerOptions};
 use super::sandbox::Limits;
 use super::screen::{screen, ScreenPolicy};
 use super::source::Source;
 use super::verdict::{judge, without_run, Verdict, VerdictKind};
+use crate::data::fim::Hole;
 use crate::data::Theorem;
 
 const DEFAULT_LEAN_CMD: &str = "lake env lean --json";
@@ -33,6 +35,8 @@ pub struct Job {
     pub statement: String,
     /// The model's completion (fenced block, restated theorem or bare proof) or a proof.
     pub completion: String,
+    /// A fill-in-the-middle job: the completion fills this hole (docs/fim.md).
+    pub hole: Option<Hole>,
 }
 
 impl Job {
@@ -42,6 +46,7 @@ impl Job {
             preamble: theorem.preamble(),
             statement: theorem.statement.clone(),
             completion: completion.into(),
+            hole: theorem.hole.clone(),
         }
     }
 }
@@ -241,7 +246,17 @@ impl Checker {
 
     /// Extraction, statement comparison and screening: everything decided without Lean.
     fn prepare(&self, job: &Job) -> Prepared {
-        let proof = match extract_proof(&job.completion, &job.statement) {
+        let extracted = match &job.hole {
+            Some(hole) => match fill_hole(&job.completion, hole) {
+                Filled::Proof(proof) => Extracted::Proof(proof),
+                Filled::Empty => Extracted::NoProof,
+                Filled::Mismatch(why) => {
+                    return Prepared::Done(without_run(VerdictKind::HoleMismatch, why), None)
+                }
+            },
+            None => extract_proof(&job.completion, &job.statement),
+        };
+        let proof = match extracted {
             Extracted::Proof(proof) => proof,
             Extracted::NoProof => {
                 return Prepared::Done(

@@ -23,10 +23,13 @@ pub enum VerdictKind {
     Memory,
     Crashed,
     NoProof,
+    /// A fill-in-the-middle completion that repeats or rewrites the text around the hole, or
+    /// contains the hole marker (docs/fim.md): it did not fill the hole.
+    HoleMismatch,
 }
 
 impl VerdictKind {
-    pub const ALL: [VerdictKind; 10] = [
+    pub const ALL: [VerdictKind; 11] = [
         VerdictKind::Accepted,
         VerdictKind::LeanError,
         VerdictKind::Sorry,
@@ -37,6 +40,7 @@ impl VerdictKind {
         VerdictKind::Memory,
         VerdictKind::Crashed,
         VerdictKind::NoProof,
+        VerdictKind::HoleMismatch,
     ];
 
     /// The snake_case name used in JSON and reports.
@@ -52,6 +56,7 @@ impl VerdictKind {
             VerdictKind::Memory => "memory",
             VerdictKind::Crashed => "crashed",
             VerdictKind::NoProof => "no_proof",
+            VerdictKind::HoleMismatch => "hole_mismatch",
         }
     }
 }
@@ -450,6 +455,6 @@ mod tests {
             serde_json::to_string(&v).unwrap(),
             r#"{"kind":"statement_changed"}"#
         );
-        assert_eq!(VerdictKind::ALL.map(VerdictKind::name).len(), 10);
+        assert_eq!(VerdictKind::ALL.map(VerdictKind::name).len(), 11);
     }
 }

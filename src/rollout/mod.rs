@@ -62,13 +62,40 @@ impl RolloutTimes {
     }
 }
 
-/// The prompt tokens of a theorem: the instruction of [`user_message`] through the model's chat
-/// template (a plain template when the model has none).
+/// The prompt tokens of a theorem: the text of [`prompt_text`], whose special tokens the
+/// template or the FIM layout already wrote.
 pub fn prompt_tokens(tokenizer: &Tokenizer, theorem: &Theorem) -> Result<Vec<u32>> {
-    let messages = [ChatMessage::user(user_message(theorem))];
-    tokenizer
-        .encode_chat(&messages)
+    prompt_text(tokenizer, theorem)
+        .and_then(|text| tokenizer.encode(&text, false))
         .with_context(|| format!("building the prompt of theorem {}", theorem.name))
+}
+
+/// The FIM special tokens that code models pretrained on fill-in-the-middle know.
+const FIM_TOKENS: [&str; 3] = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"];
+
+/// The prompt text of a theorem: the instruction of [`user_message`] through the model's chat
+/// template (a plain template when the model has none). A fill-in-the-middle example for a base
+/// model (no chat template) whose tokenizer has the FIM tokens gets the layout it was
+/// pretrained on instead: `<|fim_prefix|>`, source up to the hole, `<|fim_suffix|>`, the rest,
+/// `<|fim_middle|>`; the model then writes the hole's text bare.
+pub fn prompt_text(tokenizer: &Tokenizer, theorem: &Theorem) -> Result<String> {
+    if let Some(hole) = &theorem.hole {
+        let has_fim = FIM_TOKENS
+            .iter()
+            .all(|t| tokenizer.token_to_id(t).is_some());
+        if has_fim && !tokenizer.has_chat_template() {
+            let [prefix, suffix, middle] = FIM_TOKENS;
+            return Ok(format!(
+                "{prefix}{}{} {}{suffix}{}{middle}",
+                theorem.preamble(),
+                theorem.statement,
+                hole.prefix,
+                hole.suffix
+            ));
+        }
+    }
+    let messages = [ChatMessage::user(user_message(theorem))];
+    tokenizer.apply_chat_template(&messages, true)
 }
 
 /// Everything sampling needs besides the prompts.

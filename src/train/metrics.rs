@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::update::UpdateOutcome;
 use crate::algo::Prepared;
+use crate::data::fim::Hole;
 use crate::data::Theorem;
 use crate::lean::{Evidence, VerdictKind};
 use crate::rollout::{Completion, Group, RolloutTimes};
@@ -92,6 +93,13 @@ pub struct StepMetrics {
     pub checking_seconds: f64,
     pub training_seconds: f64,
     pub tokens_per_second: f64,
+    /// `train.task: fim`: the mask ratio this step's holes were cut at (docs/fim.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_ratio: Option<f64>,
+    /// `train.task: fim`: the pass rate at every ratio trained at so far, this step included
+    /// (key: the ratio with three decimals).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pass_rate_by_ratio: BTreeMap<String, f64>,
 }
 
 /// One completion as users read it: their model's proof, what Lean said, what it earned.
@@ -110,6 +118,9 @@ pub struct TrainSample {
     pub accepted: bool,
     pub evidence: Evidence,
     pub seconds: f64,
+    /// `train.task: fim`: the hole the completion fills; `proof` is then the reassembled proof.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hole: Option<Hole>,
 }
 
 /// Everything one step produced, from which its metrics line and sample lines are built.
@@ -203,6 +214,8 @@ impl StepOutcome<'_> {
             checking_seconds: self.times.checking,
             training_seconds: self.training_seconds,
             tokens_per_second: self.times.tokens as f64 / self.times.sampling.max(1e-9),
+            mask_ratio: None,
+            pass_rate_by_ratio: BTreeMap::new(),
         }
     }
 
@@ -231,6 +244,7 @@ impl StepOutcome<'_> {
                 accepted: c.checked.verdict.is_accepted(),
                 evidence: c.checked.verdict.evidence.clone(),
                 seconds: c.checked.seconds,
+                hole: theorems[grp.theorem].hole.clone(),
             })
             .collect()
     }

@@ -7,9 +7,11 @@
 //! adapters); everything after sampling is the same code for both. This module keeps what is
 //! the loop's own: the run directory, the cursor over the theorems, the update and the metrics.
 
+mod curriculum;
 mod cursor;
 mod metrics;
 mod run_dir;
+mod task;
 mod update;
 
 use std::path::{Path, PathBuf};
@@ -20,14 +22,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use indicatif::ProgressBar;
 
+pub use curriculum::{Curriculum, RatioCount};
 pub use cursor::Cursor;
 pub use metrics::{StepMetrics, TrainSample};
 pub use run_dir::{read_state, RunDir, TheoremFile, TrainerState};
 pub(crate) use update::Update;
 
 use crate::algo::{self, AlgoConfig};
-use crate::config::{Config, TrainOptions};
-use crate::data::Theorem;
+use crate::config::{Config, Task, TrainOptions};
+use crate::data::{fim, Theorem};
 use crate::lean::Checker;
 use crate::model::optim::Optimizer;
 use crate::model::sampler::Sampler;
@@ -39,6 +42,7 @@ use crate::rollout::{
     SamplingSetup,
 };
 use metrics::StepOutcome;
+use task::{Holes, StepTask};
 
 /// How a training run ended.
 #[derive(Debug, Clone)]
@@ -71,6 +75,17 @@ pub struct TrainInputs<'a> {
 pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
     let train = &config.train;
     let algo = check(config)?;
+    let fim_task = train.task == Task::Fim;
+    let theorems = if fim_task {
+        curriculum::validate(&train.fim)?;
+        let (kept, _) = fim::with_proofs(&inputs.theorems);
+        if kept.is_empty() {
+            bail!("train.task: fim needs records with a `proof`, and none of these has one");
+        }
+        kept
+    } else {
+        inputs.theorems
+    };
     let reward = RewardFn::new(train.reward, train.partial_credit_cap, train.length_penalty)?;
     let endpoint = endpoint_client(train)?;
     let root = match (&inputs.resume, &train.output_dir) {
@@ -86,16 +101,30 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
     let mut policy = Policy::load(&config.model, &config.lora, train.seed)?;
     policy.set_gradient_checkpointing(train.gradient_checkpointing);
     let tokenizer = Tokenizer::from_dir(policy.model_dir())?;
-    let prompts = all_prompt_tokens(&tokenizer, &inputs.theorems)?;
+    // FIM prompts depend on the step's holes: each step builds those it draws.
+    let prompts = if fim_task {
+        vec![Vec::new(); theorems.len()]
+    } else {
+        all_prompt_tokens(&tokenizer, &theorems)?
+    };
     let (mut run, latest) = match resumed {
         Some(resumed) => resumed,
         None => (RunDir::create(&root, config, &inputs.theorem_file)?, None),
     };
-    let total_steps = total_steps(config, inputs.theorems.len());
+    let total_steps = total_steps(config, theorems.len());
     let updates = total_steps * algo.num_iterations * algo.num_minibatches;
     let mut progress = Progress::start(config, &policy, updates)?;
+    if fim_task {
+        progress.state.curriculum = Some(Curriculum::start(&train.fim));
+    }
     if let Some(checkpoint) = &latest {
         progress.restore(checkpoint, config, &policy)?;
+        if fim_task && progress.state.curriculum.is_none() {
+            bail!(
+                "the checkpoint {} has no FIM curriculum state",
+                checkpoint.display()
+            );
+        }
         tracing::info!(
             "resuming {} after step {}",
             root.display(),
@@ -110,9 +139,10 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
         reward: &reward,
         setup: &setup,
         remote: remote.as_ref(),
-        theorems: &inputs.theorems,
+        theorems: &theorems,
         prompts: &prompts,
         stop: &inputs.stop,
+        total_steps,
     };
     let bar = crate::progress::bar(
         total_steps,
@@ -287,8 +317,11 @@ struct Step<'a> {
     /// Sample from this server instead of the policy.
     remote: Option<&'a RemoteSampler>,
     theorems: &'a [Theorem],
+    /// Whole-proof prompts (empty for a FIM run, whose prompts each step builds).
     prompts: &'a [Vec<u32>],
     stop: &'a AtomicBool,
+    /// Steps of the whole run, for the linear FIM schedule.
+    total_steps: usize,
 }
 
 /// A generation batch after dynamic sampling: every group sampled (dropped ones included), their
@@ -306,7 +339,15 @@ impl Step<'_> {
     /// Runs one step; `None` when Ctrl-C arrived before the update (nothing was changed that
     /// the caller cannot roll back).
     fn run(&self, progress: &mut Progress) -> Result<Option<(StepMetrics, Vec<TrainSample>)>> {
-        let Some(batch) = self.sample(&mut progress.state, &mut progress.sampler)? else {
+        let train = &self.config.train;
+        let holes = progress.state.curriculum.as_ref().map(|c| Holes {
+            ratio: c.ratio_at(&train.fim, progress.state.step, self.total_steps),
+            // A new draw of holes every step, the same one on a resumed run.
+            seed: train.seed.wrapping_add(progress.state.step as u64),
+        });
+        let mut task = StepTask::new(self.theorems, self.prompts, holes);
+        let Some(batch) = self.sample(&mut progress.state, &mut progress.sampler, &mut task)?
+        else {
             return Ok(None);
         };
         progress.state.step += 1;
@@ -332,7 +373,7 @@ impl Step<'_> {
         .run(
             &batch.prepared,
             &batch.groups,
-            self.prompts,
+            &task.prompts,
             &mut progress.optimizer,
         )?;
         progress.state.sampler = progress.sampler.state();
@@ -350,12 +391,27 @@ impl Step<'_> {
             times: batch.times,
             training_seconds: train_start.elapsed().as_secs_f64(),
         };
-        Ok(Some((outcome.metrics(), outcome.samples(self.theorems))))
+        let mut metrics = outcome.metrics();
+        if let (Some(holes), Some(curriculum)) = (holes, progress.state.curriculum.as_mut()) {
+            let completions = || batch.groups.iter().flat_map(|g| &g.completions);
+            let accepted = completions()
+                .filter(|c| c.checked.verdict.is_accepted())
+                .count();
+            curriculum.record(&train.fim, holes.ratio, accepted, completions().count());
+            metrics.mask_ratio = Some(holes.ratio);
+            metrics.pass_rate_by_ratio = curriculum.pass_rates();
+        }
+        Ok(Some((metrics, outcome.samples(&task.theorems))))
     }
 
     /// Samples, checks and rewards groups until dynamic sampling keeps `batch_size` of them or
     /// runs out of rounds; `None` when Ctrl-C arrived meanwhile.
-    fn sample(&self, state: &mut TrainerState, sampler: &mut Sampler) -> Result<Option<Batch>> {
+    fn sample(
+        &self,
+        state: &mut TrainerState,
+        sampler: &mut Sampler,
+        task: &mut StepTask,
+    ) -> Result<Option<Batch>> {
         let train = &self.config.train;
         let wanted = train.batch_size;
         let mut groups: Vec<Group> = Vec::new();
@@ -371,17 +427,18 @@ impl Step<'_> {
             let ids = state
                 .cursor
                 .take(wanted - kept_so_far, self.theorems.len(), train.seed);
+            task.prepare(&ids, self.setup.tokenizer)?;
             let (new_groups, t) = match self.remote {
                 Some(remote) => {
                     let seed = rollout_seed(train.seed, state.step, rounds);
                     let g = train.num_generations;
-                    remote.rollout(self.setup, self.theorems, &ids, g, seed)?
+                    remote.rollout(self.setup, &task.theorems, &ids, g, seed)?
                 }
                 None => rollout(
                     self.setup,
                     sampler,
-                    self.theorems,
-                    self.prompts,
+                    &task.theorems,
+                    &task.prompts,
                     &ids,
                     train.num_generations,
                 )?,

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::curriculum::Curriculum;
 use super::cursor::Cursor;
 use super::metrics::{StepMetrics, TrainSample};
 use crate::atomic;
@@ -32,6 +33,9 @@ pub struct TrainerState {
     pub cursor: Cursor,
     /// The sampling RNG, so the resumed run draws the same tokens.
     pub sampler: SamplerState,
+    /// `train.task: fim`: the mask-ratio curriculum, so the resumed run cuts the same holes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curriculum: Option<Curriculum>,
 }
 
 impl TrainerState {
@@ -41,6 +45,7 @@ impl TrainerState {
             step: 0,
             cursor: Cursor::start(),
             sampler,
+            curriculum: None,
         }
     }
 }

@@ -1,7 +1,10 @@
-//! Shared by the `lean_*` test files: fake commands, options, data, process checks.
+//! Shared by the `lean_*` test files: fake commands, options, data, process checks; and by
+//! the end-to-end tests: running the binary ([`binary`]).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+
+pub mod binary;
 
 use lean_grpo::data::Theorem;
 use lean_grpo::lean::{Backend, CheckerOptions};
@@ -57,6 +60,7 @@ pub fn theorem(name: &str) -> Theorem {
         header: None,
         proof: None,
         split: None,
+        hole: None,
     }
 }
 
