@@ -1,6 +1,6 @@
 //! Training curves as a PNG, read from a run's `metrics.jsonl`: reward mean and pass rate per
 //! step, and beside them what shows a policy collapsing before the reward does: mean completion
-//! length, share of replies with no proof, sampled-token entropy and KL to the start policy.
+//! length, share of replies with no proof, sampled-token entropy and KL to the base model.
 //!
 //! A PNG is what a researcher pastes into a report or opens over ssh without a notebook.
 //! Drawing is done by `plotters` into an in-memory RGB buffer, which the `png` crate encodes;
@@ -171,7 +171,7 @@ fn draw(metrics: &[StepMetrics], title: &str, pixels: &mut [u8]) -> Result<()> {
             m.completion_length_mean
         }),
         ("sampled-token entropy (nats)", |m| m.sampled_entropy),
-        ("KL to the start policy", |m| m.kl_to_start),
+        ("KL to the base model (kl_to_start)", |m| m.kl_to_start),
     ];
     for (area, (name, value)) in panels[3..].iter().zip(scaled) {
         let series = segments(metrics, value);

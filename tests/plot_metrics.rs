@@ -65,7 +65,7 @@ fn draws_every_curve_in_its_panel_and_text() {
         "pass rate leaked into the reward panel"
     );
     assert!(count(&green, 1, 1) > 300, "completion length curve missing");
-    assert!(count(&green, 2, 1) > 300, "KL to the start policy missing");
+    assert!(count(&green, 2, 1) > 300, "KL to the base model missing");
     // Lines without them (share of no-proof replies, entropy here) leave their panels empty.
     assert_eq!(count(&green, 1, 0), 0, "a curve drawn from no data");
     assert_eq!(count(&green, 2, 0), 0, "a curve drawn from no data");

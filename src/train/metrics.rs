@@ -65,7 +65,9 @@ pub struct StepMetrics {
     /// KL of the policy that sampled this step (before its update) to the start policy (the
     /// base model, adapters off): the mean over the completion tokens of the rows whose forward
     /// ran of Schulman's k3 estimator exp(Δ) − Δ − 1, Δ = ℓ^ref − ℓ^old (docs/algorithms.md
-    /// §3.6), measured whatever β. 0 at step 1 (LoRA B starts at 0); `None` when no row was
+    /// §3.6), measured whatever β. 0 at step 1 of a run from fresh adapters (LoRA B starts at
+    /// 0); a run from a warm-start adapter (`model.adapter`, an SFT) starts at that adapter's
+    /// distance from the base model (1.07 nats/token on SmolLM2 after SFT). `None` when no row was
     /// computed. With `train.endpoint` the tokens are the server's, not the policy's samples,
     /// so it is then a drift indicator rather than an estimate of KL(π_old ‖ π_ref).
     #[serde(default)]
