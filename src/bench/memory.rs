@@ -10,6 +10,10 @@ use std::fs;
 /// Runs `f` and returns its result with the peak RSS (GiB) while it ran; `None` where the
 /// kernel does not offer the reset (not Linux, or /proc not writable).
 pub fn peak_rss_gib<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(Option<f64>, T)> {
+    // The reset sets the mark to the current resident size, which still holds every free page
+    // the allocator kept from earlier phases: return those first, or each phase reports the
+    // largest peak before it.
+    crate::model::device::release_cpu_memory();
     let reset = fs::write("/proc/self/clear_refs", "5").is_ok();
     let out = f()?;
     let peak = reset.then(|| status_kib("VmHWM:")).flatten();

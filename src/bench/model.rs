@@ -220,6 +220,7 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
 fn memory(policy: &mut Policy, plan: &ModelPlan) -> Result<MemoryFigures> {
     let (g, vocab) = (plan.memory_group_size, plan.model.vocab_size);
     let prompt = token_ids(2, plan.memory_prompt_tokens, vocab);
+    crate::model::device::release_cpu_memory();
     let model_rss_gib = super::memory::rss_gib();
     let opts = GenerateOptions {
         max_new_tokens: plan.memory_completion_tokens,
