@@ -17,7 +17,13 @@
 # sampling. Knobs (environment): SEED, ALGORITHMS, RL_STEPS, RL_LR, SFT_LIMIT, SFT_EPOCHS,
 # SFT_LR, EVAL_N, MODEL, MAX_LEN (max completion tokens, default 32), BUILD (debug or release), ALGO_CONFIG (JSON passed to `train --algo-config`, e.g.
 # '{"dynamic_sampling_metric": "shaped_reward"}'), LEAN (a `lean` binary; default:
-# scripts/test-lean.sh fetches one).
+# scripts/test-lean.sh fetches one), LEAN_GRPO (a built binary instead of building one),
+# SFT_ADAPTER (an existing warm-up adapter: step 2 is skipped, so several RL seeds can start
+# from the same SFT policy), RL_DATA (the theorem file RL trains on, default data/prelude.jsonl;
+# e.g. one written by `lean-grpo filter`), TAG (suffix of the per-algorithm run names).
+#
+# Resumable: an algorithm whose evaluation is already in OUT_DIR is not run again. Every result
+# is appended to OUT_DIR/results.jsonl (one JSON object per algorithm) for scripts/learn-seeds.sh.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,26 +51,36 @@ log() { echo "learn-prelude: $*" >&2; }
 start=$SECONDS
 phase() { log "[$((SECONDS - start))s] $*"; }
 
+rl_data="${RL_DATA:-$data}"
+tag="${TAG:-}"
+
 lean="${LEAN:-$("$repo/scripts/test-lean.sh")}"
-phase "building lean-grpo"
-if [[ "$build" == release ]]; then
-    (cd "$repo" && cargo build --quiet --release)
-else
-    (cd "$repo" && cargo build --quiet)
-fi
-target="${CARGO_TARGET_DIR:-$repo/target}"
 mkdir -p "$out"
-# A private copy: another build in the same target directory cannot swap it mid-run.
-cp "$target/$build/lean-grpo" "$out/lean-grpo"
-lg="$out/lean-grpo"
+if [[ -n "${LEAN_GRPO:-}" ]]; then
+    lg="$LEAN_GRPO"
+else
+    phase "building lean-grpo"
+    if [[ "$build" == release ]]; then
+        (cd "$repo" && cargo build --quiet --release)
+    else
+        (cd "$repo" && cargo build --quiet)
+    fi
+    target="${CARGO_TARGET_DIR:-$repo/target}"
+    # A private copy: another build in the same target directory cannot swap it mid-run.
+    cp "$target/$build/lean-grpo" "$out/lean-grpo"
+    lg="$out/lean-grpo"
+fi
 checker=(--lean-cmd "$lean --json" --jobs "$(nproc)")
 sampling=(--max-completion-length "$len" --temperature 1.0)
 
+pass_at_1() { # EVAL_DIR
+    python3 -c 'import json,sys; print(100 * json.load(open(sys.argv[1]))["pass_at_k"]["1"])' \
+        "$1/summary.json"
+}
 evaluate() { # ADAPTER DIR
     "$lg" -q eval "$data" --split test --model "$model" --adapter "$1" -n "$eval_n" --k 1 \
         --seed "$seed" "${sampling[@]}" "${checker[@]}" --output "$2" >/dev/null
-    python3 -c 'import json,sys; print(100 * json.load(open(sys.argv[1]))["pass_at_k"]["1"])' \
-        "$2/summary.json"
+    pass_at_1 "$2"
 }
 
 if [[ -n "${MODEL:-}" ]]; then
@@ -77,28 +93,46 @@ else
     "$lg" init-model --corpus "$data" --output "$model" --seed "$seed" >&2
 fi
 
-phase "sft on the first $sft_limit train records, $sft_epochs epochs"
-"$lg" -q sft "$data" --split train --model "$model" --limit "$sft_limit" \
-    --epochs "$sft_epochs" --batch-size 4 --learning-rate "$sft_lr" --seed "$seed" \
-    --output "$out/sft" >&2
+if [[ -n "${SFT_ADAPTER:-}" ]]; then
+    sft="$SFT_ADAPTER"
+    phase "warm-up adapter $sft (given; no SFT)"
+else
+    sft="$out/sft"
+    phase "sft on the first $sft_limit train records, $sft_epochs epochs"
+    "$lg" -q sft "$data" --split train --model "$model" --limit "$sft_limit" \
+        --epochs "$sft_epochs" --batch-size 4 --learning-rate "$sft_lr" --seed "$seed" \
+        --output "$sft" >&2
+fi
 
 phase "pass@1 of the warm-up policy on the test split"
-before="$(evaluate "$out/sft" "$out/eval-sft")"
+if [[ -f "$out/eval-sft/summary.json" ]]; then
+    before="$(pass_at_1 "$out/eval-sft")"
+else
+    before="$(evaluate "$sft" "$out/eval-sft")"
+fi
 phase "before RL: pass@1 ${before}%"
 
 rows=()
 for algo in $algorithms; do
-    phase "RL with $algo, $rl_steps steps"
-    t0=$SECONDS
-    rm -rf "$out/$algo"
-    "$lg" -q train "$data" --split train --model "$model" --adapter "$out/sft" \
-        --algorithm "$algo" --num-generations 8 --batch-size 2 --max-steps "$rl_steps" \
-        --learning-rate "$rl_lr" --seed "$seed" "${sampling[@]}" "${checker[@]}" \
-        ${algo_config[@]+"${algo_config[@]}"} --output "$out/$algo" >&2
-    rl_seconds=$((SECONDS - t0))
-    after="$(evaluate "$out/$algo/adapter" "$out/eval-$algo")"
-    "$lg" plot "$out/$algo" >/dev/null
-    reward="$(python3 - "$out/$algo/metrics.jsonl" <<'PY'
+    run="$algo$tag"
+    if [[ -f "$out/eval-$run/summary.json" && -f "$out/$run/rl_seconds" ]]; then
+        phase "$run: evaluated already, not run again"
+        after="$(pass_at_1 "$out/eval-$run")"
+        rl_seconds="$(cat "$out/$run/rl_seconds")"
+    else
+        phase "RL with $algo on $rl_data, $rl_steps steps"
+        t0=$SECONDS
+        rm -rf "$out/$run" "$out/eval-$run"
+        "$lg" -q train "$rl_data" --split train --model "$model" --adapter "$sft" \
+            --algorithm "$algo" --num-generations 8 --batch-size 2 --max-steps "$rl_steps" \
+            --learning-rate "$rl_lr" --seed "$seed" "${sampling[@]}" "${checker[@]}" \
+            ${algo_config[@]+"${algo_config[@]}"} --output "$out/$run" >&2
+        rl_seconds=$((SECONDS - t0))
+        after="$(evaluate "$out/$run/adapter" "$out/eval-$run")"
+        echo "$rl_seconds" >"$out/$run/rl_seconds"
+        "$lg" plot "$out/$run" >/dev/null
+    fi
+    reward="$(python3 - "$out/$run/metrics.jsonl" <<'PY'
 import json, sys
 m = [json.loads(l) for l in open(sys.argv[1])]
 half = max(1, len(m) // 2)
@@ -107,7 +141,22 @@ last = sum(x["reward_mean"] for x in m[-half:]) / half
 print(f"{first:.2f} → {last:.2f}")
 PY
 )"
-    phase "$algo: pass@1 ${before}% -> ${after}%"
+    phase "$run: pass@1 ${before}% -> ${after}%"
+    python3 - "$out/$run/metrics.jsonl" "$run" "$algo" "$seed" "$before" "$after" "$rl_seconds" \
+        >>"$out/results.jsonl" <<'PY'
+import json, sys
+path, run, algo, seed, before, after, secs = sys.argv[1:]
+m = [json.loads(l) for l in open(path)]
+print(json.dumps({
+    "run": run, "algorithm": algo, "seed": int(seed),
+    "pass_at_1_before": float(before), "pass_at_1_after": float(after),
+    "rl_seconds": int(secs), "steps": len(m),
+    # Steps whose every kept row had advantage 0: the optimizer got no gradient.
+    "steps_without_gradient": sum(1 for x in m if x["rows_skipped"] == x["completions"]),
+    "zero_variance_fraction_mean": sum(x["zero_variance_fraction"] for x in m) / len(m),
+    "completions": sum(x["completions"] for x in m),
+}))
+PY
     rows+=("$(python3 -c 'import sys; b, a = float(sys.argv[1]), float(sys.argv[2]); print(f"| {sys.argv[3]} | {b:.1f}% | {a:.1f}% | {a - b:+.1f} | {sys.argv[4]} | {sys.argv[5]} s |")' \
         "$before" "$after" "$algo" "$reward" "$rl_seconds")")
 done
