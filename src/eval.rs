@@ -149,8 +149,8 @@ fn k_values(explicit: Option<&[usize]>, n: usize) -> Result<Vec<usize>> {
     Ok(fit)
 }
 
-/// Theorems sampled per rollout: enough to overlap sampling with checking, few enough for a
-/// progress bar that moves.
+/// Theorems sampled per rollout, one generation batch of `CHUNK × n` rows: a batch that keeps
+/// decoding efficient, small enough for a progress bar that moves.
 const CHUNK: usize = 4;
 
 fn local(

@@ -54,6 +54,8 @@ fn reduced_bench_prints_every_figure() {
     let mut expected: Vec<String> = [
         "/sampling/batch_1_tokens_per_second",
         "/sampling/batch_8_tokens_per_second",
+        "/sampling/step_one_batch_tokens_per_second",
+        "/sampling/step_group_by_group_tokens_per_second",
         "/sampling/f16_merged_batch_1_tokens_per_second",
         "/sampling/f16_merged_batch_8_tokens_per_second",
         "/sampling/f16_merge_seconds",

@@ -59,6 +59,10 @@ pub struct SamplingFigures {
     /// The default: the f32 weights and the LoRA branch, the training forward's arithmetic.
     pub batch_1_tokens_per_second: f64,
     pub batch_8_tokens_per_second: f64,
+    /// A training step's rollout: 2 prompts × 8 completions decoded in one batch, as `train`
+    /// samples (src/rollout/local.rs), and the same groups one after another, as it did before.
+    pub step_one_batch_tokens_per_second: f64,
+    pub step_group_by_group_tokens_per_second: f64,
     /// `--sample-dtype f16`: an f16 copy of the weights with the adapters merged in, as the
     /// second and later groups of a step (or of an evaluation) sample: the copy is already
     /// built. Building it is [`Self::f16_merge_seconds`], once per optimizer step.
@@ -130,6 +134,8 @@ pub fn measure(
     )?;
     drop(model.weights);
     let (batch_1, batch_8) = (sampling(&policy, plan, 1)?, sampling(&policy, plan, 8)?);
+    let step_one_batch = sampling_step(&policy, plan, true)?;
+    let step_group_by_group = sampling_step(&policy, plan, false)?;
     policy.set_sample_dtype(Some(DType::F16))?;
     let merge = || Ok(policy.decoder().sample_weights(DType::F16, true)?);
     // The first merges of a process also fault in the gigabyte they write (2-3 s against
@@ -143,6 +149,8 @@ pub fn measure(
     let sampling = SamplingFigures {
         batch_1_tokens_per_second: batch_1,
         batch_8_tokens_per_second: batch_8,
+        step_one_batch_tokens_per_second: step_one_batch,
+        step_group_by_group_tokens_per_second: step_group_by_group,
         f16_merged_batch_1_tokens_per_second: f16_batch_1,
         f16_merged_batch_8_tokens_per_second: f16_batch_8,
         f16_merge_seconds,
@@ -168,26 +176,59 @@ fn token_ids(seed: usize, len: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn sampling(policy: &Policy, plan: &ModelPlan, batch: usize) -> Result<f64> {
-    let prompts = vec![token_ids(0, plan.prompt_tokens, plan.model.vocab_size)];
+    let prompt = token_ids(0, plan.prompt_tokens, plan.model.vocab_size);
+    let rate = sampling_groups(policy, plan, &[prompt], batch, true)?;
+    tracing::info!("bench: sampling batch {batch}: {rate:.1} tokens/s");
+    Ok(rate)
+}
+
+/// Tokens/s of a step's rollout: [`STEP_GROUPS`] distinct prompts × 8 completions, decoded in one
+/// batch as `train` does (`together`), or one group after another.
+fn sampling_step(policy: &Policy, plan: &ModelPlan, together: bool) -> Result<f64> {
+    let prompts: Vec<Vec<u32>> = (0..STEP_GROUPS)
+        .map(|i| token_ids(10 + i, plan.prompt_tokens, plan.model.vocab_size))
+        .collect();
+    let rate = sampling_groups(policy, plan, &prompts, 8, together)?;
+    tracing::info!("bench: sampling a step, one batch {together}: {rate:.1} tokens/s");
+    Ok(rate)
+}
+
+/// Groups of a step sampled by the step-sampling figures.
+const STEP_GROUPS: usize = 2;
+
+fn sampling_groups(
+    policy: &Policy,
+    plan: &ModelPlan,
+    prompts: &[Vec<u32>],
+    group_size: usize,
+    together: bool,
+) -> Result<f64> {
     let opts = GenerateOptions {
         max_new_tokens: plan.new_tokens,
         eos_ids: Vec::new(),
         adapters: true,
     };
+    let batches: Vec<&[Vec<u32>]> = if together {
+        vec![prompts]
+    } else {
+        prompts.chunks(1).collect()
+    };
     let (seconds, tokens) = best_of(plan.rounds, || {
         let mut sampler = Sampler::new(&SamplingOptions::default(), 0);
-        let gens = policy.generate(
-            &prompts,
-            batch,
-            &opts,
-            &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
-            &mut |_: &[u32]| false,
-        )?;
-        Ok(gens.iter().map(|g| g.tokens.len()).sum::<usize>())
+        let mut tokens = 0;
+        for batch in &batches {
+            let gens = policy.generate(
+                batch,
+                group_size,
+                &opts,
+                &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
+                &mut |_: &[u32]| false,
+            )?;
+            tokens += gens.iter().map(|g| g.tokens.len()).sum::<usize>();
+        }
+        Ok(tokens)
     })?;
-    let rate = tokens as f64 / seconds;
-    tracing::info!("bench: sampling batch {batch}: {rate:.1} tokens/s");
-    Ok(rate)
+    Ok(tokens as f64 / seconds)
 }
 
 fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {

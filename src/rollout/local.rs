@@ -1,19 +1,24 @@
-//! Sampling groups of proofs and checking them, overlapped: while the policy samples the next
-//! theorem's group, the checker pool is already running Lean on the previous one.
+//! Sampling the groups of a rollout and checking them with Lean.
+//!
+//! All groups of a rollout are decoded together, one batch of `theorems × G` rows: each
+//! prompt is prefilled once and its KV cache copied to its G rows ([`Policy::generate`]), and
+//! every decode step then runs the whole batch. On a GPU this is what makes throughput grow
+//! with the batch; on the CPU a step's weights are read once for all rows instead of once per
+//! group. Lean checks the proofs after the batch, on the checker pool.
+//!
+//! [`Policy::generate`]: crate::model::Policy::generate
 
-use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Result;
 
 use super::{groups, Group, RolloutTimes, Sampled, SamplingSetup};
 use crate::data::Theorem;
-use crate::lean::{Checked, Job};
+use crate::lean::Job;
 use crate::model::sampler::Sampler;
 
-/// Samples `group_size` completions for each of `theorem_ids` (one generation batch per
-/// theorem, its prompt prefilled once) and checks them while the next group is sampled.
-/// Groups come back in the order of `theorem_ids`.
+/// Samples `group_size` completions for each of `theorem_ids` in one generation batch and
+/// checks them. Groups come back in the order of `theorem_ids`.
 pub fn rollout(
     setup: &SamplingSetup,
     sampler: &mut Sampler,
@@ -23,58 +28,38 @@ pub fn rollout(
     group_size: usize,
 ) -> Result<(Vec<Group>, RolloutTimes)> {
     let mut times = RolloutTimes::default();
-    let checker = setup.checker;
-    std::thread::scope(|scope| -> Result<(Vec<Group>, RolloutTimes)> {
-        let (to_checker, inbox) = mpsc::channel::<Vec<Job>>();
-        let lean = scope.spawn(move || -> Result<(Vec<Vec<Checked>>, f64)> {
-            let mut verdicts = Vec::new();
-            let mut busy = 0.0;
-            for jobs in inbox {
-                let start = Instant::now();
-                verdicts.push(checker.check(&jobs, None)?);
-                busy += start.elapsed().as_secs_f64();
-            }
-            Ok((verdicts, busy))
-        });
-        let mut sampled = Vec::with_capacity(theorem_ids.len());
-        let sampling_result = (|| -> Result<()> {
-            for &id in theorem_ids {
-                let start = Instant::now();
-                let group = sample_group(setup, sampler, &prompts[id], group_size)?;
-                times.sampling += start.elapsed().as_secs_f64();
-                times.tokens += group
-                    .iter()
-                    .map(|(tokens, _, _)| tokens.len())
-                    .sum::<usize>();
-                let jobs = group
-                    .iter()
-                    .map(|(_, text, _)| Job::new(&theorems[id], text.clone()))
-                    .collect();
-                // A send fails only when the checker thread has stopped on an error, which
-                // `join` reports below.
-                let _ = to_checker.send(jobs);
-                sampled.push((id, group));
-            }
-            Ok(())
-        })();
-        drop(to_checker);
-        let tail_start = Instant::now();
-        let checked = lean
-            .join()
-            .map_err(|_| anyhow::anyhow!("the checker thread panicked"))?;
-        sampling_result?;
-        let (verdicts, busy) = checked?;
-        times.checking = busy;
-        times.checking_tail = tail_start.elapsed().as_secs_f64();
-        Ok((groups(sampled, verdicts.into_iter().flatten()), times))
-    })
+    let start = Instant::now();
+    let batch: Vec<Vec<u32>> = theorem_ids.iter().map(|&id| prompts[id].clone()).collect();
+    let mut samples = sample_groups(setup, sampler, &batch, group_size)?.into_iter();
+    times.sampling = start.elapsed().as_secs_f64();
+    let mut sampled = Vec::with_capacity(theorem_ids.len());
+    let mut jobs = Vec::with_capacity(theorem_ids.len() * group_size);
+    for &id in theorem_ids {
+        let group: Vec<Sampled> = samples.by_ref().take(group_size).collect();
+        times.tokens += group
+            .iter()
+            .map(|(tokens, _, _)| tokens.len())
+            .sum::<usize>();
+        jobs.extend(
+            group
+                .iter()
+                .map(|(_, text, _)| Job::new(&theorems[id], text.clone())),
+        );
+        sampled.push((id, group));
+    }
+    let start = Instant::now();
+    let verdicts = setup.checker.check(&jobs, None)?;
+    times.checking = start.elapsed().as_secs_f64();
+    times.checking_tail = times.checking;
+    Ok((groups(sampled, verdicts), times))
 }
 
-/// Samples one group: (tokens, text, truncated) per completion.
-fn sample_group(
+/// Samples `group_size` completions of every prompt in one batch: (tokens, text, truncated)
+/// per completion, prompt by prompt.
+fn sample_groups(
     setup: &SamplingSetup,
     sampler: &mut Sampler,
-    prompt: &[u32],
+    prompts: &[Vec<u32>],
     group_size: usize,
 ) -> Result<Vec<Sampled>> {
     let tokenizer = setup.tokenizer;
@@ -87,7 +72,7 @@ fn sample_group(
                 .is_ok_and(|text| stop.find(&text).is_some())
     };
     let generations = setup.policy.generate(
-        &[prompt.to_vec()],
+        prompts,
         group_size,
         &setup.generate,
         &mut next_tokens,

@@ -2,7 +2,7 @@
 //! `eval` and `sft` share.
 //!
 //! A rollout turns theorem indices into [`Group`]s of checked [`Completion`]s. The proofs come
-//! from the policy itself ([`local::rollout`], sampling overlapped with checking) or from an
+//! from the policy itself ([`local::rollout`], all groups decoded in one batch) or from an
 //! OpenAI-compatible server ([`RemoteSampler`]); everything after sampling is the same for both.
 //! The prompt a theorem gets is built once, here ([`prompt_tokens`]), so training, evaluation
 //! and supervised warm-up all show the model the same text.
@@ -45,7 +45,7 @@ pub struct Group {
 pub struct RolloutTimes {
     /// Time inside the policy's sampling.
     pub sampling: f64,
-    /// Time Lean spent on this rollout's groups (overlapping sampling).
+    /// Time Lean spent on this rollout's groups.
     pub checking: f64,
     /// Time from the end of sampling to the last verdict: what checking added to the step.
     pub checking_tail: f64,
