@@ -1,6 +1,8 @@
 //! Training curves as a PNG, read from a run's `metrics.jsonl`: reward mean and pass rate per
 //! step, and beside them what shows a policy collapsing before the reward does: mean completion
 //! length, share of replies with no proof, sampled-token entropy and KL to the base model.
+//! A fill-in-the-middle run (`train.task: fim`, docs/fim.md) gets a fourth row: its mask ratio
+//! per step and the pass rate at each ratio it trained at.
 //!
 //! A PNG is what a researcher pastes into a report or opens over ssh without a notebook.
 //! Drawing is done by `plotters` into an in-memory RGB buffer, which the `png` crate encodes;
@@ -26,7 +28,8 @@ use std::path::Path;
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
 const WIDTH: u32 = 1400;
-const HEIGHT: u32 = 1200;
+/// Height of one row of two panels.
+const ROW_HEIGHT: u32 = 400;
 const REWARD_COLOR: RGBColor = RGBColor(31, 119, 180);
 const PASS_COLOR: RGBColor = RGBColor(214, 39, 40);
 const DIAGNOSTIC_COLOR: RGBColor = RGBColor(44, 160, 44);
@@ -47,6 +50,8 @@ pub struct StepMetrics {
     pub share_no_proof: Option<f64>,
     pub sampled_entropy: Option<f64>,
     pub kl_to_start: Option<f64>,
+    /// `train.task: fim`: the mask ratio the step's holes were cut at; `None` otherwise.
+    pub mask_ratio: Option<f64>,
 }
 
 /// Reads `metrics.jsonl`: one JSON object per line with at least `step`, `reward_mean` and
@@ -108,11 +113,12 @@ fn parse_line(line: &str) -> Result<StepMetrics> {
         share_no_proof: optional("share_no_proof")?,
         sampled_entropy: optional("sampled_entropy")?,
         kl_to_start: optional("kl_to_start")?,
+        mask_ratio: optional("mask_ratio")?,
     })
 }
 
 /// Draws `run_dir/metrics.jsonl` as a PNG at `out_png`: reward mean and pass rate (top row),
-/// then the collapse diagnostics, against the training step.
+/// then the collapse diagnostics, against the training step, and for a FIM run its curriculum.
 pub fn plot_run(run_dir: &Path, out_png: &Path) -> Result<()> {
     let metrics = read_metrics(&run_dir.join(METRICS_FILE))?;
     plot_metrics(&metrics, &run_dir.display().to_string(), out_png)
@@ -124,16 +130,18 @@ pub fn plot_metrics(metrics: &[StepMetrics], title: &str, out_png: &Path) -> Res
     // every label here asks for "sans-serif". Registering the same bytes again is harmless.
     register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
         .map_err(|_| anyhow!("the embedded DejaVu Sans font failed to load"))?;
-    let mut pixels = vec![0u8; WIDTH as usize * HEIGHT as usize * 3];
-    draw(metrics, title, &mut pixels).context("drawing the training curves")?;
-    write_png(out_png, &pixels).with_context(|| format!("writing {}", out_png.display()))
+    let fim = metrics.iter().any(|m| m.mask_ratio.is_some());
+    let height = ROW_HEIGHT * if fim { 4 } else { 3 };
+    let mut pixels = vec![0u8; WIDTH as usize * height as usize * 3];
+    draw(metrics, title, height, &mut pixels).context("drawing the training curves")?;
+    write_png(out_png, height, &pixels).with_context(|| format!("writing {}", out_png.display()))
 }
 
-fn draw(metrics: &[StepMetrics], title: &str, pixels: &mut [u8]) -> Result<()> {
-    let root = BitMapBackend::with_buffer(pixels, (WIDTH, HEIGHT)).into_drawing_area();
+fn draw(metrics: &[StepMetrics], title: &str, height: u32, pixels: &mut [u8]) -> Result<()> {
+    let root = BitMapBackend::with_buffer(pixels, (WIDTH, height)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 28))?;
-    let panels = root.split_evenly((3, 2));
+    let panels = root.split_evenly(((height / ROW_HEIGHT) as usize, 2));
     let steps = step_range(metrics);
     let rewards = segments(metrics, |m| m.reward_mean);
     let reward_range = value_range(rewards.iter().flatten().map(|p| p.1));
@@ -173,7 +181,7 @@ fn draw(metrics: &[StepMetrics], title: &str, pixels: &mut [u8]) -> Result<()> {
         ("sampled-token entropy (nats)", |m| m.sampled_entropy),
         ("KL to the base model (kl_to_start)", |m| m.kl_to_start),
     ];
-    for (area, (name, value)) in panels[3..].iter().zip(scaled) {
+    for (area, (name, value)) in panels[3..6].iter().zip(scaled) {
         let series = segments(metrics, value);
         let range = value_range(series.iter().flatten().map(|p| p.1));
         let decimals = decimals_for(range.end - range.start);
@@ -186,7 +194,68 @@ fn draw(metrics: &[StepMetrics], title: &str, pixels: &mut [u8]) -> Result<()> {
         };
         panel.draw(area, steps.clone(), &series)?;
     }
+    if let [ratio_area, by_ratio_area] = &panels[6..] {
+        Panel {
+            name: "FIM mask ratio",
+            values: 0.0..1.0,
+            y_format: &percent,
+            color: DIAGNOSTIC_COLOR,
+        }
+        .draw(ratio_area, steps, &segments(metrics, |m| m.mask_ratio))?;
+        draw_pass_rate_by_ratio(by_ratio_area, metrics)?;
+    }
     root.present()?;
+    Ok(())
+}
+
+/// Pass rate against mask ratio: the mean of the steps' pass rates at each ratio trained at,
+/// so a curriculum's difficulty curve reads off one chart.
+fn draw_pass_rate_by_ratio<DB>(area: &DrawingArea<DB, Shift>, metrics: &[StepMetrics]) -> Result<()>
+where
+    DB: DrawingBackend,
+    DB::ErrorType: 'static,
+{
+    // Keyed by the ratio in thousandths, as `pass_rate_by_ratio` in metrics.jsonl is.
+    let mut by_ratio: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
+    for m in metrics {
+        if let (Some(ratio), Some(pass)) = (m.mask_ratio, m.pass_rate) {
+            let entry = by_ratio.entry((ratio * 1000.0).round() as u64).or_default();
+            entry.0 += pass;
+            entry.1 += 1;
+        }
+    }
+    let points: Vec<(f64, f64)> = by_ratio
+        .into_iter()
+        .map(|(key, (sum, n))| (key as f64 / 1000.0, sum / n as f64))
+        .collect();
+    let percent = |v: &f64| format!("{:.0}%", 100.0 * v);
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .caption(
+            "pass rate by mask ratio (mean over steps)",
+            ("sans-serif", 22),
+        )
+        .x_label_area_size(48)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("mask ratio")
+        .y_desc("pass rate")
+        .x_label_formatter(&percent)
+        .y_label_formatter(&percent)
+        .label_style(("sans-serif", 16))
+        .axis_desc_style(("sans-serif", 18))
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        points.iter().copied(),
+        PASS_COLOR.stroke_width(2),
+    ))?;
+    chart.draw_series(
+        points
+            .iter()
+            .map(|&p| Circle::new(p, 4, PASS_COLOR.filled())),
+    )?;
     Ok(())
 }
 
@@ -302,9 +371,9 @@ fn fixed(v: f64, decimals: usize) -> String {
     }
 }
 
-fn write_png(path: &Path, pixels: &[u8]) -> Result<()> {
+fn write_png(path: &Path, height: u32, pixels: &[u8]) -> Result<()> {
     let file = File::create(path)?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), WIDTH, HEIGHT);
+    let mut encoder = png::Encoder::new(BufWriter::new(file), WIDTH, height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header()?;

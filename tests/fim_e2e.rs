@@ -11,7 +11,9 @@ use lean_grpo::eval::ProblemResult;
 use lean_grpo::lean::holes;
 use lean_grpo::lean::{Backend, Checker, Job, VerdictKind};
 use serde_json::Value;
-use support::binary::{json_lines, lean_grpo, reproducible, run, tiny_model, train_args};
+use support::binary::{
+    json_lines, kill_after_checkpoint, lean_grpo, reproducible, run, tiny_model, train_args,
+};
 use support::*;
 
 fn checker(lean: &str) -> Checker {
@@ -212,19 +214,15 @@ fn an_adaptive_fim_run_resumed_reproduces_the_uninterrupted_one() {
             .status
             .success()
     );
+    // Killed after the step-2 checkpoint of the same 4-step run, then resumed from its
+    // directory alone.
     let part = tmp.path().join("part");
-    assert!(
-        run(&mut fim_train(&model, &lean, &part, "grpo", &config, 2))
-            .status
-            .success()
+    kill_after_checkpoint(
+        &mut fim_train(&model, &lean, &part, "grpo", &config, 4),
+        &part,
+        2,
     );
-    let resume = [
-        "train",
-        "--resume",
-        part.to_str().unwrap(),
-        "--max-steps",
-        "4",
-    ];
+    let resume = ["train", "--resume", part.to_str().unwrap()];
     assert!(run(lean_grpo().args(resume)).status.success());
     let a: Vec<Value> = json_lines(&whole.join("metrics.jsonl"))
         .into_iter()

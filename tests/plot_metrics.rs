@@ -79,6 +79,44 @@ fn draws_every_curve_in_its_panel_and_text() {
 }
 
 #[test]
+fn a_fim_run_gets_a_row_with_its_mask_ratio_and_pass_rate_by_ratio() {
+    // An adaptive curriculum: 0.2 for ten steps, then 0.4 (passing less), then 0.6.
+    let mut lines = String::new();
+    for step in 1..=30u32 {
+        let (ratio, pass) = match step {
+            1..=10 => (0.2, 0.9),
+            11..=20 => (0.4, 0.6),
+            _ => (0.6, 0.3),
+        };
+        lines.push_str(&format!(
+            "{{\"step\":{step},\"reward_mean\":{pass},\"pass_rate\":{pass},\"mask_ratio\":{ratio},\"pass_rate_by_ratio\":{{\"0.200\":0.9}}}}\n"
+        ));
+    }
+    let dir = run_dir(&lines);
+    let out = dir.path().join("fim.png");
+    plot_run(dir.path(), &out).unwrap();
+    let (w, h, pixels) = decode(&out);
+    assert_eq!((w, h), (1400, 1600), "four rows of panels");
+    let in_panel = |pred: &dyn Fn(&[u8; 3]) -> bool, column: u32| {
+        let ys = 3 * h / 4..h;
+        let xs = column * w / 2..(column + 1) * w / 2;
+        ys.flat_map(|y| xs.clone().map(move |x| (y * w + x) as usize))
+            .filter(|&i| pred(&pixels[i]))
+            .count()
+    };
+    let green = |p: &[u8; 3]| p[1] > 130 && p[0] < 90 && p[2] < 90;
+    let red = |p: &[u8; 3]| p[0] > 180 && p[1] < 80 && p[2] < 80;
+    assert!(in_panel(&green, 0) > 300, "mask ratio curve missing");
+    assert!(in_panel(&red, 1) > 200, "pass rate by ratio missing");
+
+    // A whole-proof run keeps three rows.
+    let plain = run_dir("{\"step\":1,\"reward_mean\":0.5,\"pass_rate\":0.5}\n");
+    let out = plain.path().join("plain.png");
+    plot_run(plain.path(), &out).unwrap();
+    assert_eq!(decode(&out).1, 1200);
+}
+
+#[test]
 fn single_step_and_null_values_still_plot() {
     let dir = run_dir("{\"step\":3,\"reward_mean\":0.25,\"pass_rate\":null}\n\n");
     let out = dir.path().join("one.png");

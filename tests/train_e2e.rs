@@ -6,14 +6,15 @@ mod support;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use lean_grpo::config::Config;
 use lean_grpo::eval::ProblemResult;
 use lean_grpo::passk;
 use serde_json::Value;
-use support::binary::{json_lines, lean_grpo, reproducible, run, tiny_model, train_args};
+use support::binary::{
+    json_lines, kill_after_checkpoint, lean_grpo, reproducible, run, tiny_model, train_args,
+};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -167,25 +168,7 @@ fn resume_from_the_run_directory_alone_reproduces_the_uninterrupted_run() {
     assert!(run(lean_grpo().args(with_config(&whole))).status.success());
 
     let killed = tmp.path().join("killed");
-    let mut child = lean_grpo()
-        .args(with_config(&killed))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !killed
-        .join("checkpoints/step-3/trainer_state.json")
-        .exists()
-    {
-        assert!(Instant::now() < deadline, "no step-3 checkpoint");
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("training ended ({status}) before it could be killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL: no handler runs, no checkpoint is saved on the way out
-    child.wait().unwrap();
+    kill_after_checkpoint(lean_grpo().args(with_config(&killed)), &killed, 3);
     assert!(
         lora_b_max_abs(&killed.join("checkpoints/step-3")) > 0.0,
         "the adapter the resumed run starts from has moved"

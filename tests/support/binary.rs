@@ -2,7 +2,8 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -42,6 +43,28 @@ pub fn run(cmd: &mut Command) -> Output {
         );
     }
     out
+}
+
+/// Starts `cmd` (a `train` run writing `run_dir`) and SIGKILLs it once the checkpoint of
+/// `step` is on disk: no handler runs and nothing is saved on the way out, as when a machine
+/// dies or the OOM killer strikes.
+pub fn kill_after_checkpoint(cmd: &mut Command, run_dir: &Path, step: usize) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = run_dir.join(format!("checkpoints/step-{step}/trainer_state.json"));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !state.exists() {
+        assert!(Instant::now() < deadline, "no step-{step} checkpoint");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("training ended ({status}) before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 pub fn json_lines(path: &Path) -> Vec<Value> {
