@@ -54,4 +54,35 @@ for run, rs in by_run.items():
     secs = sum(r["rl_seconds"] for r in rs) / n
     print(f"| {run} | {before:.1f}% | {sum(after) / n:.1f}% | {min(after):.1f}% | {delta:+.1f} "
           f"| {below} of {n} | {flat} of {steps} | {secs / 60:.1f} min |")
+
+# Which proofs count: accepted test samples per family (the record name's first word), summed
+# over seeds, and how many of them are the one-liner `MyEq.refl _` the warm-up mostly taught.
+def accepted(eval_dir):
+    counts, refl, total = collections.Counter(), 0, collections.Counter()
+    for line in open(f"{eval_dir}/results.jsonl"):
+        problem = json.loads(line)
+        family = problem["name"].split("_")[0]
+        for sample in problem["samples"]:
+            total[family] += 1
+            if sample["accepted"]:
+                counts[family] += 1
+                refl += sample.get("proof", "").strip() == "MyEq.refl _"
+    return counts, refl, total
+
+rows = {"sft": [accepted(f"{out}/seed-{s}/eval-sft") for s in seeds]}
+for run in by_run:
+    rows[run] = [accepted(f"{out}/seed-{s}/eval-{run}") for s in seeds]
+families = sorted({f for rs in rows.values() for _, _, t in rs for f in t})
+print()
+print("Accepted test samples per family, all seeds together (of the samples drawn):")
+print()
+print("| policy | " + " | ".join(families) + " | of which `MyEq.refl _` |")
+print("|---|" + "---|" * (len(families) + 1))
+for run, rs in rows.items():
+    cells = []
+    for f in families:
+        cells.append(f"{sum(c[f] for c, _, _ in rs)} of {sum(t[f] for _, _, t in rs)}")
+    total = sum(sum(c.values()) for c, _, _ in rs)
+    refl = sum(r for _, r, _ in rs)
+    print(f"| {run} | " + " | ".join(cells) + f" | {refl} of {total} |")
 PY

@@ -156,6 +156,14 @@ def train(a, records):
     tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf)
     check_prompts(tokenizer, records, a.sft_eval)
     model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf, dtype=torch.float32)
+    # transformers' GGUF loader dequantises every tensor at load, so the weights are plain f32
+    # tensors; only a GGUF "quantization" marker is left, and Trainer refuses to train a model
+    # carrying it. Dropping the marker trains exactly the weights loaded.
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model = PeftModel.from_pretrained(model, a.sft, is_trainable=True)
 
     train_records = [r for r in records if r.get("split") == "train"]
@@ -179,7 +187,7 @@ def train(a, records):
         scale_rewards="group",
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
-        warmup_ratio=0.0,
+        warmup_steps=0,
         weight_decay=0.0,
         adam_beta1=0.9,
         adam_beta2=0.99,
@@ -187,7 +195,7 @@ def train(a, records):
         max_grad_norm=1.0,
         bf16=False,
         gradient_checkpointing=True,
-        max_steps=STEPS,
+        max_steps=a.steps,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
@@ -220,6 +228,8 @@ def main():
     p.add_argument("--data", default=os.path.join(repo, "data/prelude.jsonl"))
     p.add_argument("--output", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps (lean-grpo's "
+                   "RL_STEPS in the comparison)")
     a = p.parse_args()
     a.sft_eval = a.sft_eval or os.path.join(os.path.dirname(os.path.abspath(a.sft)), "eval-sft")
     os.makedirs(a.output, exist_ok=True)
@@ -243,7 +253,7 @@ def main():
                    f"({torch.get_num_threads()} threads)",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "seed": a.seed,
-        "steps": STEPS,
+        "steps": a.steps,
         "pass_at_1_before": before,
         "pass_at_1_after": after,
         "train_seconds": seconds,
@@ -253,7 +263,7 @@ def main():
     with open(os.path.join(a.output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"TRL GRPO seed {a.seed}: test pass@1 {before:.1f}% -> {after:.1f}% "
-          f"({after - before:+.1f}), {STEPS} steps in {seconds / 60:.1f} min")
+          f"({after - before:+.1f}), {a.steps} steps in {seconds / 60:.1f} min")
 
 
 if __name__ == "__main__":
