@@ -220,6 +220,10 @@ pub struct ModelArgs {
     /// model on the CPU (about 1.4x faster decoding there). Default: through the adapters.
     #[arg(long, value_name = "DTYPE")]
     pub sample_dtype: Option<String>,
+    /// The frozen base of the linear layers: none (dequantized, exact), keep (a GGUF's
+    /// quantized tensors stay quantized, QLoRA-style) or q8_0 / q4_k (quantized at load).
+    #[arg(long, value_name = "FORMAT")]
+    pub quantize: Option<String>,
 }
 
 impl ModelArgs {
@@ -229,6 +233,7 @@ impl ModelArgs {
         push(out, "model", "device", &self.device);
         push(out, "model", "dtype", &self.dtype);
         push(out, "model", "sample_dtype", &self.sample_dtype);
+        push(out, "model", "quantize", &self.quantize);
     }
 }
 

@@ -701,6 +701,7 @@ fn sample_dtype_must_be_the_model_dtype_or_f16_on_the_cpu() {
 #[test]
 fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
     use lean_grpo::model::lora::{LoraLinear, LoraPair, Pass};
+    use lean_grpo::model::quant::Frozen;
     use std::sync::Mutex;
     let (inp, out, r, p, scale) = (24, 20, 4, 0.3, 2.0);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -711,7 +712,7 @@ fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
         let b = Var::from_tensor(&random(&[out, r], 0.5, &mut rng, DType::F64)).unwrap();
         let x = Var::from_tensor(&random(&[rows, inp], 1.0, &mut rng, DType::F64)).unwrap();
         let lin = LoraLinear::new(
-            w.clone(),
+            Frozen::Dense(w.clone()),
             Some(bias.clone()),
             Some(LoraPair {
                 a: a.clone(),
@@ -823,7 +824,7 @@ fn one_adamw_step_moves_every_adapter_tensor_and_nothing_frozen() {
             let mut all: Vec<_> = dec
                 .linears()
                 .into_iter()
-                .map(|(n, lin)| (n, bits(lin.weight())))
+                .map(|(n, lin)| (n, bits(&lin.weight().to_dense(DType::F32).unwrap())))
                 .collect();
             all.push(("lm_head".into(), bits(dec.lm_head())));
             // Embeddings, norms and biases: the base model's logits, bit for bit.

@@ -105,6 +105,18 @@ impl Decoder {
         self.dtype
     }
 
+    /// Bytes held by the linear layers' frozen weights (quantized or dense), and how many of
+    /// those weights are quantized: what `--quantize` changes.
+    pub fn frozen_linear_bytes(&self) -> (usize, usize) {
+        let weights = self
+            .layers
+            .iter()
+            .flat_map(|l| l.linears().map(|(_, lin)| lin.weight()));
+        weights.fold((0, 0), |(bytes, quantized), w| {
+            (bytes + w.bytes(), quantized + usize::from(w.is_quantized()))
+        })
+    }
+
     /// `[vocab, hidden]`.
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
@@ -673,15 +685,15 @@ mod tests {
     #[test]
     fn weights_read_tensors_by_their_full_checkpoint_path() {
         let name = "model.layers.3.mlp.up_proj.weight";
-        let source = TensorMap {
-            tensors: [(
+        let source = TensorMap::dense(
+            [(
                 name.to_string(),
                 Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(),
             )]
             .into(),
-            dtype: DType::F32,
-            origin: "a test map".into(),
-        };
+            DType::F32,
+            "a test map".into(),
+        );
         let up = Weights::new(&source)
             .pp("model")
             .pp(format!("layers.{}", 3))

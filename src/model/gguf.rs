@@ -1,20 +1,32 @@
-//! GGUF checkpoints (llama.cpp's format): metadata to [`ModelConfig`], tensors dequantised and
-//! renamed to their Hugging Face names, so the decoder never knows where weights came from.
+//! GGUF checkpoints (llama.cpp's format): metadata to [`ModelConfig`], tensors renamed to their
+//! Hugging Face names, so the decoder never knows where weights came from. Tensors are
+//! dequantised, except the linear layers' quantized weights under `--quantize keep` (or
+//! `q8_0`/`q4_k`), which stay in their format (src/model/quant.rs).
 //!
 //! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` of the `llama` architecture to
 //! suit its interleaved RoPE; we undo that so the rotate-half RoPE of the decoder applies.
 //! Qwen2/Qwen3 GGUFs are stored unpermuted.
 
 use super::config::{Arch, ModelConfig};
+use super::quant::{self, Quantize};
 use super::weights::{ModelFiles, TensorMap};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
-/// Loads a `.gguf` file; quantised tensors are dequantised to f32 then cast to `dtype`.
-pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<ModelFiles> {
+/// Loads a `.gguf` file; quantised tensors are dequantised to f32 then cast to `dtype`, but
+/// for `quantize` other than [`Quantize::None`] the linear layers' quantized weights stay
+/// quantized.
+pub fn load_gguf(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    quantize: Quantize,
+) -> Result<ModelFiles> {
     let origin = path.display().to_string();
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {origin}"))?;
     let content =
@@ -31,25 +43,38 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<ModelFile
         );
     }
     let mut tensors = HashMap::new();
+    let mut quantized = HashMap::new();
     for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
         let t = content
             .tensor(&mut file, name, device)
-            .with_context(|| format!("reading tensor {name} of {origin}"))?
-            .dequantize(device)?;
-        let t = match (config.arch, hf.rsplit('.').nth(1)) {
-            (Arch::Llama, Some("q_proj")) if hf.ends_with(".weight") => {
-                unpermute(&t, config.num_attention_heads)?
-            }
-            (Arch::Llama, Some("k_proj")) if hf.ends_with(".weight") => {
-                unpermute(&t, config.num_key_value_heads)?
-            }
-            _ => t,
+            .with_context(|| format!("reading tensor {name} of {origin}"))?;
+        // llama.cpp permutes the rows of the `llama` q/k projections (see the module doc).
+        let heads = match (config.arch, hf.rsplit('.').nth(1)) {
+            (Arch::Llama, Some("q_proj")) => Some(config.num_attention_heads),
+            (Arch::Llama, Some("k_proj")) => Some(config.num_key_value_heads),
+            _ => None,
+        };
+        let heads = heads.filter(|_| hf.ends_with(".weight"));
+        if quantize.keeps() && is_linear(&hf) && quant::supported(t.dtype()) {
+            let t = match heads {
+                Some(h) => quant::reorder_rows(&t, &unpermuted_rows(t.shape().dims()[0], h))?,
+                None => t,
+            };
+            quantized.insert(hf, Arc::new(t));
+            continue;
+        }
+        let t = dense(&t, device, &hf, quantize)?;
+        let t = match heads {
+            Some(h) => unpermute(&t, h)?,
+            None => t,
         };
         tensors.insert(hf, t);
     }
     let weights = TensorMap {
         tensors,
+        quantized,
+        quantize: quantize.target(),
         dtype,
         origin,
     };
@@ -60,6 +85,41 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<ModelFile
         // beside it (`Tokenizer::from_dir` takes either).
         dir: path.to_path_buf(),
     })
+}
+
+/// A linear layer's weight, the tensors `--quantize` applies to (embeddings, norms and the
+/// head stay dense).
+fn is_linear(hf: &str) -> bool {
+    hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") && !hf.contains("_norm")
+}
+
+/// A tensor `--quantize keep` does not keep, dequantised; a quantized linear weight in a
+/// format candle cannot multiply is an error rather than a silent f32 copy.
+fn dense(t: &QTensor, device: &Device, hf: &str, quantize: Quantize) -> Result<Tensor> {
+    let kept_format = !matches!(t.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+    if quantize.keeps() && is_linear(hf) && kept_format {
+        bail!(
+            "`{hf}` is stored as {:?}, which --quantize keep does not support (Q4_0, Q4_1, \
+             Q5_0, Q5_1, Q8_0, Q2_K to Q6_K); use --quantize none to dequantize it",
+            t.dtype()
+        );
+    }
+    Ok(t.dequantize(device)?)
+}
+
+/// The row order that undoes llama.cpp's `permute` on a `[out, in]` weight of `heads` heads:
+/// row `(h, i, j)` of the original (head, half, pair) sits at `(h, j, i)` in the file.
+fn unpermuted_rows(out: usize, heads: usize) -> Vec<usize> {
+    let half = out / heads / 2;
+    let mut order = Vec::with_capacity(out);
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..half {
+                order.push(h * 2 * half + i * 2 + j);
+            }
+        }
+    }
+    order
 }
 
 /// llama.cpp tensor name → HF tensor name.

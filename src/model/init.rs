@@ -152,11 +152,11 @@ pub fn random_model(options: &InitOptions) -> Result<RandomModel> {
     Ok(RandomModel {
         config_json,
         config,
-        weights: super::weights::TensorMap {
+        weights: super::weights::TensorMap::dense(
             tensors,
-            dtype: candle_core::DType::F32,
-            origin: "random weights".into(),
-        },
+            candle_core::DType::F32,
+            "random weights".into(),
+        ),
         parameters,
     })
 }

@@ -164,7 +164,7 @@ fn linear(
     bias: bool,
     lora: Option<&mut LoraSpec>,
 ) -> anyhow::Result<LoraLinear> {
-    let w = weights.get("weight", &[out, inp])?;
+    let w = weights.get_frozen("weight", &[out, inp])?;
     let b = bias.then(|| weights.get("bias", &[out])).transpose()?;
     let adapter = match lora {
         Some(l) if l.targets.iter().any(|t| t == weights.module()) => {

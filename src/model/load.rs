@@ -5,6 +5,7 @@
 
 use super::config::ModelConfig;
 use super::gguf;
+use super::quant::Quantize;
 use super::weights::{ModelFiles, SafetensorsWeights};
 use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -35,13 +36,15 @@ impl HubSettings {
     }
 }
 
-/// Loads `model` (a directory, a `.gguf` file, or a hub id at `revision`).
+/// Loads `model` (a directory, a `.gguf` file, or a hub id at `revision`); `quantize` says
+/// what becomes of the linear layers' weights (src/model/quant.rs).
 pub fn load_model(
     model: &str,
     revision: &str,
     hub: &HubSettings,
     device: &Device,
     dtype: DType,
+    quantize: Quantize,
 ) -> Result<ModelFiles> {
     let path = Path::new(model);
     if path.is_file()
@@ -49,10 +52,16 @@ pub fn load_model(
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        return gguf::load_gguf(path, device, dtype);
+        return gguf::load_gguf(path, device, dtype, quantize);
+    }
+    if quantize == Quantize::Keep {
+        bail!(
+            "--quantize keep: {model} is not a GGUF file, so it has no quantized weights to \
+             keep; use --quantize q8_0 or q4_k to quantize it at load"
+        );
     }
     if path.is_dir() {
-        return load_dir(path, device, dtype);
+        return load_dir_quantized(path, device, dtype, quantize);
     }
     if path.exists() {
         bail!("--model {model}: expected a directory in Hugging Face layout or a .gguf file");
@@ -61,7 +70,8 @@ pub fn load_model(
         bail!("--model {model}: no such file or directory");
     }
     let dir = resolve_hub(model, revision, hub)?;
-    load_dir(&dir, device, dtype).with_context(|| format!("loading hub model {model}"))
+    load_dir_quantized(&dir, device, dtype, quantize)
+        .with_context(|| format!("loading hub model {model}"))
 }
 
 fn looks_local(model: &str) -> bool {
@@ -72,8 +82,18 @@ fn looks_local(model: &str) -> bool {
         || model.split('/').count() != 2
 }
 
-/// Loads a directory in HF layout.
+/// Loads a directory in HF layout, weights as they are.
 pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<ModelFiles> {
+    load_dir_quantized(dir, device, dtype, Quantize::None)
+}
+
+/// Loads a directory in HF layout, the linear layers quantized as `quantize` says.
+pub fn load_dir_quantized(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    quantize: Quantize,
+) -> Result<ModelFiles> {
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let files = safetensors_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; like every safetensors reader, we assume
@@ -85,6 +105,7 @@ pub fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<ModelFiles>
         device: device.clone(),
         dtype,
         origin: dir.display().to_string(),
+        quantize: quantize.target(),
     };
     Ok(ModelFiles {
         config,

@@ -7,6 +7,7 @@
 //! away (f64 models, used by gradient checks, get f64 adapters).
 
 use super::ops::frozen_matmul;
+use super::quant::Frozen;
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var,
@@ -53,18 +54,17 @@ impl LoraPair {
     /// A fresh adapter for the frozen `weight` (`[out, in]`): `A` as PEFT initialises it,
     /// `B = 0`, on the weight's device.
     pub fn for_weight(
-        weight: &Tensor,
+        weight: &Frozen,
         r: usize,
         alpha: f64,
         dropout: f64,
         rng: &mut ChaCha8Rng,
     ) -> Result<Self> {
-        let (out_dim, in_dim) = weight.dims2()?;
-        let device = weight.device();
-        let dtype = if weight.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
+        let (out_dim, in_dim) = weight.dims()?;
+        let device = &weight.device();
+        let dtype = match weight {
+            Frozen::Dense(w) if w.dtype() == DType::F64 => DType::F64,
+            _ => DType::F32,
         };
         let bound = 1.0 / (in_dim as f64).sqrt();
         let a: Vec<f32> = (0..r * in_dim)
@@ -84,15 +84,15 @@ impl LoraPair {
 /// A linear layer whose base weight is frozen.
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
-    /// `[out, in]`.
-    weight: Tensor,
+    /// `[out, in]`, dense or quantized (src/model/quant.rs).
+    weight: Frozen,
     /// `[out]`.
     bias: Option<Tensor>,
     adapter: Option<LoraPair>,
 }
 
 impl LoraLinear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>, adapter: Option<LoraPair>) -> Self {
+    pub fn new(weight: Frozen, bias: Option<Tensor>, adapter: Option<LoraPair>) -> Self {
         Self {
             weight,
             bias,
@@ -100,7 +100,7 @@ impl LoraLinear {
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &Frozen {
         &self.weight
     }
 
@@ -110,19 +110,31 @@ impl LoraLinear {
 
     /// `(in, out)` features.
     pub fn dims(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[1], d[0])
+        let (out, inp) = self.weight.dims().unwrap_or_default();
+        (inp, out)
     }
 
     /// The frozen weight with the adapter merged in, `W + (B·A)·alpha/r` (the base weight when
     /// `adapters` is off or there is no adapter), in `dtype`: what a sampling step reads
-    /// instead of running the adapter's two small matmuls in every layer.
+    /// instead of running the adapter's two small matmuls in every layer. A quantized weight
+    /// is dequantized for it: a full-size copy, which is why a quantized base samples through
+    /// the adapters unless `--sample-dtype` asks for the copy.
     pub fn merged_weight(&self, adapters: bool, dtype: DType) -> Result<Tensor> {
-        sampling_copy(
-            &self.weight,
-            self.adapter.as_ref().filter(|_| adapters),
-            dtype,
-        )
+        let adapter = self.adapter.as_ref().filter(|_| adapters);
+        match &self.weight {
+            Frozen::Dense(w) => sampling_copy(w, adapter, dtype),
+            Frozen::Quantized(_) => {
+                sampling_copy(&self.weight.to_dense(DType::F32)?, adapter, dtype)
+            }
+        }
+    }
+
+    /// `x · Wᵀ` for the frozen weight alone.
+    fn frozen_product(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Frozen::Dense(w) => frozen_matmul(x, w),
+            Frozen::Quantized(q) => Frozen::quantized_matmul(q, x),
+        }
     }
 
     /// `x · mergedᵀ + b` for a weight from [`Self::merged_weight`] (no gradient).
@@ -137,7 +149,7 @@ impl LoraLinear {
     /// `x` is `[..., in]`.
     pub fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let Some(ad) = self.adapter.as_ref().filter(|_| pass.adapters) else {
-            return self.add_bias(frozen_matmul(x, &self.weight)?);
+            return self.add_bias(self.frozen_product(x)?);
         };
         let (a, b) = if pass.grad {
             (ad.a.as_tensor().clone(), ad.b.as_tensor().clone())
@@ -154,16 +166,21 @@ impl LoraLinear {
         };
         let (inner, out) = self.dims();
         let rows = x.elem_count() / inner.max(1);
-        let fused = x.device().is_cpu()
-            && x.dtype() == a.dtype()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-            && rows > super::gemv::MAX_ROWS;
-        if fused {
+        let fused = match &self.weight {
+            Frozen::Dense(w) => Some(w).filter(|_| {
+                x.device().is_cpu()
+                    && x.dtype() == a.dtype()
+                    && matches!(x.dtype(), DType::F32 | DType::F64)
+                    && rows > super::gemv::MAX_ROWS
+            }),
+            Frozen::Quantized(_) => None,
+        };
+        if let Some(weight) = fused {
             let mut dims = x.dims().to_vec();
             let x2 = x.reshape((rows, inner))?;
             let mask = mask.map(|m| m.reshape((rows, inner))).transpose()?;
             let op = LoraMatmul {
-                weight: self.weight.clone(),
+                weight: weight.clone(),
                 x_in: mask.as_ref().map(|m| x2.detach() * m).transpose()?,
                 mask,
                 scale: ad.scale,
@@ -174,7 +191,7 @@ impl LoraLinear {
             }
             return self.add_bias(y.reshape(dims)?);
         }
-        let y = self.add_bias(frozen_matmul(x, &self.weight)?)?;
+        let y = self.add_bias(self.frozen_product(x)?)?;
         let mut xin = x.to_dtype(a.dtype())?;
         if let Some(mask) = &mask {
             xin = xin.mul(mask)?;

@@ -23,6 +23,7 @@ pub mod ops;
 pub mod optim;
 mod options;
 pub mod policy;
+pub mod quant;
 
 pub mod sampler;
 pub mod tokenizer;
@@ -31,3 +32,4 @@ pub mod weights;
 pub use config::{Arch, ModelConfig};
 pub use options::{LoraOptions, ModelOptions, SamplingOptions};
 pub use policy::{argmax, GenerateOptions, Generation, Policy};
+pub use quant::Quantize;

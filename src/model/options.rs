@@ -2,6 +2,7 @@ use super::layer::LORA_MODULES;
 use serde::{Deserialize, Serialize};
 
 use super::device::{DeviceSpec, Precision};
+use super::quant::Quantize;
 
 /// The `model` section: which weights, on which device, in which dtype.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +19,10 @@ pub struct ModelOptions {
     /// Sample from a copy of the weights with the adapters merged in, in this dtype (the
     /// model's, or `f16` for an f32 model on the CPU); `None` = through the adapters.
     pub sample_dtype: Option<Precision>,
+    /// The linear layers' frozen weights: `none` (dequantized, exact), `keep` (a GGUF's
+    /// quantized tensors stay quantized) or `q8_0`/`q4_k` (quantized at load); see
+    /// src/model/quant.rs.
+    pub quantize: Quantize,
     /// A PEFT adapter directory to start from.
     pub adapter: Option<String>,
 }
@@ -30,6 +35,7 @@ impl Default for ModelOptions {
             device: DeviceSpec::Auto,
             dtype: None,
             sample_dtype: None,
+            quantize: Quantize::None,
             adapter: None,
         }
     }

@@ -133,6 +133,7 @@ impl Policy {
             &HubSettings::from_env(),
             &device,
             dtype,
+            model.quantize,
         )
         .with_context(|| format!("loading model {}", model.model))?;
         let mut policy = Self::from_files(files, lora, &device, dtype, seed)?;

@@ -4,17 +4,25 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::ModelConfig;
+use super::quant::Frozen;
 
 /// Source of the frozen weights by HF tensor name (`model.layers.0.self_attn.q_proj.weight`).
 pub trait WeightSource {
     fn get(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
+    /// A linear layer's frozen `[out, in]` weight: quantized where the source keeps or
+    /// quantizes it (`model.quantize`), dense otherwise.
+    fn get_frozen(&self, name: &str, shape: &[usize]) -> anyhow::Result<Frozen> {
+        Ok(Frozen::Dense(self.get(name, shape)?))
+    }
 }
 
 /// A [`WeightSource`] seen from a module path, like candle-nn's `VarBuilder`:
@@ -51,6 +59,11 @@ impl<'a> Weights<'a> {
         self.source.contains(&self.path(name))
     }
 
+    /// The frozen weight `name` of this linear module (see [`WeightSource::get_frozen`]).
+    pub fn get_frozen(&self, name: &str, shape: &[usize]) -> anyhow::Result<Frozen> {
+        self.source.get_frozen(&self.path(name), shape)
+    }
+
     /// The last part of the module path (`q_proj`): what PEFT's `target_modules` name.
     pub fn module(&self) -> &str {
         self.prefix.rsplit('.').next().unwrap_or_default()
@@ -81,6 +94,8 @@ pub struct SafetensorsWeights {
     pub(super) device: Device,
     pub(super) dtype: DType,
     pub(super) origin: String,
+    /// Linear weights are quantized to this format at load (`--quantize q8_0|q4_k`).
+    pub(super) quantize: Option<GgmlDType>,
 }
 
 impl WeightSource for SafetensorsWeights {
@@ -96,13 +111,38 @@ impl WeightSource for SafetensorsWeights {
     fn contains(&self, name: &str) -> bool {
         self.files.get(name).is_ok()
     }
+
+    fn get_frozen(&self, name: &str, shape: &[usize]) -> Result<Frozen> {
+        match self.quantize {
+            Some(format) => Frozen::quantize(&self.get(name, shape)?, format, name),
+            None => Ok(Frozen::Dense(self.get(name, shape)?)),
+        }
+    }
 }
 
 /// Tensors already in memory (GGUF after dequantisation, generated weights in benches).
 pub struct TensorMap {
     pub tensors: HashMap<String, Tensor>,
+    /// Linear weights kept quantized (a GGUF's with `--quantize keep`, generated ones in the
+    /// quantized bench), by HF name; they are not in `tensors`.
+    pub quantized: HashMap<String, Arc<QTensor>>,
+    /// Dense linear weights are quantized to this format when read.
+    pub quantize: Option<GgmlDType>,
     pub dtype: DType,
     pub origin: String,
+}
+
+impl TensorMap {
+    /// Dense tensors only, used as they are.
+    pub fn dense(tensors: HashMap<String, Tensor>, dtype: DType, origin: String) -> Self {
+        Self {
+            tensors,
+            quantized: HashMap::new(),
+            quantize: None,
+            dtype,
+            origin,
+        }
+    }
 }
 
 impl WeightSource for TensorMap {
@@ -116,7 +156,24 @@ impl WeightSource for TensorMap {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.quantized.contains_key(name)
+    }
+
+    fn get_frozen(&self, name: &str, shape: &[usize]) -> Result<Frozen> {
+        if let Some(q) = self.quantized.get(name) {
+            if q.shape().dims() != shape {
+                bail!(
+                    "tensor `{name}` in {} has shape {:?}, the config implies {shape:?}",
+                    self.origin,
+                    q.shape().dims()
+                );
+            }
+            return Ok(Frozen::Quantized(q.clone()));
+        }
+        match self.quantize {
+            Some(format) => Frozen::quantize(&self.get(name, shape)?, format, name),
+            None => Ok(Frozen::Dense(self.get(name, shape)?)),
+        }
     }
 }
 

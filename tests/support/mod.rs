@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod binary;
+pub mod gguf;
 
 use lean_grpo::data::Theorem;
 use lean_grpo::lean::{Backend, CheckerOptions};
