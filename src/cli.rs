@@ -633,6 +633,10 @@ pub struct BenchArgs {
     /// Small shapes, 12 proofs, one round: for CI, under a minute.
     #[arg(long)]
     pub reduced: bool,
+    /// Also measure a Qwen2.5-7B-shaped model with a Q4_K base: memory of sampling and of one
+    /// checkpointed training step (about 9 GB resident; many minutes on a laptop CPU).
+    #[arg(long)]
+    pub large: bool,
     /// Also write the JSON summary here.
     #[arg(long, short = 'o', value_name = "FILE")]
     pub output: Option<PathBuf>,

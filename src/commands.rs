@@ -327,7 +327,11 @@ fn bench(args: crate::cli::BenchArgs) -> Result<Outcome> {
     } else {
         Mode::Full
     };
-    let summary = crate::bench::run(&Plan::new(mode), args.lean_cmd.as_deref(), &args.theorems)?;
+    let summary = crate::bench::run(
+        &Plan::new(mode, args.large),
+        args.lean_cmd.as_deref(),
+        &args.theorems,
+    )?;
     let json = serde_json::to_string_pretty(&summary)?;
     // Printed first: minutes of measurement are not lost to an unwritable --output.
     println!("{json}");

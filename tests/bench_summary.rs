@@ -64,6 +64,12 @@ fn reduced_bench_prints_every_figure() {
         "/training/reference_logprobs_seconds",
         "/memory/training_step_seconds",
         "/memory/training_step_checkpointed_seconds",
+        "/memory/sampling_tokens_per_second",
+        "/quantized/linear_weights_gib",
+        "/quantized/linear_weights_f32_gib",
+        "/quantized/sampling_tokens_per_second",
+        "/quantized/training_step_seconds",
+        "/quantized/training_step_checkpointed_seconds",
     ]
     .map(String::from)
     .to_vec();
@@ -88,16 +94,25 @@ fn reduced_bench_prints_every_figure() {
                 "{phase} is {peak:?} with the model at {model} GiB"
             );
         }
-        expected.extend(
-            [
-                "model_rss_gib",
-                "sampling_peak_rss_gib",
-                "training_step_peak_rss_gib",
-                "training_step_checkpointed_peak_rss_gib",
-            ]
-            .map(|f| format!("/memory/{f}")),
-        );
+        for section in ["memory", "quantized"] {
+            expected.extend(
+                [
+                    "model_rss_gib",
+                    "sampling_peak_rss_gib",
+                    "training_step_peak_rss_gib",
+                    "training_step_checkpointed_peak_rss_gib",
+                ]
+                .map(|f| format!("/{section}/{f}")),
+            );
+        }
     }
+    // The reduced shape's linear layers in Q8_0: 34 bytes per 32 weights against 128.
+    let quantized = &figures["quantized"];
+    assert_eq!(quantized["quantize"], "q8_0");
+    let ratio = quantized["linear_weights_gib"].as_f64().unwrap()
+        / quantized["linear_weights_f32_gib"].as_f64().unwrap();
+    assert!((ratio - 34.0 / 128.0).abs() < 1e-3, "{ratio}");
+    assert!(figures["large"].is_null(), "no --large");
     let checker = &figures["checker"];
     match &lean {
         Some(_) => {

@@ -21,9 +21,13 @@ use serde::Serialize;
 
 use crate::data::load_theorems;
 use crate::model::init::InitOptions;
+use crate::model::Quantize;
 use algo::LossShape;
 use checker::{CheckerFigures, CheckerSettings};
-use model::{MemoryFigures, ModelPlan, ModelSettings, SamplingFigures, TrainingFigures};
+use model::{
+    MemoryFigures, ModelPlan, ModelSettings, QuantizedFigures, QuantizedPlan, SamplingFigures,
+    TrainingFigures,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -40,78 +44,129 @@ pub struct Plan {
     pub proofs: Option<usize>,
     pub checker_rounds: usize,
     pub model: ModelPlan,
+    /// The memory figures again with the linear layers quantized (src/model/quant.rs).
+    pub quantized: QuantizedPlan,
+    /// `--large`: also a Qwen2.5-7B-shaped model in Q4_K (minutes per phase on a laptop).
+    pub large: Option<QuantizedPlan>,
     pub loss: LossShape,
     pub loss_rounds: usize,
 }
 
 impl Plan {
-    pub fn new(mode: Mode) -> Plan {
-        match mode {
-            Mode::Full => Plan {
-                mode,
-                proofs: None,
-                checker_rounds: 3,
-                model: ModelPlan {
-                    shape: "Qwen2.5-0.5B",
-                    model: InitOptions {
-                        hidden_size: 896,
-                        num_hidden_layers: 24,
-                        num_attention_heads: 14,
-                        num_key_value_heads: 2,
-                        intermediate_size: 4864,
-                        vocab_size: 151_936,
-                        max_position_embeddings: 32_768,
-                        seed: 0,
-                    },
-                    prompt_tokens: 15,
-                    new_tokens: 64,
-                    group_size: 4,
-                    train_prompt_tokens: 16,
-                    train_completion_tokens: 64,
-                    memory_group_size: 8,
-                    memory_prompt_tokens: 700,
-                    memory_completion_tokens: 48,
-                    rounds: 2,
+    pub fn new(mode: Mode, large: bool) -> Plan {
+        let mut plan = Self::base(mode);
+        plan.large = large.then(|| QuantizedPlan {
+            model: ModelPlan {
+                shape: "Qwen2.5-7B",
+                model: InitOptions {
+                    hidden_size: 3584,
+                    num_hidden_layers: 28,
+                    num_attention_heads: 28,
+                    num_key_value_heads: 4,
+                    intermediate_size: 18944,
+                    vocab_size: 152_064,
+                    max_position_embeddings: 32_768,
+                    seed: 0,
                 },
-                loss: LossShape {
+                rounds: 1,
+                ..plan.model.clone()
+            },
+            quantize: Quantize::Q4K,
+            full_graph: false,
+        });
+        plan
+    }
+
+    fn base(mode: Mode) -> Plan {
+        let model = Self::model_plan(mode);
+        // Q4_K needs inputs in blocks of 256, which the reduced shape (hidden 128) is not.
+        let quantize = match mode {
+            Mode::Full => Quantize::Q4K,
+            Mode::Reduced => Quantize::Q8_0,
+        };
+        let (proofs, checker_rounds, loss, loss_rounds) = match mode {
+            Mode::Full => (
+                None,
+                3,
+                LossShape {
                     groups: 16,
                     group_size: 8,
                     tokens: 512,
                 },
-                loss_rounds: 5,
-            },
-            Mode::Reduced => Plan {
-                mode,
-                proofs: Some(12),
-                checker_rounds: 1,
-                model: ModelPlan {
-                    shape: "small",
-                    model: InitOptions {
-                        hidden_size: 128,
-                        num_hidden_layers: 2,
-                        num_attention_heads: 4,
-                        num_key_value_heads: 2,
-                        intermediate_size: 256,
-                        vocab_size: 2048,
-                        max_position_embeddings: 512,
-                        seed: 0,
-                    },
-                    prompt_tokens: 15,
-                    new_tokens: 32,
-                    group_size: 4,
-                    train_prompt_tokens: 16,
-                    train_completion_tokens: 32,
-                    memory_group_size: 4,
-                    memory_prompt_tokens: 128,
-                    memory_completion_tokens: 16,
-                    rounds: 1,
-                },
-                loss: LossShape {
+                5,
+            ),
+            Mode::Reduced => (
+                Some(12),
+                1,
+                LossShape {
                     groups: 4,
                     group_size: 8,
                     tokens: 128,
                 },
-                loss_rounds: 1,
+                1,
+            ),
+        };
+        Plan {
+            mode,
+            proofs,
+            checker_rounds,
+            quantized: QuantizedPlan {
+                model: model.clone(),
+                quantize,
+                full_graph: true,
+            },
+            model,
+            large: None,
+            loss,
+            loss_rounds,
+        }
+    }
+
+    fn model_plan(mode: Mode) -> ModelPlan {
+        match mode {
+            Mode::Full => ModelPlan {
+                shape: "Qwen2.5-0.5B",
+                model: InitOptions {
+                    hidden_size: 896,
+                    num_hidden_layers: 24,
+                    num_attention_heads: 14,
+                    num_key_value_heads: 2,
+                    intermediate_size: 4864,
+                    vocab_size: 151_936,
+                    max_position_embeddings: 32_768,
+                    seed: 0,
+                },
+                prompt_tokens: 15,
+                new_tokens: 64,
+                group_size: 4,
+                train_prompt_tokens: 16,
+                train_completion_tokens: 64,
+                memory_group_size: 8,
+                memory_prompt_tokens: 700,
+                memory_completion_tokens: 48,
+                rounds: 2,
+            },
+            Mode::Reduced => ModelPlan {
+                shape: "small",
+                model: InitOptions {
+                    hidden_size: 128,
+                    num_hidden_layers: 2,
+                    num_attention_heads: 4,
+                    num_key_value_heads: 2,
+                    intermediate_size: 256,
+                    vocab_size: 2048,
+                    max_position_embeddings: 512,
+                    seed: 0,
+                },
+                prompt_tokens: 15,
+                new_tokens: 32,
+                group_size: 4,
+                train_prompt_tokens: 16,
+                train_completion_tokens: 32,
+                memory_group_size: 4,
+                memory_prompt_tokens: 128,
+                memory_completion_tokens: 16,
+                rounds: 1,
             },
         }
     }
@@ -151,6 +206,9 @@ pub struct Settings {
     /// `null` when the checker was skipped.
     pub checker: Option<CheckerRun>,
     pub model: ModelSettings,
+    pub quantized: QuantizedPlan,
+    /// `null` without `--large`.
+    pub large: Option<QuantizedPlan>,
     pub algorithm_loss: LossSettings,
 }
 
@@ -174,6 +232,10 @@ pub struct Figures {
     pub sampling: SamplingFigures,
     pub training: TrainingFigures,
     pub memory: MemoryFigures,
+    /// The memory figures with the linear layers' base weights quantized.
+    pub quantized: QuantizedFigures,
+    /// The same at the Qwen2.5-7B shape in Q4_K (`--large`); `null` otherwise.
+    pub large: Option<QuantizedFigures>,
     pub algorithm_loss: LossFigures,
 }
 
@@ -233,6 +295,14 @@ pub fn run(plan: &Plan, lean_cmd: Option<&str>, theorems: &Path) -> Result<Summa
     };
     tracing::info!("bench: model, {} shape", plan.model.shape);
     let (model, sampling, training, memory) = model::measure(&plan.model)?;
+    crate::model::device::release_cpu_memory();
+    let quantized = model::measure_quantized(&plan.quantized)?;
+    crate::model::device::release_cpu_memory();
+    let large = plan
+        .large
+        .as_ref()
+        .map(model::measure_quantized)
+        .transpose()?;
     tracing::info!("bench: algorithm loss + backward");
     let loss_backward_seconds = algo::measure(plan.loss, plan.loss_rounds)?;
     machine.load_average_end = load_average();
@@ -244,6 +314,8 @@ pub fn run(plan: &Plan, lean_cmd: Option<&str>, theorems: &Path) -> Result<Summa
         settings: Settings {
             checker: checker_run,
             model,
+            quantized: plan.quantized.clone(),
+            large: plan.large.clone(),
             algorithm_loss: LossSettings {
                 shape: plan.loss,
                 rounds: plan.loss_rounds,
@@ -254,6 +326,8 @@ pub fn run(plan: &Plan, lean_cmd: Option<&str>, theorems: &Path) -> Result<Summa
             sampling,
             training,
             memory,
+            quantized,
+            large,
             algorithm_loss: LossFigures {
                 loss_backward_seconds,
             },

@@ -12,10 +12,10 @@ use serde_json::Map;
 use super::{best_of, timed};
 use crate::algo::{prepare, AlgoConfig, BatchShape, Prepared};
 use crate::config::TrainOptions;
-use crate::model::init::{random_model, InitOptions};
+use crate::model::init::{random_model, InitOptions, LazyRandomWeights};
 use crate::model::optim::Optimizer;
 use crate::model::sampler::Sampler;
-use crate::model::{GenerateOptions, LoraOptions, Policy, SamplingOptions};
+use crate::model::{GenerateOptions, LoraOptions, Policy, Quantize, SamplingOptions};
 use crate::train::Update;
 
 /// What the model section measures, and on which shapes.
@@ -93,6 +93,8 @@ pub struct MemoryFigures {
     pub model_rss_gib: Option<f64>,
     /// Sampling `memory_group_size` completions of the memory plan's prompt.
     pub sampling_peak_rss_gib: Option<f64>,
+    /// Its speed, prefill of the long prompt included.
+    pub sampling_tokens_per_second: f64,
     /// The training update of that group (GRPO), the whole graph kept for the backward.
     pub training_step_peak_rss_gib: Option<f64>,
     /// The same update with `train.gradient_checkpointing`.
@@ -259,8 +261,42 @@ fn training_step(policy: &Policy, plan: &ModelPlan) -> Result<TrainingFigures> {
 
 /// Peak RSS of sampling and of the training update at the memory plan's lengths.
 fn memory(policy: &mut Policy, plan: &ModelPlan) -> Result<MemoryFigures> {
-    let (g, vocab) = (plan.memory_group_size, plan.model.vocab_size);
-    let prompt = token_ids(2, plan.memory_prompt_tokens, vocab);
+    let sampled = sampling_memory(policy, plan)?;
+    let (training_step_peak_rss_gib, training_step_seconds) = step_memory(policy, plan, false)?;
+    let (checkpointed_peak, checkpointed_seconds) = step_memory(policy, plan, true)?;
+    tracing::info!(
+        "bench: memory: model {:?} GiB, sampling peak {:?}, training step peak \
+         {training_step_peak_rss_gib:?} ({training_step_seconds:.1} s), checkpointed \
+         {checkpointed_peak:?} ({checkpointed_seconds:.1} s)",
+        sampled.model_rss_gib,
+        sampled.peak_rss_gib
+    );
+    Ok(MemoryFigures {
+        model_rss_gib: sampled.model_rss_gib,
+        sampling_peak_rss_gib: sampled.peak_rss_gib,
+        sampling_tokens_per_second: sampled.tokens_per_second,
+        training_step_peak_rss_gib,
+        training_step_checkpointed_peak_rss_gib: checkpointed_peak,
+        training_step_seconds,
+        training_step_checkpointed_seconds: checkpointed_seconds,
+    })
+}
+
+/// What sampling the memory plan's group cost.
+struct SampledMemory {
+    /// Resident memory before sampling: the weights, mostly.
+    model_rss_gib: Option<f64>,
+    peak_rss_gib: Option<f64>,
+    tokens_per_second: f64,
+}
+
+/// The memory plan's prompt (a real prompt's length).
+fn memory_prompt(plan: &ModelPlan) -> Vec<u32> {
+    token_ids(2, plan.memory_prompt_tokens, plan.model.vocab_size)
+}
+
+fn sampling_memory(policy: &Policy, plan: &ModelPlan) -> Result<SampledMemory> {
+    let prompt = memory_prompt(plan);
     crate::model::device::release_cpu_memory();
     let model_rss_gib = super::memory::rss_gib();
     let opts = GenerateOptions {
@@ -268,42 +304,136 @@ fn memory(policy: &mut Policy, plan: &ModelPlan) -> Result<MemoryFigures> {
         eos_ids: Vec::new(),
         adapters: true,
     };
-    let (sampling_peak_rss_gib, _) = super::memory::peak_rss_gib(|| {
-        let mut sampler = Sampler::new(&SamplingOptions::default(), 0);
-        policy.generate(
-            std::slice::from_ref(&prompt),
-            g,
-            &opts,
-            &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
-            &mut |_: &[u32]| false,
-        )
+    let (peak_rss_gib, (seconds, tokens)) = super::memory::peak_rss_gib(|| {
+        timed(|| {
+            let mut sampler = Sampler::new(&SamplingOptions::default(), 0);
+            let gens = policy.generate(
+                std::slice::from_ref(&prompt),
+                plan.memory_group_size,
+                &opts,
+                &mut |rows: &[Vec<f32>]| sampler.sample_rows(rows),
+                &mut |_: &[u32]| false,
+            )?;
+            Ok(gens.iter().map(|g| g.tokens.len()).sum::<usize>())
+        })
     })?;
-    let width = plan.memory_completion_tokens;
-    let prompts = vec![prompt; g];
+    Ok(SampledMemory {
+        model_rss_gib,
+        peak_rss_gib,
+        tokens_per_second: tokens as f64 / seconds,
+    })
+}
+
+/// Peak RSS and seconds of one training update of the memory plan's group.
+fn step_memory(
+    policy: &mut Policy,
+    plan: &ModelPlan,
+    checkpointing: bool,
+) -> Result<(Option<f64>, f64)> {
+    let (g, vocab, width) = (
+        plan.memory_group_size,
+        plan.model.vocab_size,
+        plan.memory_completion_tokens,
+    );
+    let prompts = vec![memory_prompt(plan); g];
     let completions: Vec<Vec<u32>> = (0..g).map(|i| token_ids(200 + i, width, vocab)).collect();
     let settings = TrainOptions::default().optimizer();
-    let mut step = |checkpointing: bool| {
-        policy.set_gradient_checkpointing(checkpointing);
-        let out = super::memory::peak_rss_gib(|| {
-            let mut optimizer = Optimizer::new(&policy.lora_vars(), &settings, 1)?;
-            timed(|| one_update(policy, &prompts, &completions, &mut optimizer))
-        });
-        policy.set_gradient_checkpointing(false);
-        out
+    policy.set_gradient_checkpointing(checkpointing);
+    let out = super::memory::peak_rss_gib(|| {
+        let mut optimizer = Optimizer::new(&policy.lora_vars(), &settings, 1)?;
+        timed(|| one_update(policy, &prompts, &completions, &mut optimizer))
+    });
+    policy.set_gradient_checkpointing(false);
+    let (peak, (seconds, ())) = out?;
+    Ok((peak, seconds))
+}
+
+/// The memory figures of a model whose linear layers' base weights are quantized
+/// (`--quantize`), built from [`LazyRandomWeights`] so that no f32 copy of them ever exists.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizedFigures {
+    pub shape: &'static str,
+    pub quantize: Quantize,
+    /// What the linear layers' frozen weights hold, and would hold in f32.
+    pub linear_weights_gib: f64,
+    pub linear_weights_f32_gib: f64,
+    pub model_rss_gib: Option<f64>,
+    pub sampling_peak_rss_gib: Option<f64>,
+    pub sampling_tokens_per_second: f64,
+    /// The whole graph kept for the backward; `None` where the plan skips it (the 7B shape,
+    /// whose activations alone would not fit the bench machine).
+    pub training_step_peak_rss_gib: Option<f64>,
+    pub training_step_seconds: Option<f64>,
+    pub training_step_checkpointed_peak_rss_gib: Option<f64>,
+    pub training_step_checkpointed_seconds: f64,
+}
+
+/// A quantized memory measurement: the model plan and its format.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizedPlan {
+    #[serde(flatten)]
+    pub model: ModelPlan,
+    pub quantize: Quantize,
+    /// Also measure the step without checkpointing.
+    pub full_graph: bool,
+}
+
+pub fn measure_quantized(plan: &QuantizedPlan) -> Result<QuantizedFigures> {
+    let weights = LazyRandomWeights {
+        options: plan.model.model.clone(),
+        quantize: plan.quantize.target(),
     };
-    let (training_step_peak_rss_gib, (training_step_seconds, ())) = step(false)?;
-    let (checkpointed_peak, (checkpointed_seconds, ())) = step(true)?;
+    let config = weights.config()?;
     tracing::info!(
-        "bench: memory: model {model_rss_gib:?} GiB, sampling peak {sampling_peak_rss_gib:?}, \
-         training step peak {training_step_peak_rss_gib:?} ({training_step_seconds:.1} s), \
-         checkpointed {checkpointed_peak:?} ({checkpointed_seconds:.1} s)"
+        "bench: random {} model, linear weights in {:?}",
+        plan.model.shape,
+        plan.quantize
     );
-    Ok(MemoryFigures {
-        model_rss_gib,
-        sampling_peak_rss_gib,
-        training_step_peak_rss_gib,
+    let mut policy = Policy::from_weights(
+        &config,
+        &weights,
+        std::path::Path::new("."),
+        &LoraOptions::default(),
+        &Device::Cpu,
+        DType::F32,
+        0,
+    )?;
+    let (bytes, _) = policy.decoder().frozen_linear_bytes();
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let kv = config.num_key_value_heads * config.head_dim;
+    let q = config.num_attention_heads * config.head_dim;
+    let linear = config.num_hidden_layers * (2 * h * q + 2 * h * kv + 3 * h * i);
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let sampled = sampling_memory(&policy, &plan.model)?;
+    let full = if plan.full_graph {
+        let (peak, seconds) = step_memory(&mut policy, &plan.model, false)?;
+        (peak, Some(seconds))
+    } else {
+        (None, None)
+    };
+    let (checkpointed_peak, checkpointed_seconds) = step_memory(&mut policy, &plan.model, true)?;
+    tracing::info!(
+        "bench: quantized {}: linear weights {:.2} GiB, model {:?} GiB, sampling peak {:?} \
+         ({:.1} tokens/s), training step peak {:?}, checkpointed {checkpointed_peak:?} \
+         ({checkpointed_seconds:.1} s)",
+        plan.model.shape,
+        gib(bytes),
+        sampled.model_rss_gib,
+        sampled.peak_rss_gib,
+        sampled.tokens_per_second,
+        full.0
+    );
+    Ok(QuantizedFigures {
+        shape: plan.model.shape,
+        quantize: plan.quantize,
+        linear_weights_gib: gib(bytes),
+        linear_weights_f32_gib: gib(4 * linear),
+        model_rss_gib: sampled.model_rss_gib,
+        sampling_peak_rss_gib: sampled.peak_rss_gib,
+        sampling_tokens_per_second: sampled.tokens_per_second,
+        training_step_peak_rss_gib: full.0,
+        training_step_seconds: full.1,
         training_step_checkpointed_peak_rss_gib: checkpointed_peak,
-        training_step_seconds,
         training_step_checkpointed_seconds: checkpointed_seconds,
     })
 }

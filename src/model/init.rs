@@ -308,6 +308,97 @@ fn random_weights(o: &InitOptions, vocab: usize) -> Result<HashMap<String, Tenso
     Ok(out)
 }
 
+/// Random weights of `options`' shape made tensor by tensor when the model asks for them, the
+/// linear layers' quantized as they are made (`quantize`): the bench's quantized figures at
+/// 7B shapes, whose f32 weights (28 GB) would not fit where their Q4_K ones do. Same
+/// distributions as [`random_model`], drawn per tensor from a seed of its name.
+pub struct LazyRandomWeights {
+    pub options: InitOptions,
+    pub quantize: Option<candle_core::quantized::GgmlDType>,
+}
+
+impl LazyRandomWeights {
+    /// The model config of these weights (untied head, like [`random_model`]).
+    pub fn config(&self) -> Result<super::ModelConfig> {
+        check_sizes(&self.options)?;
+        let json = config_json(&self.options, self.options.vocab_size, 0, 2);
+        super::ModelConfig::from_json(&json.to_string())
+    }
+
+    /// How tensor `name` is drawn (`fan_in`: its last dimension), as [`random_weights`] draws
+    /// it; `None` for a tensor the model does not have.
+    fn draw(&self, name: &str, fan_in: usize) -> Option<Draw> {
+        let h = self.options.hidden_size as f64;
+        let layer = name.starts_with("model.layers.");
+        Some(match name {
+            "model.embed_tokens.weight" => Draw::Normal(1.0 / h.sqrt()),
+            "lm_head.weight" => Draw::Normal(HEAD_ROW_NORM / h.sqrt()),
+            n if n.ends_with("norm.weight") => Draw::Const(1.0),
+            n if layer
+                && ["q", "k", "v"]
+                    .iter()
+                    .any(|p| n.ends_with(&format!("{p}_proj.bias"))) =>
+            {
+                Draw::Const(0.0)
+            }
+            n if layer && n.ends_with("_proj.weight") => Draw::Normal(1.0 / (fan_in as f64).sqrt()),
+            _ => return None,
+        })
+    }
+
+    fn make(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let fan_in = shape.last().copied().unwrap_or(1);
+        let std = match self.draw(name, fan_in) {
+            Some(Draw::Normal(std)) => std,
+            Some(Draw::Const(v)) => return Ok(Tensor::full(v, shape, &Device::Cpu)?),
+            None => bail!("random weights have no tensor `{name}`"),
+        };
+        // FNV-1a of the name: each tensor its own stream, whatever order they are asked in.
+        let key = name
+            .bytes()
+            .fold(self.options.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        const CHUNK: usize = 1 << 16;
+        let mut data = vec![0f32; shape.iter().product()];
+        data.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let mut rng = ChaCha8Rng::seed_from_u64(key);
+                rng.set_stream(i as u64);
+                for v in chunk {
+                    *v = (std * gaussian(&mut rng)) as f32;
+                }
+            });
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+}
+
+/// How [`LazyRandomWeights`] fills a tensor.
+enum Draw {
+    Normal(f64),
+    Const(f32),
+}
+
+impl super::weights::WeightSource for LazyRandomWeights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.make(name, shape)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.draw(name, 1).is_some()
+    }
+
+    fn get_frozen(&self, name: &str, shape: &[usize]) -> Result<super::quant::Frozen> {
+        let dense = self.make(name, shape)?;
+        match self.quantize {
+            Some(format) => super::quant::Frozen::quantize(&dense, format, name),
+            None => Ok(super::quant::Frozen::Dense(dense)),
+        }
+    }
+}
+
 /// A standard normal draw (Box–Muller), so the weights depend on the seed alone.
 fn gaussian(rng: &mut ChaCha8Rng) -> f64 {
     let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
