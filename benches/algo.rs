@@ -8,7 +8,7 @@ use lean_grpo::bench::algo::{loss_backward, preset, LossInputs};
 use lean_grpo::bench::{Mode, Plan};
 
 fn bench(c: &mut Criterion) {
-    let shape = Plan::new(Mode::Full).loss;
+    let shape = Plan::new(Mode::Full, false).loss;
     let x = LossInputs::new(shape, 7).expect("inputs");
     let name = format!(
         "algo_step_{}x{}x{}",

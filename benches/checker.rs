@@ -22,7 +22,7 @@ fn main() -> Result<()> {
     };
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/prelude.jsonl");
     let theorems = load_theorems(&path, None)?;
-    let rounds = Plan::new(Mode::Full).checker_rounds;
+    let rounds = Plan::new(Mode::Full, false).checker_rounds;
     let (settings, figures) = checker::measure(&format!("'{lean}' --json"), &theorems, rounds)?;
     let report = serde_json::json!({"settings": settings, "figures": figures});
     println!("{}", serde_json::to_string_pretty(&report)?);

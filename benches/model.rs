@@ -11,7 +11,8 @@ use anyhow::Result;
 use lean_grpo::bench::{model, Mode, Plan};
 
 fn main() -> Result<()> {
-    let (settings, sampling, training, memory) = model::measure(&Plan::new(Mode::Full).model)?;
+    let (settings, sampling, training, memory) =
+        model::measure(&Plan::new(Mode::Full, false).model)?;
     let report = serde_json::json!({
         "settings": settings,
         "sampling": sampling,
