@@ -11,7 +11,7 @@
 //! the whole matrix is never held in f32. LoRA below a frozen layer needs that layer's input
 //! gradient `dL/dx = dL/dy · W`, computed the same way by strips of `W`'s columns. On CUDA the
 //! forward is candle's quantized kernel and the input gradient dequantizes one layer's weight
-//! at a time (docs/design.md, "Quantized base").
+//! at a time (docs/model.md §8).
 //!
 //! The default ([`Quantize::None`]) dequantizes everything at load: the exact path, the one
 //! that matches transformers.
