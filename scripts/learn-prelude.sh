@@ -20,7 +20,9 @@
 # scripts/test-lean.sh fetches one), LEAN_GRPO (a built binary instead of building one),
 # SFT_ADAPTER (an existing warm-up adapter: step 2 is skipped, so several RL seeds can start
 # from the same SFT policy), RL_DATA (the theorem file RL trains on, default data/prelude.jsonl;
-# e.g. one written by `lean-grpo filter`), TAG (suffix of the per-algorithm run names).
+# e.g. one written by `lean-grpo filter`), TAG (suffix of the per-algorithm run names),
+# TRAIN_ARGS (more `train` flags, split on spaces, e.g. "--task fim" for the fill-in-the-middle
+# curriculum of docs/fim.md; evaluation stays on whole proofs).
 #
 # Resumable: an algorithm whose evaluation is already in OUT_DIR is not run again. Every result
 # is appended to OUT_DIR/results.jsonl (one JSON object per algorithm) for scripts/learn-seeds.sh.
@@ -37,6 +39,7 @@ sft_epochs="${SFT_EPOCHS:-16}"
 sft_lr="${SFT_LR:-1e-2}"
 eval_n="${EVAL_N:-8}"
 algo_config=()
+read -r -a train_args <<<"${TRAIN_ARGS:-}"
 if [[ -n "${ALGO_CONFIG:-}" ]]; then
     algo_config=(--algo-config "$ALGO_CONFIG")
 fi
@@ -126,7 +129,8 @@ for algo in $algorithms; do
         "$lg" -q train "$rl_data" --split train --model "$model" --adapter "$sft" \
             --algorithm "$algo" --num-generations 8 --batch-size 2 --max-steps "$rl_steps" \
             --learning-rate "$rl_lr" --seed "$seed" "${sampling[@]}" "${checker[@]}" \
-            ${algo_config[@]+"${algo_config[@]}"} --output "$out/$run" >&2
+            ${algo_config[@]+"${algo_config[@]}"} ${train_args[@]+"${train_args[@]}"} \
+            --output "$out/$run" >&2
         rl_seconds=$((SECONDS - t0))
         after="$(evaluate "$out/$run/adapter" "$out/eval-$run")"
         echo "$rl_seconds" >"$out/$run/rl_seconds"
