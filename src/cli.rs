@@ -255,9 +255,10 @@ pub struct CheckerArgs {
     /// The Lake project Lean runs in (default `lean_env`).
     #[arg(long, value_name = "DIR")]
     pub project: Option<PathBuf>,
-    /// kimina-lean-server URL (with `--backend kimina`).
+    /// kimina-lean-server URL (with `--backend kimina`); repeat it or give a comma list for
+    /// several servers, which share the proofs and stand in for each other.
     #[arg(long, value_name = "URL")]
-    pub kimina_url: Option<String>,
+    pub kimina_url: Vec<String>,
 }
 
 impl CheckerArgs {
@@ -267,7 +268,9 @@ impl CheckerArgs {
         push(out, "checker", "jobs", &self.jobs);
         push(out, "checker", "lean_cmd", &self.lean_cmd);
         push(out, "checker", "project", &self.project);
-        push(out, "checker", "kimina_url", &self.kimina_url);
+        if !self.kimina_url.is_empty() {
+            push(out, "checker", "kimina_url", &Some(&self.kimina_url));
+        }
     }
 }
 

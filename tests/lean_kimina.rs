@@ -3,43 +3,64 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lean_grpo::lean::{Backend, Checker, Job, VerdictKind};
 use serde_json::{json, Value};
 use support::*;
 
-/// A kimina stand-in on a free local port; records every request body.
+/// A kimina stand-in on a free local port; records every `/check` request body.
 struct Server {
     url: String,
     requests: Arc<Mutex<Vec<Value>>>,
+    /// Set to stop listening (the port then refuses connections).
+    stop: Arc<AtomicBool>,
 }
 
 fn serve() -> Server {
+    serve_dying_after(usize::MAX)
+}
+
+/// A server that answers `answered` checks, then drops the next request unanswered and stops
+/// listening: a server killed mid-run.
+fn serve_dying_after(answered: usize) -> Server {
     let server = tiny_http::Server::http("127.0.0.1:0").expect("bind a local port");
     let url = format!(
         "http://{}",
         server.server_addr().to_ip().expect("ip address")
     );
     let requests = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&requests);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
     let failures = AtomicUsize::new(0);
     std::thread::spawn(move || {
-        for mut request in server.incoming_requests() {
-            let mut body = String::new();
-            request.as_reader().read_to_string(&mut body).unwrap();
-            let value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-            seen.lock().unwrap().push(value.clone());
-            let code = value["snippets"][0]["code"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+        while !stopped.load(Ordering::SeqCst) {
+            let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50)) else {
+                continue;
+            };
             if request.url() != "/check" {
                 let _ = request
                     .respond(tiny_http::Response::from_string("not found").with_status_code(404));
                 continue;
             }
+            let mut body = String::new();
+            request.as_reader().read_to_string(&mut body).unwrap();
+            let value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                seen.push(value.clone());
+                seen.len()
+            };
+            if n > answered {
+                stopped.store(true, Ordering::SeqCst);
+                break; // `request` and `server` dropped: the connection closes unanswered.
+            }
+            let code = value["snippets"][0]["code"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             if code.contains("fake:server-error-once")
                 && failures.fetch_add(1, Ordering::SeqCst) == 0
             {
@@ -54,7 +75,19 @@ fn serve() -> Server {
                 .respond(tiny_http::Response::from_string(answer.to_string()).with_header(header));
         }
     });
-    Server { url, requests }
+    Server {
+        url,
+        requests,
+        stop,
+    }
+}
+
+/// A URL on which nothing listens.
+fn dead_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    url
 }
 
 /// One result, decided by the snippet's `-- fake:WHAT` directive.
@@ -150,15 +183,90 @@ fn verdicts_from_kimina_answers() {
     );
 }
 
+/// Distinct jobs (distinct theorems: identical jobs would be checked once).
+fn jobs(n: usize) -> Vec<Job> {
+    (0..n)
+        .map(|i| Job::new(&theorem(&format!("t{i}")), "by\n  -- fake:none\n  trivial"))
+        .collect()
+}
+
+fn cluster(urls: &[String], attempts: u32, max_unavailable: usize) -> Checker {
+    let mut o = options(Backend::Kimina, "");
+    o.kimina_url = urls.to_vec();
+    o.kimina_attempts = attempts;
+    o.max_unavailable = max_unavailable;
+    Checker::new(&o).unwrap()
+}
+
 #[test]
-fn an_unreachable_server_is_an_error_not_a_verdict() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
-    let err = checker(&url).check(&[job("none")], None).unwrap_err();
-    assert!(format!("{err:#}").contains("failed 3 times"), "{err:#}");
+fn proofs_spread_over_a_cluster_and_a_server_killed_mid_run_loses_no_verdict() {
+    let (a, b, c) = (serve_dying_after(2), serve(), serve());
+    let urls = [a.url.clone(), b.url.clone(), c.url.clone()];
+    let checker = cluster(&urls, 4, 16);
+    let jobs = jobs(12);
+    let results = checker.check(&jobs, None).unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            r.verdict.kind,
+            VerdictKind::Accepted,
+            "job {i}: {:?}",
+            r.verdict
+        );
+    }
+    assert!(a.stop.load(Ordering::SeqCst), "the first server died");
+    let counts = [&a, &b, &c].map(|s| s.requests.lock().unwrap().len());
+    // The dying server took 2 and dropped a third; the others took the rest between them.
+    assert_eq!(counts[0], 3, "{counts:?}");
+    assert!(counts[1] >= 3 && counts[2] >= 3, "spread: {counts:?}");
+    assert_eq!(counts[1] + counts[2], 10, "{counts:?}");
+    let retries: u32 = results.iter().map(|r| r.retries).sum();
+    // The dropped request went again (one more if the other thread's request was queued at
+    // the dying server).
+    assert!((1..=2).contains(&retries), "{retries} retries");
+}
+
+#[test]
+fn with_every_server_down_each_proof_is_checker_unavailable_and_the_run_stops() {
+    let urls = [dead_url(), dead_url()];
+    // Below the stop: each proof gets its verdict, with what failed, and is not cached.
+    let checker = cluster(&urls, 2, 16);
+    let results = checker.check(&jobs(2), None).unwrap();
+    for r in &results {
+        assert_eq!(r.verdict.kind, VerdictKind::CheckerUnavailable);
+        let detail = r.verdict.evidence.detail.as_deref().unwrap_or_default();
+        assert!(
+            detail.contains(&urls[0]) || detail.contains(&urls[1]),
+            "{detail}"
+        );
+        assert_eq!(r.retries, 1);
+    }
+    let again = checker.check(&jobs(1), None).unwrap();
+    assert!(!again[0].cached, "an unavailable verdict is never cached");
+    // At the stop: a clear error that names the servers and the knob.
+    let checker = cluster(&urls, 1, 3);
+    let err = format!("{:#}", checker.check(&jobs(4), None).unwrap_err());
+    assert!(err.contains("3 proofs in a row got no verdict"), "{err}");
+    assert!(
+        err.contains(&urls[0]) && err.contains("checker.max_unavailable"),
+        "{err}"
+    );
     let mut no_url = options(Backend::Kimina, "");
-    no_url.kimina_url = None;
+    no_url.kimina_url = Vec::new();
     let err = Checker::new(&no_url).err().expect("needs a URL");
     assert!(err.to_string().contains("--kimina-url"), "{err}");
+}
+
+#[test]
+fn kimina_urls_come_as_a_list_or_a_comma_string() {
+    use lean_grpo::lean::CheckerOptions;
+    let from = |yaml: &str| -> Vec<String> {
+        let o: CheckerOptions = serde_yaml_ng::from_str(yaml).unwrap();
+        o.kimina_url
+    };
+    let want = ["http://a:8000", "http://b:8000"]
+        .map(String::from)
+        .to_vec();
+    assert_eq!(from("kimina_url: http://a:8000, http://b:8000"), want);
+    assert_eq!(from("kimina_url: [http://a:8000, http://b:8000]"), want);
+    assert!(from("backend: kimina").is_empty());
 }

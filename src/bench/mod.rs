@@ -79,11 +79,10 @@ impl Plan {
 
     fn base(mode: Mode) -> Plan {
         let model = Self::model_plan(mode);
-        // Q4_K needs inputs in blocks of 256, which the reduced shape (hidden 128) is not.
-        let quantize = match mode {
-            Mode::Full => Quantize::Q4K,
-            Mode::Reduced => Quantize::Q8_0,
-        };
+        // Q4_K needs inputs in blocks of 256, which neither the 0.5B shape (hidden 896) nor
+        // the reduced one (128) has; llama.cpp's Q4_K_M files of Qwen2.5-0.5B fall back to 8-bit
+        // formats for those tensors too.
+        let quantize = Quantize::Q8_0;
         let (proofs, checker_rounds, loss, loss_rounds) = match mode {
             Mode::Full => (
                 None,

@@ -34,9 +34,13 @@ impl VerdictCache {
             .cloned()
     }
 
-    /// Remember `verdict`, except a crash: that may be the machine's fault, not the proof's.
+    /// Remember `verdict`, except a crash or an unavailable checker: those may be the
+    /// machine's fault, not the proof's.
     pub fn insert(&self, key: Key, verdict: &Verdict) {
-        if verdict.kind != VerdictKind::Crashed {
+        if !matches!(
+            verdict.kind,
+            VerdictKind::Crashed | VerdictKind::CheckerUnavailable
+        ) {
             self.map
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

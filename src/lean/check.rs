@@ -22,6 +22,8 @@ pub struct CheckSummary {
     pub rejected: usize,
     /// Count per verdict kind (only kinds that occurred).
     pub by_kind: BTreeMap<VerdictKind, usize>,
+    /// Requests sent again to another kimina server (a cluster's failovers).
+    pub retries: usize,
 }
 
 impl fmt::Display for CheckSummary {
@@ -36,6 +38,9 @@ impl fmt::Display for CheckSummary {
             .collect();
         if !rejections.is_empty() {
             write!(f, " ({})", rejections.join(", "))?;
+        }
+        if self.retries > 0 {
+            write!(f, "; {} checker retries", self.retries)?;
         }
         Ok(())
     }
@@ -82,6 +87,7 @@ pub fn run_check(
     for (job, checked) in jobs.iter().zip(&results) {
         let kind = checked.verdict.kind;
         *summary.by_kind.entry(kind).or_default() += 1;
+        summary.retries += checked.retries as usize;
         if checked.verdict.is_accepted() {
             summary.accepted += 1;
         } else {

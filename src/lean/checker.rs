@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use super::backend::{KiminaClient, ProcessBackend, ReplPool, ReplSettings, Runner};
+use super::backend::{Backoff, KiminaCluster, ProcessBackend, ReplPool, ReplSettings, Runner};
 use super::cache::{self, VerdictCache};
 use super::command::{network_isolation, CommandLine};
 use super::extract::{extract_proof, Extracted};
@@ -61,6 +61,8 @@ pub struct Checked {
     pub cached: bool,
     /// The proof extracted from the completion, as checked (`None` when there was none).
     pub proof: Option<String>,
+    /// Requests sent again to another kimina server before the verdict.
+    pub retries: u32,
 }
 
 /// Checks proofs with the configured backend. `Send + Sync`: one checker can serve a training
@@ -71,6 +73,8 @@ pub struct Checker {
     identity: String,
     policy: ScreenPolicy,
     cache: Option<VerdictCache>,
+    /// `checker_unavailable` verdicts in a row (see [`Checker::count_unavailable`]).
+    unavailable_in_a_row: AtomicUsize,
 }
 
 enum Prepared {
@@ -132,12 +136,18 @@ impl Checker {
                 (Runner::Repl(ReplPool::new(command, settings)), identity)
             }
             Backend::Kimina => {
-                let url = options
-                    .kimina_url
-                    .as_deref()
-                    .filter(|u| !u.trim().is_empty())
-                    .context("backend kimina needs the server URL: --kimina-url URL (or kimina_url in the checker section)")?;
-                let client = KiminaClient::new(url, options.timeout);
+                if options.kimina_url.is_empty() {
+                    bail!(
+                        "backend kimina needs the server URL: --kimina-url URL (repeat it, or \
+                         give a comma list, for several servers; or kimina_url in the checker \
+                         section)"
+                    );
+                }
+                let backoff = Backoff {
+                    attempts: options.kimina_attempts.max(1),
+                    ..Backoff::default()
+                };
+                let client = KiminaCluster::new(&options.kimina_url, options.timeout, backoff);
                 let identity = client.identity();
                 (Runner::Kimina(client), identity)
             }
@@ -163,6 +173,7 @@ impl Checker {
             identity,
             policy,
             cache,
+            unavailable_in_a_row: AtomicUsize::new(0),
         })
     }
 
@@ -196,6 +207,7 @@ impl Checker {
                         seconds: 0.0,
                         cached: false,
                         proof,
+                        retries: 0,
                     });
                     tick();
                 }
@@ -213,6 +225,7 @@ impl Checker {
                             seconds: 0.0,
                             cached: true,
                             proof,
+                            retries: 0,
                         });
                         tick();
                     } else {
@@ -234,6 +247,7 @@ impl Checker {
                 .context("a duplicate job's original has no verdict")?;
             checked.cached = true;
             checked.seconds = 0.0;
+            checked.retries = 0;
             results[i] = Some(checked);
             tick();
         }
@@ -306,6 +320,11 @@ impl Checker {
                     match self.runner.run(source, &index.to_string()) {
                         Ok(run) => {
                             let verdict = judge(&run, source, self.options.allow_native_decide);
+                            if let Err(e) = self.count_unavailable(&verdict) {
+                                failed.store(true, Ordering::SeqCst);
+                                let mut first = error.lock().unwrap_or_else(|e| e.into_inner());
+                                first.get_or_insert(e);
+                            }
                             let seconds = started.elapsed().as_secs_f64();
                             let proof = Some(source.proof().to_string());
                             *slots[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(Checked {
@@ -313,6 +332,7 @@ impl Checker {
                                 seconds,
                                 cached: false,
                                 proof,
+                                retries: run.retries,
                             });
                             tick();
                         }
@@ -338,6 +358,29 @@ impl Checker {
                     .context("a job was not run")
             })
             .collect()
+    }
+}
+
+impl Checker {
+    /// Counts `checker_unavailable` verdicts in a row (across calls); an error once there are
+    /// `max_unavailable` of them, so a run whose servers are all gone stops instead of
+    /// training on empty rewards.
+    fn count_unavailable(&self, verdict: &Verdict) -> anyhow::Result<()> {
+        if verdict.kind != VerdictKind::CheckerUnavailable {
+            self.unavailable_in_a_row.store(0, Ordering::SeqCst);
+            return Ok(());
+        }
+        let n = self.unavailable_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
+        let limit = self.options.max_unavailable;
+        if limit > 0 && n >= limit {
+            bail!(
+                "{n} proofs in a row got no verdict: no kimina server answered ({}). Last: {}. \
+                 Start or fix the servers (or raise checker.max_unavailable) and resume",
+                self.options.kimina_url.join(", "),
+                verdict.evidence.detail.as_deref().unwrap_or("no detail")
+            );
+        }
+        Ok(())
     }
 }
 

@@ -41,8 +41,16 @@ pub struct CheckerOptions {
     pub timeout: f64,
     /// Memory limit per Lean process, in MiB.
     pub memory_mb: u64,
-    /// kimina-lean-server base URL (backend `kimina`).
-    pub kimina_url: Option<String>,
+    /// kimina-lean-server base URLs (backend `kimina`): a list, or one string of
+    /// comma-separated URLs. Proofs are spread over them (src/lean/backend/kimina.rs).
+    #[serde(deserialize_with = "url_list")]
+    pub kimina_url: Vec<String>,
+    /// Attempts per proof over the kimina servers, with backoff, before the proof's verdict
+    /// is `checker_unavailable`.
+    pub kimina_attempts: u32,
+    /// A check stops with an error once this many proofs in a row were
+    /// `checker_unavailable` (0 = never).
+    pub max_unavailable: usize,
     /// Allow `native_decide` / `decide +native` (they add a compiler-trust axiom).
     pub allow_native_decide: bool,
     /// Largest `N` a proof may give in `set_option maxHeartbeats N` (0 is never allowed: it
@@ -74,7 +82,9 @@ impl Default for CheckerOptions {
             jobs: 0,
             timeout: 60.0,
             memory_mb: 8192,
-            kimina_url: None,
+            kimina_url: Vec::new(),
+            kimina_attempts: 4,
+            max_unavailable: 16,
             allow_native_decide: false,
             heartbeats_cap: 1_000_000,
             rec_depth_cap: 100_000,
@@ -96,4 +106,26 @@ impl CheckerOptions {
             n => n,
         }
     }
+}
+
+/// A list of URLs from a YAML/JSON list or from one comma-separated string; blanks dropped.
+fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    };
+    Ok(items
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect())
 }

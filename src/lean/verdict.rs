@@ -26,10 +26,13 @@ pub enum VerdictKind {
     /// A fill-in-the-middle completion that repeats or rewrites the text around the hole, or
     /// contains the hole marker (docs/fim.md): it did not fill the hole.
     HoleMismatch,
+    /// No checker could run the proof (every kimina server failed or timed out, retried with
+    /// backoff): the checker's failure, not the proof's. No reward, never cached.
+    CheckerUnavailable,
 }
 
 impl VerdictKind {
-    pub const ALL: [VerdictKind; 11] = [
+    pub const ALL: [VerdictKind; 12] = [
         VerdictKind::Accepted,
         VerdictKind::LeanError,
         VerdictKind::Sorry,
@@ -41,6 +44,7 @@ impl VerdictKind {
         VerdictKind::Crashed,
         VerdictKind::NoProof,
         VerdictKind::HoleMismatch,
+        VerdictKind::CheckerUnavailable,
     ];
 
     /// The snake_case name used in JSON and reports.
@@ -57,6 +61,7 @@ impl VerdictKind {
             VerdictKind::Crashed => "crashed",
             VerdictKind::NoProof => "no_proof",
             VerdictKind::HoleMismatch => "hole_mismatch",
+            VerdictKind::CheckerUnavailable => "checker_unavailable",
         }
     }
 }
@@ -212,6 +217,8 @@ pub enum RunEnd {
     OutputCap(u64),
     /// The worker or server failed without an answer.
     Died(String),
+    /// No server could be reached to run it (retries exhausted).
+    Unavailable(String),
 }
 
 /// Everything a backend learnt from running one source, in body line numbering.
@@ -223,6 +230,8 @@ pub struct LeanRun {
     pub sorries: usize,
     /// stderr, or a REPL-level failure text.
     pub stderr: String,
+    /// Requests sent again (to another kimina server) before this answer.
+    pub retries: u32,
 }
 
 const MAX_MESSAGES: usize = 32;
@@ -285,6 +294,9 @@ pub fn judge(run: &LeanRun, source: &Source, allow_native_decide: bool) -> Verdi
                 format!("{why}{stderr_tail}"),
                 evidence,
             )
+        }
+        RunEnd::Unavailable(why) => {
+            return reject(VerdictKind::CheckerUnavailable, why.clone(), evidence)
         }
         RunEnd::Exited(code) if *code != 0 && *code != 1 => {
             return reject(
@@ -455,6 +467,6 @@ mod tests {
             serde_json::to_string(&v).unwrap(),
             r#"{"kind":"statement_changed"}"#
         );
-        assert_eq!(VerdictKind::ALL.map(VerdictKind::name).len(), 11);
+        assert_eq!(VerdictKind::ALL.map(VerdictKind::name).len(), 12);
     }
 }

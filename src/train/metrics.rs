@@ -40,6 +40,10 @@ pub struct StepMetrics {
     /// or length (none under DAPO's default filter with binary rewards).
     #[serde(default)]
     pub kept_groups_none_accepted: usize,
+    /// Checker requests sent again to another kimina server this step (a cluster's failovers;
+    /// proofs none could check are `checker_unavailable` in `verdicts`).
+    #[serde(default)]
+    pub checker_retries: u64,
     pub resample_rounds: usize,
     /// False when nothing was left to learn from (no optimizer step).
     pub optimizer_step: bool,
@@ -193,6 +197,10 @@ impl StepOutcome<'_> {
             groups_dropped: self.prepared.groups() - kept.len(),
             groups_dropped_flat_reward: self.prepared.dropped_flat_task_reward(),
             kept_groups_none_accepted: kept.iter().filter(none_accepted).count(),
+            checker_retries: self
+                .completions()
+                .map(|(_, c)| u64::from(c.checked.retries))
+                .sum(),
             resample_rounds: self.resample_rounds,
             optimizer_step: update.stepped,
             loss: update.loss,

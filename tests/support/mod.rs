@@ -46,7 +46,7 @@ pub fn options(backend: Backend, cmd: &str) -> CheckerOptions {
     match backend {
         Backend::Lean => o.lean_cmd = Some(cmd.to_string()),
         Backend::Repl => o.repl_cmd = Some(cmd.to_string()),
-        Backend::Kimina => o.kimina_url = Some(cmd.to_string()),
+        Backend::Kimina => o.kimina_url = vec![cmd.to_string()],
     }
     o
 }

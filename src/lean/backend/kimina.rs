@@ -1,10 +1,18 @@
-//! Backend `kimina`: a kimina-lean-server (or a cluster behind one URL) over HTTP.
+//! Backend `kimina`: one kimina-lean-server or several (a cluster) over HTTP.
 //!
 //! `POST {url}/check` with `{"snippets": [{"id", "code"}], "timeout": T}` answers
 //! `{"results": [{"id", "time", "error" | "response"}]}` where `response` is a REPL response.
 //! Our verdict rules apply on top of it, unchanged.
+//!
+//! With several servers each proof goes to the healthy one with the fewest requests in flight.
+//! A server that fails (no connection, an HTTP 5xx, a timeout) is marked down and the proof is
+//! sent elsewhere after a backoff; a down server is asked again only once its own backoff has
+//! passed and a probe (`GET {url}/health`, any HTTP answer) finds it up. A proof that no server
+//! could check gets the verdict `checker_unavailable`: no reward, never cached (docs/checker.md).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
@@ -13,30 +21,99 @@ use crate::lean::message::{parse_repl_response, LeanMessage};
 use crate::lean::source::Source;
 use crate::lean::verdict::{LeanRun, RunEnd};
 
-pub struct KiminaClient {
+/// The servers proofs are spread over.
+pub struct KiminaCluster {
+    servers: Vec<Server>,
     agent: ureq::Agent,
-    url: String,
+    /// A short-timeout agent for health probes.
+    probe: ureq::Agent,
     timeout: f64,
+    backoff: Backoff,
+    /// Rotates which server wins a tie of in-flight counts, so a sequential check spreads too.
+    turn: AtomicUsize,
 }
 
-const ATTEMPTS: u32 = 3;
+/// How long to wait before asking again.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// Attempts per proof across all servers before it is `checker_unavailable`.
+    pub attempts: u32,
+    /// First wait; doubled per attempt (and per consecutive failure of a server), capped.
+    pub first: Duration,
+    pub cap: Duration,
+}
 
-impl KiminaClient {
-    pub fn new(url: &str, timeout: f64) -> KiminaClient {
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            attempts: 4,
+            first: Duration::from_millis(500),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    fn after(&self, failures: u32) -> Duration {
+        let factor = 1u32 << failures.min(16);
+        self.first.saturating_mul(factor).min(self.cap)
+    }
+}
+
+struct Server {
+    url: String,
+    in_flight: AtomicUsize,
+    health: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    /// Failures in a row; 0 = up.
+    failures: u32,
+    /// When a down server may be probed again.
+    retry_at: Option<Instant>,
+}
+
+/// Why a request did not give an answer.
+enum Failure {
+    /// The server is down or overloaded: try another.
+    Server(String),
+    /// Our request is wrong (HTTP 4xx): no server will take it.
+    Refused(String),
+}
+
+impl KiminaCluster {
+    pub fn new(urls: &[String], timeout: f64, backoff: Backoff) -> KiminaCluster {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             // The server may queue the snippet before its own timeout starts.
             .timeout_read(Duration::from_secs_f64(timeout * 2.0 + 60.0))
             .build();
-        KiminaClient {
+        let probe = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build();
+        let servers = urls
+            .iter()
+            .map(|u| Server {
+                url: u.trim().trim_end_matches('/').to_string(),
+                in_flight: AtomicUsize::new(0),
+                health: Mutex::new(Health::default()),
+            })
+            .collect();
+        KiminaCluster {
+            servers,
             agent,
-            url: url.trim_end_matches('/').to_string(),
+            probe,
             timeout,
+            backoff,
+            turn: AtomicUsize::new(0),
         }
     }
 
+    /// What the verdict cache keys on: the servers, in order.
     pub fn identity(&self) -> String {
-        format!("kimina {}", self.url)
+        let urls: Vec<&str> = self.servers.iter().map(|s| s.url.as_str()).collect();
+        format!("kimina {}", urls.join(","))
     }
 
     pub fn run(&self, source: &Source, id: &str) -> anyhow::Result<LeanRun> {
@@ -44,31 +121,116 @@ impl KiminaClient {
         // The server takes whole seconds.
         let seconds = self.timeout.ceil().max(1.0) as u64;
         let request = json!({"snippets": [{"id": id, "code": code}], "timeout": seconds});
-        let endpoint = format!("{}/check", self.url);
-        let mut last_error = String::new();
-        for attempt in 0..ATTEMPTS {
+        let mut errors: Vec<String> = Vec::new();
+        for attempt in 0..self.backoff.attempts.max(1) {
             if attempt > 0 {
-                std::thread::sleep(Duration::from_secs(1 << (attempt - 1)));
+                std::thread::sleep(self.backoff.after(attempt - 1));
             }
-            match self.agent.post(&endpoint).send_json(&request) {
-                Ok(response) => {
-                    let body: Value = response.into_json().with_context(|| {
-                        format!("{endpoint} answered something that is not JSON")
-                    })?;
-                    return read_result(&body, id, source, &code, self.timeout);
+            let Some(server) = self.pick() else {
+                errors.push("every server is down".into());
+                continue;
+            };
+            server.in_flight.fetch_add(1, Ordering::SeqCst);
+            let answer = self.post(server, &request);
+            server.in_flight.fetch_sub(1, Ordering::SeqCst);
+            match answer {
+                Ok(body) => {
+                    server.mark_up();
+                    let mut run = read_result(&body, id, source, &code, self.timeout)
+                        .with_context(|| format!("kimina server {}", server.url))?;
+                    run.retries = attempt;
+                    return Ok(run);
                 }
-                // 4xx: our request is wrong; retrying will not help.
-                Err(ureq::Error::Status(status, response)) if status < 500 => {
-                    let text = response.into_string().unwrap_or_default();
-                    bail!(
-                        "{endpoint} refused the request (HTTP {status}): {}",
-                        text.trim()
-                    );
+                Err(Failure::Refused(why)) => bail!("{why}"),
+                Err(Failure::Server(why)) => {
+                    tracing::warn!("kimina server {} failed, marked down: {why}", server.url);
+                    server.mark_down(&self.backoff);
+                    errors.push(format!("{}: {why}", server.url));
                 }
-                Err(e) => last_error = e.to_string(),
             }
         }
-        bail!("kimina server {endpoint} failed {ATTEMPTS} times; last error: {last_error}")
+        let attempts = self.backoff.attempts.max(1);
+        Ok(LeanRun {
+            end: RunEnd::Unavailable(format!(
+                "no kimina server could check it in {attempts} attempts: {}",
+                errors.join("; ")
+            )),
+            retries: attempts - 1,
+            messages: Vec::new(),
+            sorries: 0,
+            stderr: String::new(),
+        })
+    }
+
+    /// The up server with the fewest requests in flight; else a down one whose backoff has
+    /// passed and that answers a probe.
+    fn pick(&self) -> Option<&Server> {
+        let n = self.servers.len();
+        let start = self.turn.fetch_add(1, Ordering::SeqCst) % n.max(1);
+        let up = (0..n)
+            .map(|k| &self.servers[(start + k) % n])
+            .filter(|s| s.is_up())
+            .min_by_key(|s| s.in_flight.load(Ordering::SeqCst));
+        if up.is_some() {
+            return up;
+        }
+        let now = Instant::now();
+        let due = self.servers.iter().filter(|s| s.probe_due(now));
+        for server in due {
+            let url = format!("{}/health", server.url);
+            match self.probe.get(&url).call() {
+                // Any HTTP answer, even a 404 from a server without that route, means it is up.
+                Ok(_) | Err(ureq::Error::Status(..)) => {
+                    server.mark_up();
+                    return Some(server);
+                }
+                Err(_) => server.mark_down(&self.backoff),
+            }
+        }
+        None
+    }
+
+    fn post(&self, server: &Server, request: &Value) -> Result<Value, Failure> {
+        let endpoint = format!("{}/check", server.url);
+        match self.agent.post(&endpoint).send_json(request) {
+            Ok(response) => response.into_json().map_err(|e| {
+                Failure::Server(format!(
+                    "{endpoint} answered something that is not JSON ({e})"
+                ))
+            }),
+            Err(ureq::Error::Status(status, response)) if status < 500 => {
+                let text = response.into_string().unwrap_or_default();
+                Err(Failure::Refused(format!(
+                    "{endpoint} refused the request (HTTP {status}): {}",
+                    text.trim()
+                )))
+            }
+            Err(e) => Err(Failure::Server(e.to_string())),
+        }
+    }
+}
+
+impl Server {
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_up(&self) -> bool {
+        self.health().failures == 0
+    }
+
+    fn probe_due(&self, now: Instant) -> bool {
+        self.health().retry_at.is_none_or(|t| t <= now)
+    }
+
+    fn mark_up(&self) {
+        *self.health() = Health::default();
+    }
+
+    fn mark_down(&self, backoff: &Backoff) {
+        let mut health = self.health();
+        health.failures += 1;
+        health.retry_at = Some(Instant::now() + backoff.after(health.failures - 1));
     }
 }
 
@@ -95,6 +257,7 @@ fn read_result(
         .with_context(|| format!("kimina answer has no result for snippet {id}"))?;
     let mut run = LeanRun {
         end: RunEnd::Answered,
+        retries: 0,
         messages: Vec::new(),
         sorries: 0,
         stderr: String::new(),

@@ -4,7 +4,7 @@ mod kimina;
 mod process;
 mod repl;
 
-pub use kimina::KiminaClient;
+pub use kimina::{Backoff, KiminaCluster};
 pub use process::ProcessBackend;
 pub use repl::{ReplPool, ReplSettings};
 
@@ -14,7 +14,7 @@ use super::verdict::LeanRun;
 pub enum Runner {
     Process(ProcessBackend),
     Repl(ReplPool),
-    Kimina(KiminaClient),
+    Kimina(KiminaCluster),
 }
 
 impl Runner {

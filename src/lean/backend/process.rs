@@ -43,6 +43,7 @@ impl ProcessBackend {
         };
         Ok(LeanRun {
             end,
+            retries: 0,
             messages: into_body(parsed.messages, source.header_lines()),
             sorries: 0,
             stderr,

@@ -113,6 +113,7 @@ impl ReplPool {
                     let end = RunEnd::Answered;
                     return Ok(LeanRun {
                         end,
+                        retries: 0,
                         messages,
                         sorries: response.sorries.len(),
                         stderr,
@@ -129,6 +130,7 @@ impl ReplPool {
             self.discard(worker);
             return Ok(LeanRun {
                 end,
+                retries: 0,
                 messages: Vec::new(),
                 sorries: 0,
                 stderr,
@@ -136,6 +138,7 @@ impl ReplPool {
         }
         Ok(LeanRun {
             end: RunEnd::Died(last_death),
+            retries: 0,
             messages: Vec::new(),
             sorries: 0,
             stderr: String::new(),
@@ -221,6 +224,7 @@ impl ReplPool {
         let timeout = self.settings.header_timeout.max(self.settings.timeout);
         let failed = |why: String, stderr: String| LeanRun {
             end: RunEnd::Died(why),
+            retries: 0,
             messages: Vec::new(),
             sorries: 0,
             stderr,
