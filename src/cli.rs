@@ -45,17 +45,22 @@ With `--endpoint URL --served-model NAME` the proofs are sampled by an OpenAI-co
 CPU. Each completion's text is tokenized with the policy's tokenizer (plus the EOS token when the \
 server stopped at one) and its log-probs are recomputed by the policy before the update; checking, \
 rewards, the update and the run directory are those of a local run. The server does NOT see the \
-LoRA updates: it keeps serving the model it was started with (the base model, unless you serve a \
-merged checkpoint made with `lean-grpo export`), so the rollouts are off-policy. The update treats \
-them as if the current policy had sampled them, which holds while the adapters stay close to the \
-served model and less so as they drift; the rewards and pass rates in metrics.jsonl (which says \
-`\"sampler\": \"endpoint\"`) measure the served model, not the adapters. Serve the same base \
-model with the same tokenizer as --model; restarting the server on an exported checkpoint and \
-resuming with the new --endpoint brings the samples up to date.",
+LoRA updates unless `--endpoint-adapter-dir DIR` is given: it keeps serving the model it was \
+started with, so the rollouts are off-policy. The update treats them as if the current policy had \
+sampled them, which holds while the adapters stay close to the served model and less so as they \
+drift; the rewards and pass rates in metrics.jsonl (which says `\"sampler\": \"endpoint\"`) \
+measure the served model, not the adapters. With `--endpoint-adapter-dir DIR` (a directory the \
+server can read) the policy's adapter is written there and hot-loaded into the server every \
+`--sync-steps` steps (vLLM: start it with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; \
+SGLang: --enable-lora), so the server samples from the policy being trained; each sample records \
+the adapter version it came from, and metrics.jsonl logs `endpoint_current_share` and \
+`endpoint_logprob_gap`, the mean |log π_server − log π_policy| of the sampled tokens. A server \
+that cannot hot-load makes the run off-policy, with one warning. Serve the same base model with \
+the same tokenizer as --model.",
         after_help = "Examples:\n  lean-grpo train data/prelude.jsonl --split train --algorithm dapo --model ./my-model\n  \
 lean-grpo train data/minif2f.jsonl --split valid --config configs/grpo.yaml --algo-config '{\"beta\": 0.04}'\n  \
 lean-grpo train --resume runs/dapo-20261122-101500\n  \
-lean-grpo train data/minif2f.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --endpoint http://gpu-box:8000 --served-model Qwen/Qwen2.5-0.5B-Instruct"
+lean-grpo train data/minif2f.jsonl --model Qwen/Qwen2.5-0.5B-Instruct --endpoint http://gpu-box:8000 --served-model Qwen/Qwen2.5-0.5B-Instruct --endpoint-adapter-dir /shared/adapters"
     )]
     Train(TrainArgs),
     /// Keep the theorems whose pass rate, measured by an `eval` run, lies in a band.
@@ -369,6 +374,13 @@ pub struct TrainArgs {
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub endpoint: EndpointArgs,
+    /// On-policy endpoint rollouts: write the policy's adapter into DIR, which the server must
+    /// be able to read, and hot-load it into the server (see above).
+    #[arg(long, value_name = "DIR", requires = "endpoint")]
+    pub endpoint_adapter_dir: Option<PathBuf>,
+    /// With --endpoint-adapter-dir: load a new adapter every N steps (default 1).
+    #[arg(long, value_name = "N", requires = "endpoint_adapter_dir")]
+    pub sync_steps: Option<usize>,
     /// `proof` (whole proofs) or `fim` (fill holes in the records' proofs, with the mask-ratio
     /// curriculum of the `train.fim` config section).
     #[arg(long, value_name = "proof|fim")]
@@ -396,6 +408,9 @@ impl TrainArgs {
         push(&mut out, "train", "output_dir", &self.output);
         push(&mut out, "train", "task", &self.task);
         self.endpoint.overrides("train", &mut out);
+        let adapter_dir = &self.endpoint_adapter_dir;
+        push(&mut out, "train", "endpoint_adapter_dir", adapter_dir);
+        push(&mut out, "train", "sync_steps", &self.sync_steps);
         out
     }
 }

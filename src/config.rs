@@ -89,6 +89,15 @@ pub struct TrainOptions {
     pub served_model: Option<String>,
     /// Environment variable holding the endpoint's API key (the key never goes in a file).
     pub api_key_env: Option<String>,
+    /// On-policy endpoint rollouts: write the policy's adapter into this directory (one the
+    /// server can read) and hot-load it into the server every `sync_steps` steps (vLLM's or
+    /// SGLang's `load_lora_adapter`); `None` = off-policy (the server samples its own model).
+    pub endpoint_adapter_dir: Option<PathBuf>,
+    /// Steps between adapter loads into the endpoint (1 = every step: fully on-policy).
+    pub sync_steps: usize,
+    /// Seconds the endpoint may take to load an adapter before the load counts as failed (the
+    /// step then samples from the adapter loaded before).
+    pub sync_timeout_secs: f64,
     /// `proof` (write the whole proof) or `fim` (fill a hole in a known proof, docs/fim.md).
     pub task: Task,
     /// The mask-ratio curriculum of `task: fim`.
@@ -180,6 +189,9 @@ impl Default for TrainOptions {
             endpoint: None,
             served_model: None,
             api_key_env: None,
+            endpoint_adapter_dir: None,
+            sync_steps: 1,
+            sync_timeout_secs: 120.0,
             task: Task::Proof,
             fim: FimOptions::default(),
         }

@@ -18,6 +18,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::Read;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread;
@@ -71,6 +72,8 @@ impl EndpointOptions {
 /// One prompt and how to sample it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRequest {
+    /// The model (or LoRA adapter) the server samples with; `None`: the client's served model.
+    pub model: Option<String>,
     pub messages: Vec<ChatMessage>,
     /// Completions wanted for this prompt.
     pub n: usize,
@@ -83,10 +86,13 @@ pub struct ChatRequest {
     /// Sampling seed where the server supports it. A split request sends `seed + i` to its
     /// `i`-th part, so the parts do not repeat each other's samples.
     pub seed: Option<u64>,
+    /// Ask for the log-prob of every sampled token, with its id (vLLM's
+    /// `return_tokens_as_token_ids`), to measure how far the server's model is from the policy.
+    pub logprobs: bool,
 }
 
 /// One sampled completion.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Choice {
     /// The assistant message's content (empty if the server sent `null`).
     pub text: String,
@@ -95,6 +101,16 @@ pub struct Choice {
     /// What ended a `stop` completion, when the server says (vLLM's `stop_reason`; OpenAI does
     /// not send it). `None` for an EOS token or an unreported reason.
     pub stop_reason: Option<StopReason>,
+    /// The sampled tokens with their log-probs, when they were asked for and the server sent
+    /// them; `id` is `None` where the server named the token by text only.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
+/// One sampled token as the server scored it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenLogprob {
+    pub id: Option<u32>,
+    pub logprob: f64,
 }
 
 /// The stop sequence that ended a completion (vLLM's `stop_reason`).
@@ -135,7 +151,7 @@ impl Usage {
 }
 
 /// The answer to one [`ChatRequest`]: exactly `n` choices.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChatCompletion {
     pub choices: Vec<Choice>,
     /// Summed over the parts of a split request; `None` if any part came without usage.
@@ -201,6 +217,62 @@ impl EndpointClient {
         &self.url
     }
 
+    /// Asks the server to load the PEFT adapter in `path` (a directory the server can read) under
+    /// `name`, which requests then give as their model: vLLM's runtime LoRA loading
+    /// (`POST /v1/load_lora_adapter`, on with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` and
+    /// `--enable-lora`), or SGLang's (`POST /load_lora_adapter`). A server without either
+    /// route, or one that refuses the adapter (HTTP 4xx), answers [`AdapterLoad::Unsupported`];
+    /// an error is a server that did not answer in `timeout` or failed (5xx) after retries.
+    pub fn load_lora_adapter(
+        &self,
+        name: &str,
+        path: &Path,
+        timeout: Duration,
+    ) -> Result<AdapterLoad> {
+        let body = serde_json::json!({"lora_name": name, "lora_path": path}).to_string();
+        let mut missing = Vec::new();
+        for url in self.adapter_urls("load_lora_adapter") {
+            let Err(error) = self.post_with_retries(&url, &body, ADAPTER_ATTEMPTS, Some(timeout))
+            else {
+                return Ok(AdapterLoad::Loaded);
+            };
+            let message = format!("{error:#}");
+            match HttpError::find(&error).and_then(|e| e.status) {
+                // No such route here: the other server kind may have it.
+                Some(404 | 405) => missing.push(message),
+                // A retried load that had in fact succeeded (vLLM: "has already been loaded").
+                Some(400) if message.contains("already") => return Ok(AdapterLoad::Loaded),
+                Some(400..=499) => return Ok(AdapterLoad::Unsupported(message)),
+                _ => return Err(error),
+            }
+        }
+        Ok(AdapterLoad::Unsupported(missing.join("; ")))
+    }
+
+    /// Asks the server to drop the adapter loaded as `name` (vLLM's or SGLang's
+    /// `unload_lora_adapter`), freeing its slot.
+    pub fn unload_lora_adapter(&self, name: &str, timeout: Duration) -> Result<()> {
+        let body = serde_json::json!({"lora_name": name}).to_string();
+        let mut errors = Vec::new();
+        for url in self.adapter_urls("unload_lora_adapter") {
+            match self.post_with_retries(&url, &body, ADAPTER_ATTEMPTS, Some(timeout)) {
+                Ok(_) => return Ok(()),
+                Err(error) => errors.push(format!("{error:#}")),
+            }
+        }
+        bail!("{}", errors.join("; "))
+    }
+
+    /// The URLs of an adapter route: vLLM's under `/v1`, then SGLang's at the root.
+    fn adapter_urls(&self, route: &str) -> [String; 2] {
+        let v1 = self
+            .url
+            .strip_suffix("/chat/completions")
+            .unwrap_or(&self.url);
+        let root = v1.strip_suffix("/v1").unwrap_or(v1);
+        [format!("{v1}/{route}"), format!("{root}/{route}")]
+    }
+
     /// Samples every request, at most `concurrency` HTTP requests at a time. Results come back in
     /// input order; one failing prompt does not stop the others.
     pub fn complete(&self, requests: &[ChatRequest]) -> Vec<Result<ChatCompletion>> {
@@ -233,7 +305,7 @@ impl EndpointClient {
     /// One HTTP request (one part of a possibly split [`ChatRequest`]), with retries.
     fn complete_part(&self, request: &ChatRequest, part: &Part) -> Result<ChatCompletion> {
         let body = WireRequest {
-            model: &self.served_model,
+            model: request.model.as_deref().unwrap_or(&self.served_model),
             messages: &request.messages,
             n: part.n,
             temperature: request.temperature,
@@ -241,9 +313,11 @@ impl EndpointClient {
             max_tokens: request.max_tokens,
             stop: &request.stop,
             seed: request.seed.map(|s| s.wrapping_add(part.index as u64)),
+            logprobs: request.logprobs.then_some(true),
+            return_tokens_as_token_ids: request.logprobs.then_some(true),
         };
         let body = serde_json::to_string(&body).context("encoding the chat completion request")?;
-        let text = self.post_with_retries(&body)?;
+        let text = self.post_with_retries(&self.url, &body, self.options.max_attempts, None)?;
         parse_response(&text, part.n).with_context(|| {
             format!(
                 "POST {}: the server answered 200 but not with a usable chat completion \
@@ -253,28 +327,43 @@ impl EndpointClient {
         })
     }
 
-    fn post_with_retries(&self, body: &str) -> Result<String> {
-        let max = self.options.max_attempts;
+    /// POSTs `body` to `url` until it succeeds, fails for good, or `max` attempts are spent; a
+    /// failure is an [`HttpError`] (with the last status), so callers can tell a missing route
+    /// from a dead server. `timeout` replaces the client's for this exchange.
+    fn post_with_retries(
+        &self,
+        url: &str,
+        body: &str,
+        max: u32,
+        timeout: Option<Duration>,
+    ) -> Result<String> {
         let mut attempt = 1;
         loop {
-            let failure = match self.post_once(body) {
+            let failure = match self.post_once(url, body, timeout) {
                 Ok(text) => return Ok(text),
                 Err(failure) => failure,
             };
             if !failure.retryable {
-                return Err(anyhow!("POST {}: {}", self.url, failure.message));
+                return Err(HttpError {
+                    status: failure.status,
+                    message: format!("POST {url}: {}", failure.message),
+                }
+                .into());
             }
             if attempt >= max {
-                return Err(anyhow!(
-                    "POST {}: gave up after {max} attempt{}; last failure: {}",
-                    self.url,
-                    if max == 1 { "" } else { "s" },
-                    failure.message
-                ));
+                return Err(HttpError {
+                    status: failure.status,
+                    message: format!(
+                        "POST {url}: gave up after {max} attempt{}; last failure: {}",
+                        if max == 1 { "" } else { "s" },
+                        failure.message
+                    ),
+                }
+                .into());
             }
             let delay = self.retry_delay(attempt, failure.retry_after);
             tracing::warn!(
-                url = %self.url,
+                url = %url,
                 attempt,
                 max_attempts = max,
                 delay_ms = delay.as_millis() as u64,
@@ -286,11 +375,16 @@ impl EndpointClient {
         }
     }
 
-    fn post_once(&self, body: &str) -> std::result::Result<String, Failure> {
-        let mut request = self
-            .agent
-            .post(&self.url)
-            .set("Content-Type", "application/json");
+    fn post_once(
+        &self,
+        url: &str,
+        body: &str,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<String, Failure> {
+        let mut request = self.agent.post(url).set("Content-Type", "application/json");
+        if let Some(timeout) = timeout {
+            request = request.timeout(timeout);
+        }
         if let Some(key) = &self.api_key {
             request = request.set("Authorization", &format!("Bearer {key}"));
         }
@@ -301,6 +395,7 @@ impl EndpointClient {
                     .into_reader()
                     .read_to_string(&mut text)
                     .map_err(|e| Failure {
+                        status: None,
                         message: format!("reading the response body: {e}"),
                         retryable: true,
                         retry_after: None,
@@ -318,6 +413,7 @@ impl EndpointClient {
                 let mut message = format!("HTTP {status} {reason}: {}", server_message(&body));
                 message.push_str(&self.status_hint(status));
                 Err(Failure {
+                    status: Some(status),
                     message,
                     retryable: status == 408 || status == 429 || status >= 500,
                     retry_after,
@@ -335,6 +431,7 @@ impl EndpointClient {
                     message.push_str(&format!(": {source}"));
                 }
                 Err(Failure {
+                    status: None,
                     message,
                     retryable,
                     retry_after: None,
@@ -378,11 +475,40 @@ impl EndpointClient {
     }
 }
 
+/// Attempts of an adapter load or unload: it is retried after a timeout or a 5xx, but a server
+/// that keeps failing costs one step its sync, not the run.
+const ADAPTER_ATTEMPTS: u32 = 2;
+
+/// What a server did with an adapter it was asked to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdapterLoad {
+    Loaded,
+    /// The server has no runtime adapter loading or refused this adapter; the reason it gave.
+    Unsupported(String),
+}
+
 /// A server asking for longer than this is treated as asking for this (10 minutes).
 const MAX_RETRY_AFTER_SECS: f64 = 600.0;
 
+/// A request that failed for good: what the server (or the connection) said.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HttpError {
+    /// The HTTP status of the last answer; `None` when no answer came (refused, timed out).
+    pub status: Option<u16>,
+    message: String,
+}
+
+impl HttpError {
+    /// The `HttpError` somewhere in `error`'s chain of causes.
+    pub fn find(error: &anyhow::Error) -> Option<&HttpError> {
+        error.chain().find_map(|e| e.downcast_ref::<HttpError>())
+    }
+}
+
 /// Why one attempt failed, and whether another may succeed.
 struct Failure {
+    status: Option<u16>,
     message: String,
     retryable: bool,
     retry_after: Option<Duration>,
@@ -458,6 +584,11 @@ struct WireRequest<'a> {
     stop: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<bool>,
+    /// vLLM names each token `token_id:N` instead of by its text; other servers ignore it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    return_tokens_as_token_ids: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -475,6 +606,32 @@ struct WireChoice {
     /// vLLM: the stop string or token id that ended the completion, `null` for EOS.
     #[serde(default)]
     stop_reason: Option<serde_json::Value>,
+    #[serde(default)]
+    logprobs: Option<WireLogprobs>,
+}
+
+/// OpenAI's `choices[i].logprobs`: `{"content": [{"token", "logprob", ...}]}`.
+#[derive(Deserialize)]
+struct WireLogprobs {
+    content: Option<Vec<WireTokenLogprob>>,
+}
+
+#[derive(Deserialize)]
+struct WireTokenLogprob {
+    token: String,
+    logprob: f64,
+}
+
+impl WireTokenLogprob {
+    fn parse(self) -> TokenLogprob {
+        TokenLogprob {
+            id: self
+                .token
+                .strip_prefix("token_id:")
+                .and_then(|id| id.parse().ok()),
+            logprob: self.logprob,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -511,6 +668,10 @@ fn parse_response(text: &str, n: usize) -> Result<ChatCompletion> {
                         .map(StopReason::Token),
                     _ => None,
                 },
+                logprobs: c
+                    .logprobs
+                    .and_then(|l| l.content)
+                    .map(|content| content.into_iter().map(WireTokenLogprob::parse).collect()),
             })
             .collect(),
         usage: response.usage,

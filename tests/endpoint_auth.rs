@@ -41,6 +41,8 @@ fn api_key_from_named_variable() {
         max_tokens: 8,
         stop: Vec::new(),
         seed: None,
+        model: None,
+        logprobs: false,
     };
     let results = client.complete(&[request]);
     assert_eq!(results[0].as_ref().unwrap().choices[0].text, "ok");

@@ -34,6 +34,8 @@ fn request(prompt: &str, n: usize) -> ChatRequest {
         max_tokens: 256,
         stop: vec!["```\n".to_string()],
         seed: Some(42),
+        model: None,
+        logprobs: false,
     }
 }
 
@@ -363,4 +365,132 @@ fn zero_samples_sends_nothing() {
     let results = client.complete(&[request("p", 0)]);
     assert!(results[0].as_ref().unwrap().choices.is_empty());
     assert_eq!(server.seen().len(), 0);
+}
+
+#[test]
+fn adapter_loads_find_vllm_or_sglang_routes_and_tell_refusals_from_failures() {
+    use lean_grpo::endpoint::AdapterLoad;
+    use std::path::Path;
+    let timeout = Duration::from_secs(5);
+    // vLLM: /v1/load_lora_adapter answers.
+    let vllm = endpoint_support::serve_routes(|_, path, _| match path {
+        "/v1/load_lora_adapter" => Reply::json(200, json!("Success")),
+        _ => Reply::json(404, json!({"detail": "Not Found"})),
+    });
+    let client = EndpointClient::new(options(&format!("{}/v1", vllm.base))).unwrap();
+    let loaded = client.load_lora_adapter("run-v0", Path::new("/a/run-v0"), timeout);
+    assert_eq!(loaded.unwrap(), AdapterLoad::Loaded);
+    assert_eq!(
+        vllm.seen()[0].body,
+        json!({"lora_name": "run-v0", "lora_path": "/a/run-v0"})
+    );
+
+    // SGLang: only the root route exists.
+    let sglang = endpoint_support::serve_routes(|_, path, _| match path {
+        "/load_lora_adapter" | "/unload_lora_adapter" => Reply::json(200, json!({"success": true})),
+        _ => Reply::json(404, json!({"detail": "Not Found"})),
+    });
+    let client = EndpointClient::new(options(&sglang.base)).unwrap();
+    let loaded = client.load_lora_adapter("run-v0", Path::new("/a"), timeout);
+    assert_eq!(loaded.unwrap(), AdapterLoad::Loaded);
+    client.unload_lora_adapter("run-v0", timeout).unwrap();
+    let paths: Vec<String> = sglang.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/load_lora_adapter",
+            "/load_lora_adapter",
+            "/v1/unload_lora_adapter",
+            "/unload_lora_adapter"
+        ]
+    );
+
+    // No route anywhere, or LoRA refused: unsupported, with the server's reason.
+    let none =
+        endpoint_support::serve_routes(|_, _, _| Reply::json(404, json!({"detail": "Not Found"})));
+    let client = EndpointClient::new(options(&none.base)).unwrap();
+    let answer = client
+        .load_lora_adapter("x", Path::new("/a"), timeout)
+        .unwrap();
+    assert!(matches!(answer, AdapterLoad::Unsupported(why) if why.contains("404")));
+    let refusing = endpoint_support::serve_routes(|_, _, _| {
+        Reply::json(
+            400,
+            json!({"object": "error", "message": "LoRA is not enabled"}),
+        )
+    });
+    let client = EndpointClient::new(options(&refusing.base)).unwrap();
+    let answer = client
+        .load_lora_adapter("x", Path::new("/a"), timeout)
+        .unwrap();
+    assert!(matches!(answer, AdapterLoad::Unsupported(why) if why.contains("LoRA is not enabled")));
+
+    // A retried load the server had already done counts as loaded; a 5xx is an error.
+    let again = endpoint_support::serve_routes(|_, _, _| {
+        Reply::json(
+            400,
+            json!({"message": "The lora adapter 'x' has already been loaded."}),
+        )
+    });
+    let client = EndpointClient::new(options(&again.base)).unwrap();
+    let answer = client
+        .load_lora_adapter("x", Path::new("/a"), timeout)
+        .unwrap();
+    assert_eq!(answer, AdapterLoad::Loaded);
+    let broken =
+        endpoint_support::serve_routes(|_, _, _| Reply::json(500, json!({"message": "oom"})));
+    let client = EndpointClient::new(options(&broken.base)).unwrap();
+    let error = client
+        .load_lora_adapter("x", Path::new("/a"), timeout)
+        .unwrap_err();
+    assert_eq!(
+        lean_grpo::endpoint::HttpError::find(&error).unwrap().status,
+        Some(500)
+    );
+}
+
+#[test]
+fn token_logprobs_come_back_with_vllm_token_ids_and_the_adapter_as_model() {
+    let server = serve(|_, _| {
+        let mut body = completion(&["ab".into()], "stop");
+        body["choices"][0]["logprobs"] = json!({"content": [
+            {"token": "token_id:17", "logprob": -0.25, "bytes": [97], "top_logprobs": []},
+            {"token": "b", "logprob": -1.5, "bytes": [98], "top_logprobs": []}
+        ]});
+        Reply::json(200, body)
+    });
+    let client = EndpointClient::new(options(&server.base)).unwrap();
+    let mut req = request("p", 1);
+    req.model = Some("run-v3".into());
+    req.logprobs = true;
+    let results = client.complete(&[req]);
+    let logprobs = results[0].as_ref().unwrap().choices[0]
+        .logprobs
+        .clone()
+        .unwrap();
+    assert_eq!(
+        logprobs,
+        [
+            lean_grpo::endpoint::TokenLogprob {
+                id: Some(17),
+                logprob: -0.25
+            },
+            lean_grpo::endpoint::TokenLogprob {
+                id: None,
+                logprob: -1.5
+            },
+        ]
+    );
+    let body = &server.seen()[0].body;
+    assert_eq!(body["model"], "run-v3");
+    assert_eq!(
+        (&body["logprobs"], &body["return_tokens_as_token_ids"]),
+        (&json!(true), &json!(true))
+    );
+    // Without them, neither key is sent (OpenAI itself rejects unknown keys).
+    let plain = client.complete(&[request("p", 1)]);
+    assert!(plain[0].as_ref().unwrap().choices[0].logprobs.is_some());
+    let body = &server.seen()[1].body;
+    assert!(body.get("logprobs").is_none() && body.get("return_tokens_as_token_ids").is_none());
+    assert_eq!(body["model"], "served");
 }

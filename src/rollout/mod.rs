@@ -9,11 +9,13 @@
 
 mod local;
 mod remote;
+mod sync;
 
 use anyhow::{Context, Result};
 
 pub use local::rollout;
 pub use remote::{chat_request, endpoint_client, rollout_seed, RemoteSampler};
+pub use sync::{AdapterSync, LoadedAdapter, SyncOptions};
 
 use crate::data::{user_message, Theorem};
 use crate::lean::{Checked, Checker};
@@ -30,6 +32,25 @@ pub struct Completion {
     pub text: String,
     pub truncated: bool,
     pub checked: Checked,
+    /// Sampled by an endpoint: with which adapter, and how far from the policy.
+    pub served: Option<ServedBy>,
+}
+
+/// Where an endpoint's sample came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServedBy {
+    /// The training steps behind the adapter the server sampled with (`train.sync_steps`);
+    /// `None`: the served model itself (off-policy).
+    pub adapter_version: Option<usize>,
+    /// |log π_server − log π_policy| over the sampled tokens, where the server sent them.
+    pub logprob_gap: Option<LogprobGap>,
+}
+
+/// A sum of absolute log-prob differences over some tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogprobGap {
+    pub abs_sum: f64,
+    pub tokens: usize,
 }
 
 /// The G completions of one theorem.
@@ -160,6 +181,7 @@ pub(crate) fn groups(
                     text,
                     truncated,
                     checked,
+                    served: None,
                 })
                 .collect(),
         })

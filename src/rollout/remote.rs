@@ -6,21 +6,30 @@
 //! [`Completion`]: checked by Lean, rewarded, and trained on with ℓ^old recomputed by the
 //! current policy exactly as for local samples (docs/algorithms.md §2, step 1).
 //!
-//! The server never sees the LoRA updates: it keeps serving the model it was started with, so
-//! the samples come from that model, not from the policy being trained. The update weighs them
-//! as if the current policy had drawn them (its importance ratio is against the current policy,
-//! not against the server), which is a good approximation while the adapters stay close to the
-//! served model and a worse one as they drift; and the rewards logged per step measure the
-//! served model. Restarting the server on an exported checkpoint brings it up to date.
+//! Without `train.endpoint_adapter_dir` the server never sees the LoRA updates: it keeps
+//! serving the model it was started with, so the samples come from that model, not from the
+//! policy being trained. The update weighs them as if the current policy had drawn them (its
+//! importance ratio is against the current policy, not against the server), which is a good
+//! approximation while the adapters stay close to the served model and a worse one as they
+//! drift; and the rewards logged per step measure the served model. With it, the adapter is
+//! hot-loaded into the server ([`AdapterSync`]) and the server samples from the policy itself;
+//! each sample then records the adapter version it came from, and the server's log-probs of its
+//! tokens are compared with the policy's (`endpoint_logprob_gap` in metrics.jsonl), which is
+//! the off-policy gap a user must see.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::DType;
 
-use super::{groups, Group, RolloutTimes, Sampled, SamplingSetup};
+use super::sync::AdapterSync;
+use super::{groups, Group, LogprobGap, RolloutTimes, Sampled, SamplingSetup, ServedBy};
 use crate::config::TrainOptions;
 use crate::data::{user_message, Theorem};
-use crate::endpoint::{ChatRequest, Choice, EndpointClient, EndpointOptions, StopReason};
+use crate::endpoint::{
+    ChatCompletion, ChatRequest, Choice, EndpointClient, EndpointOptions, HttpError, StopReason,
+};
 use crate::lean::Job;
 use crate::model::sampler::StopStrings;
 use crate::model::tokenizer::ChatMessage;
@@ -31,14 +40,27 @@ use crate::model::SamplingOptions;
 /// samples from the policy itself.
 pub fn endpoint_client(train: &TrainOptions) -> Result<Option<EndpointClient>> {
     let Some(url) = &train.endpoint else {
-        if train.served_model.is_some() || train.api_key_env.is_some() {
+        if train.served_model.is_some()
+            || train.api_key_env.is_some()
+            || train.endpoint_adapter_dir.is_some()
+        {
             bail!(
-                "train.served_model / train.api_key_env (--served-model / --api-key-env) only \
-                 apply with train.endpoint (--endpoint URL); set the endpoint or drop them"
+                "train.served_model / train.api_key_env / train.endpoint_adapter_dir \
+                 (--served-model / --api-key-env / --endpoint-adapter-dir) only apply with \
+                 train.endpoint (--endpoint URL); set the endpoint or drop them"
             );
         }
         return Ok(None);
     };
+    if train.endpoint_adapter_dir.is_some() {
+        if train.sync_steps == 0 {
+            bail!("train.sync_steps must be at least 1 (1 = load the adapter every step)");
+        }
+        let secs = train.sync_timeout_secs;
+        if !(secs.is_finite() && secs > 0.0) {
+            bail!("train.sync_timeout_secs must be a positive number of seconds (got {secs})");
+        }
+    }
     let Some(served_model) = &train.served_model else {
         bail!(
             "--endpoint (train.endpoint) needs --served-model NAME (train.served_model): the name \
@@ -56,6 +78,8 @@ pub struct RemoteSampler {
     sampling: SamplingOptions,
     /// Appended to a completion the server ended with EOS; see [`Tokenizer::reply_eos_id`].
     eos: Option<u32>,
+    /// Hot-loads the policy's adapter into the server: on-policy rollouts.
+    sync: Option<AdapterSync>,
 }
 
 impl RemoteSampler {
@@ -64,34 +88,53 @@ impl RemoteSampler {
             client,
             sampling: sampling.clone(),
             eos: tokenizer.reply_eos_id(),
+            sync: None,
+        }
+    }
+
+    /// Samples on-policy: the server is given the policy's adapter by `sync`.
+    pub fn with_sync(mut self, sync: AdapterSync) -> Self {
+        self.sync = Some(sync);
+        self
+    }
+
+    /// Brings the server's adapter to the policy's `version` (training steps done) if it is due
+    /// (see [`AdapterSync::sync`]); nothing without on-policy sampling.
+    pub fn sync(&self, version: usize, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        match &self.sync {
+            Some(sync) => sync.sync(&self.client, version, write),
+            None => Ok(()),
+        }
+    }
+
+    /// Unloads the run's adapter from the server at the end of training.
+    pub fn finish(&self) {
+        if let Some(sync) = &self.sync {
+            sync.finish(&self.client);
         }
     }
 
     /// Samples `group_size` completions of each of `theorem_ids` (one request each, sent
     /// concurrently), then checks them all. Groups come back in the order of `theorem_ids`.
     /// `seed` varies the server's sampling between calls (where the server honours seeds).
+    /// `prompts` (by theorem index) are the policy's prompt tokens, which the server's log-probs
+    /// are compared against.
     pub fn rollout(
         &self,
         setup: &SamplingSetup,
         theorems: &[Theorem],
+        prompts: &[Vec<u32>],
         theorem_ids: &[usize],
         group_size: usize,
         seed: u64,
     ) -> Result<(Vec<Group>, RolloutTimes)> {
-        let sampling = &self.sampling;
-        let requests: Vec<ChatRequest> = theorem_ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| {
-                chat_request(&theorems[id], group_size, sampling, request_seed(seed, i))
-            })
-            .collect();
         let mut times = RolloutTimes::default();
         let start = Instant::now();
-        let answers = self.client.complete(&requests);
+        let (answers, adapter) = self.sample(theorems, theorem_ids, group_size, seed)?;
         times.sampling = start.elapsed().as_secs_f64();
 
         let mut sampled = Vec::with_capacity(theorem_ids.len());
+        let mut choices = Vec::with_capacity(theorem_ids.len());
         for (&id, answer) in theorem_ids.iter().zip(answers) {
             let completion = answer.with_context(|| {
                 format!("sampling theorem {} from the endpoint", theorems[id].name)
@@ -103,7 +146,12 @@ impl RemoteSampler {
                 .collect::<Result<Vec<_>>>()?;
             times.tokens += group.iter().map(|c| c.0.len()).sum::<usize>();
             sampled.push((id, group));
+            choices.push(completion.choices);
         }
+        let gaps = match self.sync {
+            Some(_) => logprob_gaps(setup, prompts, theorem_ids, &choices)?,
+            None => Vec::new(),
+        };
         let jobs: Vec<Job> = sampled
             .iter()
             .flat_map(|(id, group)| {
@@ -124,7 +172,59 @@ impl RemoteSampler {
                 jobs.len()
             );
         }
-        Ok((groups(sampled, verdicts), times))
+        let mut groups = groups(sampled, verdicts);
+        let mut gaps = gaps.into_iter();
+        for completion in groups.iter_mut().flat_map(|g| &mut g.completions) {
+            completion.served = Some(ServedBy {
+                adapter_version: adapter.as_ref().map(|a| a.version),
+                logprob_gap: gaps.next().flatten(),
+            });
+        }
+        Ok((groups, times))
+    }
+
+    /// The server's answers to one request per theorem, and the adapter they were sampled with
+    /// (`None`: the served model). A server that answers 404 for the adapter has forgotten it
+    /// (a restart): it is loaded again and the requests sent again, once.
+    fn sample(
+        &self,
+        theorems: &[Theorem],
+        theorem_ids: &[usize],
+        group_size: usize,
+        seed: u64,
+    ) -> Result<(
+        Vec<Result<ChatCompletion>>,
+        Option<super::sync::LoadedAdapter>,
+    )> {
+        let adapter = self.sync.as_ref().and_then(AdapterSync::current);
+        let requests: Vec<ChatRequest> = theorem_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                let mut request = chat_request(
+                    &theorems[id],
+                    group_size,
+                    &self.sampling,
+                    request_seed(seed, i),
+                );
+                request.model = adapter.as_ref().map(|a| a.name.clone());
+                request.logprobs = self.sync.is_some();
+                request
+            })
+            .collect();
+        let answers = self.client.complete(&requests);
+        let forgotten = answers.iter().any(|a| {
+            a.as_ref()
+                .err()
+                .and_then(HttpError::find)
+                .is_some_and(|e| e.status == Some(404))
+        });
+        if let (true, Some(sync)) = (forgotten && adapter.is_some(), &self.sync) {
+            if sync.reload(&self.client)? {
+                return Ok((self.client.complete(&requests), adapter));
+            }
+        }
+        Ok((answers, adapter))
     }
 
     /// (tokens, text to check, truncated) of one server completion, as the local sampler would
@@ -187,7 +287,69 @@ pub fn chat_request(
         max_tokens: sampling.max_completion_length,
         stop: sampling.stop.clone(),
         seed: Some(seed),
+        model: None,
+        logprobs: false,
     }
+}
+
+/// Per completion (group after group), how far the server's log-probs of the tokens it sampled
+/// are from the policy's: the policy scores the server's own token ids after the policy's prompt
+/// at temperature 1, as vLLM's log-probs are by default (before temperature). `None` for a
+/// completion whose tokens the server did not give as ids, or gave outside the vocabulary.
+fn logprob_gaps(
+    setup: &SamplingSetup,
+    prompts: &[Vec<u32>],
+    theorem_ids: &[usize],
+    choices: &[Vec<Choice>],
+) -> Result<Vec<Option<LogprobGap>>> {
+    let vocab = setup.policy.config().vocab_size;
+    let mut rows: Vec<(Vec<u32>, Vec<u32>, Vec<f64>)> = Vec::new();
+    let mut row_of = Vec::new();
+    for (&id, group) in theorem_ids.iter().zip(choices) {
+        for choice in group {
+            let scored: Option<(Vec<u32>, Vec<f64>)> = choice.logprobs.as_ref().and_then(|l| {
+                l.iter()
+                    .map(|t| {
+                        t.id.filter(|&id| (id as usize) < vocab)
+                            .map(|id| (id, t.logprob))
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.into_iter().unzip())
+            });
+            row_of.push(scored.map(|(ids, server)| {
+                rows.push((prompts[id].clone(), ids, server));
+                rows.len() - 1
+            }));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(row_of.iter().map(|_| None).collect());
+    }
+    let (row_prompts, row_tokens): (Vec<Vec<u32>>, Vec<Vec<u32>>) =
+        rows.iter().map(|(p, t, _)| (p.clone(), t.clone())).unzip();
+    let local = setup
+        .policy
+        .logprobs(&row_prompts, &row_tokens, 1.0, false, true)
+        .context("scoring the server's samples with the policy")?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
+    Ok(row_of
+        .into_iter()
+        .map(|row| {
+            row.map(|r| {
+                let server = &rows[r].2;
+                LogprobGap {
+                    abs_sum: server
+                        .iter()
+                        .zip(&local[r])
+                        .map(|(s, l)| (s - l).abs())
+                        .sum(),
+                    tokens: server.len(),
+                }
+            })
+        })
+        .collect())
 }
 
 /// The seed of the `index`-th request of a rollout: distinct per request and step, within the
@@ -230,6 +392,7 @@ mod tests {
             text: text.into(),
             finish_reason: Some(finish.into()),
             stop_reason,
+            logprobs: None,
         }
     }
 

@@ -99,6 +99,19 @@ pub struct StepMetrics {
     pub checking_seconds: f64,
     pub training_seconds: f64,
     pub tokens_per_second: f64,
+    /// `train.endpoint`: the share of this step's samples drawn with the policy's current
+    /// adapter (hot-loaded by `train.endpoint_adapter_dir` at this step's version); 0 for
+    /// off-policy sampling from the served model, below 1 between syncs of
+    /// `train.sync_steps` > 1 or after a failed load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_current_share: Option<f64>,
+    /// `train.endpoint_adapter_dir`: the mean over the sampled tokens of |log π_server −
+    /// log π_policy| (both at temperature 1, the policy as it was before this step's update):
+    /// the off-policy gap of the server's samples. Near 0 (numerics only) when the server
+    /// sampled with the current adapter; it grows with the adapter's age. `None` when the
+    /// server sent no token log-probs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_logprob_gap: Option<f64>,
     /// `train.task: fim`: the mask ratio this step's holes were cut at (docs/fim.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_ratio: Option<f64>,
@@ -127,6 +140,10 @@ pub struct TrainSample {
     /// `train.task: fim`: the hole the completion fills; `proof` is then the reassembled proof.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hole: Option<Hole>,
+    /// `train.endpoint_adapter_dir`: the version (training steps done) of the adapter the
+    /// server sampled this completion with; absent for the served model or local sampling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter_version: Option<usize>,
 }
 
 /// Everything one step produced, from which its metrics line and sample lines are built.
@@ -224,9 +241,32 @@ impl StepOutcome<'_> {
             checking_seconds: self.times.checking,
             training_seconds: self.training_seconds,
             tokens_per_second: self.times.tokens as f64 / self.times.sampling.max(1e-9),
+            endpoint_current_share: self.remote.then(|| self.current_share()),
+            endpoint_logprob_gap: self.logprob_gap(),
             mask_ratio: None,
             pass_rate_by_ratio: BTreeMap::new(),
         }
+    }
+
+    /// See [`StepMetrics::endpoint_current_share`]: the policy sampled at this step is the one
+    /// of `step - 1` training steps.
+    fn current_share(&self) -> f64 {
+        let current = Some(self.step - 1);
+        let (mut n, mut hits) = (0usize, 0usize);
+        for (_, c) in self.completions() {
+            n += 1;
+            hits += usize::from(c.served.and_then(|s| s.adapter_version) == current);
+        }
+        hits as f64 / n.max(1) as f64
+    }
+
+    /// See [`StepMetrics::endpoint_logprob_gap`].
+    fn logprob_gap(&self) -> Option<f64> {
+        let gaps = self
+            .completions()
+            .filter_map(|(_, c)| c.served.and_then(|s| s.logprob_gap));
+        let (sum, tokens) = gaps.fold((0.0, 0), |(s, n), g| (s + g.abs_sum, n + g.tokens));
+        (tokens > 0).then(|| sum / tokens as f64)
     }
 
     /// One record per completion, in sampling order; `index` is the completion's place in its
@@ -255,6 +295,7 @@ impl StepOutcome<'_> {
                 evidence: c.checked.verdict.evidence.clone(),
                 seconds: c.checked.seconds,
                 hole: theorems[grp.theorem].hole.clone(),
+                adapter_version: c.served.and_then(|s| s.adapter_version),
             })
             .collect()
     }

@@ -3,8 +3,9 @@
 //! iterations of forward, loss, backward, clip and AdamW step on the LoRA adapters.
 //!
 //! Proofs come from the [`crate::rollout`] layer: sampled by the policy itself or, with
-//! `train.endpoint`, by an OpenAI-compatible server (off-policy: the server does not see the
-//! adapters); everything after sampling is the same code for both. This module keeps what is
+//! `train.endpoint`, by an OpenAI-compatible server (off-policy unless
+//! `train.endpoint_adapter_dir` has the policy's adapter hot-loaded into it); everything after
+//! sampling is the same code for both. This module keeps what is
 //! the loop's own: the run directory, the cursor over the theorems, the update and the metrics.
 
 mod curriculum;
@@ -38,8 +39,8 @@ use crate::model::tokenizer::Tokenizer;
 use crate::model::Policy;
 use crate::reward::RewardFn;
 use crate::rollout::{
-    all_prompt_tokens, endpoint_client, rollout, rollout_seed, Group, RemoteSampler, RolloutTimes,
-    SamplingSetup,
+    all_prompt_tokens, endpoint_client, rollout, rollout_seed, AdapterSync, Group, RemoteSampler,
+    RolloutTimes, SamplingSetup, SyncOptions,
 };
 use metrics::StepOutcome;
 use task::{Holes, StepTask};
@@ -132,7 +133,10 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
         );
     }
     let setup = SamplingSetup::new(&policy, &tokenizer, &checker, &config.sampling, true);
-    let remote = endpoint.map(|client| RemoteSampler::new(client, &config.sampling, &tokenizer));
+    let remote = match endpoint {
+        Some(client) => Some(remote_sampler(client, config, &tokenizer, run.root())?),
+        None => None,
+    };
     let step = Step {
         config,
         algo: &algo,
@@ -150,7 +154,11 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
         "step",
         inputs.show_progress,
     );
-    let (interrupted, last) = run_steps(&step, &mut run, &mut progress, total_steps, &bar)?;
+    let ran = run_steps(&step, &mut run, &mut progress, total_steps, &bar);
+    if let Some(remote) = &remote {
+        remote.finish();
+    }
+    let (interrupted, last) = ran?;
     bar.finish_and_clear();
     progress.save(&run, config, &policy)?;
     if !interrupted {
@@ -166,6 +174,31 @@ pub fn train(config: &Config, inputs: TrainInputs) -> Result<TrainReport> {
         interrupted,
         last,
     })
+}
+
+/// The endpoint sampler of a run, on-policy (its adapter hot-loaded into the server) when
+/// `train.endpoint_adapter_dir` is set; the adapters are named after the run directory.
+fn remote_sampler(
+    client: crate::endpoint::EndpointClient,
+    config: &Config,
+    tokenizer: &Tokenizer,
+    run_dir: &Path,
+) -> Result<RemoteSampler> {
+    let remote = RemoteSampler::new(client, &config.sampling, tokenizer);
+    let Some(dir) = &config.train.endpoint_adapter_dir else {
+        return Ok(remote);
+    };
+    let prefix = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "lean-grpo".into());
+    let sync = AdapterSync::new(SyncOptions {
+        dir: dir.clone(),
+        prefix,
+        every: config.train.sync_steps,
+        timeout: Duration::from_secs_f64(config.train.sync_timeout_secs),
+    })?;
+    Ok(remote.with_sync(sync))
 }
 
 /// Steps until `total_steps` or Ctrl-C, writing metrics, samples and the periodic checkpoints.
@@ -430,9 +463,13 @@ impl Step<'_> {
             task.prepare(&ids, self.setup.tokenizer)?;
             let (new_groups, t) = match self.remote {
                 Some(remote) => {
+                    let policy = self.setup.policy;
+                    let (lora, base) = (&self.config.lora, &self.config.model.model);
+                    remote.sync(state.step, |dir| policy.write_adapter(dir, lora, base))?;
                     let seed = rollout_seed(train.seed, state.step, rounds);
                     let g = train.num_generations;
-                    remote.rollout(self.setup, &task.theorems, &ids, g, seed)?
+                    let prompts = &task.prompts;
+                    remote.rollout(self.setup, &task.theorems, prompts, &ids, g, seed)?
                 }
                 None => rollout(
                     self.setup,

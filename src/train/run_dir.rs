@@ -348,7 +348,12 @@ fn differing_keys(a: &Config, b: &Config) -> Vec<String> {
                             || both_remote
                                 && matches!(
                                     key.as_str(),
-                                    "endpoint" | "served_model" | "api_key_env"
+                                    "endpoint"
+                                        | "served_model"
+                                        | "api_key_env"
+                                        | "endpoint_adapter_dir"
+                                        | "sync_steps"
+                                        | "sync_timeout_secs"
                                 ));
                     if !resumable && a_keys.get(key) != b_keys.get(key) {
                         out.push(format!("{section}.{key}"));

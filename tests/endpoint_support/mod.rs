@@ -70,7 +70,7 @@ impl Drop for TestServer {
     }
 }
 
-type Handler = dyn Fn(usize, &serde_json::Value) -> Reply + Send + Sync;
+type Handler = dyn Fn(usize, &str, &serde_json::Value) -> Reply + Send + Sync;
 
 struct Shared {
     handler: Box<Handler>,
@@ -84,6 +84,14 @@ struct Shared {
 pub fn serve<F>(handler: F) -> TestServer
 where
     F: Fn(usize, &serde_json::Value) -> Reply + Send + Sync + 'static,
+{
+    serve_routes(move |call, _path, body| handler(call, body))
+}
+
+/// [`serve`] with the request path given to the handler: `handler(call_number, path, body)`.
+pub fn serve_routes<F>(handler: F) -> TestServer
+where
+    F: Fn(usize, &str, &serde_json::Value) -> Reply + Send + Sync + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -162,14 +170,14 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             let mut seen = shared.seen.lock().unwrap();
             seen.push(Seen {
                 method,
-                path,
+                path: path.clone(),
                 authorization: header("authorization"),
                 content_type: header("content-type"),
                 body: body.clone(),
             });
             seen.len() - 1
         };
-        let reply = (shared.handler)(call, &body);
+        let reply = (shared.handler)(call, &path, &body);
         thread::sleep(reply.delay);
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
 
