@@ -1,5 +1,6 @@
 //! The `kimina` backend against a local HTTP server that answers like kimina-lean-server
-//! (`POST /check`, REPL-shaped responses, as in tests/data/lean/kimina_*.json).
+//! (`POST /api/check`, REPL-shaped responses, as in tests/data/lean/kimina_*.json). The real
+//! server is exercised in tests/lean_kimina_server.rs.
 
 mod support;
 
@@ -40,7 +41,7 @@ fn serve_dying_after(answered: usize) -> Server {
             let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50)) else {
                 continue;
             };
-            if request.url() != "/check" {
+            if request.url() != "/api/check" {
                 let _ = request
                     .respond(tiny_http::Response::from_string("not found").with_status_code(404));
                 continue;

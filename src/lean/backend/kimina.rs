@@ -1,8 +1,9 @@
 //! Backend `kimina`: one kimina-lean-server or several (a cluster) over HTTP.
 //!
-//! `POST {url}/check` with `{"snippets": [{"id", "code"}], "timeout": T}` answers
+//! `POST {url}/api/check` with `{"snippets": [{"id", "code"}], "timeout": T}` answers
 //! `{"results": [{"id", "time", "error" | "response"}]}` where `response` is a REPL response.
-//! Our verdict rules apply on top of it, unchanged.
+//! Our verdict rules apply on top of it, unchanged. The shapes are checked against the real
+//! server (PyPI kimina-ast-server 2.1.3) in tests/lean_kimina_server.rs.
 //!
 //! With several servers each proof goes to the healthy one with the fewest requests in flight.
 //! A server that fails (no connection, an HTTP 5xx, a timeout) is marked down and the proof is
@@ -191,7 +192,9 @@ impl KiminaCluster {
     }
 
     fn post(&self, server: &Server, request: &Value) -> Result<Value, Failure> {
-        let endpoint = format!("{}/check", server.url);
+        // The server mounts its check router under `/api` (only `/health` and the old
+        // `/verify` are at the root).
+        let endpoint = format!("{}/api/check", server.url);
         match self.agent.post(&endpoint).send_json(request) {
             Ok(response) => response.into_json().map_err(|e| {
                 Failure::Server(format!(
