@@ -201,10 +201,13 @@ fn cluster(urls: &[String], attempts: u32, max_unavailable: usize) -> Checker {
 
 #[test]
 fn proofs_spread_over_a_cluster_and_a_server_killed_mid_run_loses_no_verdict() {
-    let (a, b, c) = (serve_dying_after(2), serve(), serve());
+    // The dying server needs only its second request to die, and 24 proofs make sure it gets it
+    // whatever the threads' timing (with 12 and a third request to die, a loaded machine made it
+    // miss now and then).
+    let (a, b, c) = (serve_dying_after(1), serve(), serve());
     let urls = [a.url.clone(), b.url.clone(), c.url.clone()];
     let checker = cluster(&urls, 4, 16);
-    let jobs = jobs(12);
+    let jobs = jobs(24);
     let results = checker.check(&jobs, None).unwrap();
     for (i, r) in results.iter().enumerate() {
         assert_eq!(
@@ -216,10 +219,10 @@ fn proofs_spread_over_a_cluster_and_a_server_killed_mid_run_loses_no_verdict() {
     }
     assert!(a.stop.load(Ordering::SeqCst), "the first server died");
     let counts = [&a, &b, &c].map(|s| s.requests.lock().unwrap().len());
-    // The dying server took 2 and dropped a third; the others took the rest between them.
-    assert_eq!(counts[0], 3, "{counts:?}");
-    assert!(counts[1] >= 3 && counts[2] >= 3, "spread: {counts:?}");
-    assert_eq!(counts[1] + counts[2], 10, "{counts:?}");
+    // The dying server took 1 and dropped a second; the others took the rest between them.
+    assert_eq!(counts[0], 2, "{counts:?}");
+    assert!(counts[1] >= 6 && counts[2] >= 6, "spread: {counts:?}");
+    assert_eq!(counts[1] + counts[2], 23, "{counts:?}");
     let retries: u32 = results.iter().map(|r| r.retries).sum();
     // The dropped request went again (one more if the other thread's request was queued at
     // the dying server).
