@@ -16,6 +16,8 @@ use support::*;
 struct Server {
     url: String,
     requests: Arc<Mutex<Vec<Value>>>,
+    /// The `Authorization` header of each request.
+    auth: Arc<Mutex<Vec<Option<String>>>>,
     /// Set to stop listening (the port then refuses connections).
     stop: Arc<AtomicBool>,
 }
@@ -33,9 +35,11 @@ fn serve_dying_after(answered: usize) -> Server {
         server.server_addr().to_ip().expect("ip address")
     );
     let requests = Arc::new(Mutex::new(Vec::new()));
+    let auth = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let (seen, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
+    let (seen, stopped, auth_seen) = (Arc::clone(&requests), Arc::clone(&stop), Arc::clone(&auth));
     let failures = AtomicUsize::new(0);
+    let busy = AtomicUsize::new(0);
     std::thread::spawn(move || {
         while !stopped.load(Ordering::SeqCst) {
             let Ok(Some(mut request)) = server.recv_timeout(Duration::from_millis(50)) else {
@@ -46,6 +50,12 @@ fn serve_dying_after(answered: usize) -> Server {
                     .respond(tiny_http::Response::from_string("not found").with_status_code(404));
                 continue;
             }
+            let header = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("Authorization"))
+                .map(|h| h.value.to_string());
+            auth_seen.lock().unwrap().push(header);
             let mut body = String::new();
             request.as_reader().read_to_string(&mut body).unwrap();
             let value: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
@@ -70,6 +80,12 @@ fn serve_dying_after(answered: usize) -> Server {
                 continue;
             }
             let id = value["snippets"][0]["id"].clone();
+            // kimina's own answer when all its REPLs are busy (routers/check.py).
+            if code.contains("fake:no-repl-once") && busy.fetch_add(1, Ordering::SeqCst) == 0 {
+                let answer = json!({"results": [{"id": id, "error": "No available REPLs"}]});
+                let _ = request.respond(tiny_http::Response::from_string(answer.to_string()));
+                continue;
+            }
             let answer = json!({"results": [answer(&code, id)]});
             let header = tiny_http::Header::from_bytes("Content-Type", "application/json").unwrap();
             let _ = request
@@ -79,6 +95,7 @@ fn serve_dying_after(answered: usize) -> Server {
     Server {
         url,
         requests,
+        auth,
         stop,
     }
 }
@@ -160,20 +177,28 @@ fn verdicts_from_kimina_answers() {
         job("kimina-timeout"),
         job("old-split"),
         job("server-error-once"),
+        job("no-repl-once"),
     ];
     let results = checker.check(&jobs, None).unwrap();
     let kinds: Vec<VerdictKind> = results.iter().map(|c| c.verdict.kind).collect();
     use VerdictKind::*;
     assert_eq!(
         kinds,
-        [Accepted, LeanError, Sorry, Axioms, Timeout, Accepted, Accepted]
+        [Accepted, LeanError, Sorry, Axioms, Timeout, Accepted, Accepted, Accepted]
     );
+    // A server with no free REPL is asked again: its answer is no verdict on the proof.
+    assert!(results[7].retries >= 1);
     let m = &results[1].verdict.evidence.messages[0];
     assert_eq!((m.line, m.column), (Some(3), Some(2)));
     assert_eq!(results[3].verdict.evidence.axioms, ["cheat"]);
 
     let requests = server.requests.lock().unwrap();
-    assert_eq!(requests.len(), jobs.len() + 1, "one retry after the 503");
+    assert_eq!(
+        requests.len(),
+        jobs.len() + 2,
+        "one retry after the 503, one after 'No available REPLs'"
+    );
+    assert!(server.auth.lock().unwrap().iter().all(Option::is_none));
     let first = &requests[0];
     assert_eq!(first["timeout"], json!(10));
     let code = first["snippets"][0]["code"].as_str().unwrap();
@@ -273,4 +298,22 @@ fn kimina_urls_come_as_a_list_or_a_comma_string() {
     assert_eq!(from("kimina_url: http://a:8000, http://b:8000"), want);
     assert_eq!(from("kimina_url: [http://a:8000, http://b:8000]"), want);
     assert!(from("backend: kimina").is_empty());
+}
+
+#[test]
+fn the_api_key_goes_in_the_authorization_header() {
+    let server = serve();
+    let mut o = options(Backend::Kimina, &server.url);
+    o.kimina_api_key_env = Some("LEAN_GRPO_TEST_KIMINA_KEY".into());
+    let error = Checker::new(&o).err().unwrap().to_string();
+    assert!(
+        error.contains("LEAN_GRPO_TEST_KIMINA_KEY") && error.contains("LEAN_SERVER_API_KEY"),
+        "{error}"
+    );
+    std::env::set_var("LEAN_GRPO_TEST_KIMINA_KEY", "k-123");
+    let checker = Checker::new(&o).unwrap();
+    let results = checker.check(&[job("none")], None).unwrap();
+    assert_eq!(results[0].verdict.kind, VerdictKind::Accepted);
+    let auth = server.auth.lock().unwrap().clone();
+    assert_eq!(auth, [Some("Bearer k-123".to_string())]);
 }

@@ -147,7 +147,12 @@ impl Checker {
                     attempts: options.kimina_attempts.max(1),
                     ..Backoff::default()
                 };
-                let client = KiminaCluster::new(&options.kimina_url, options.timeout, backoff);
+                let api_key = match &options.kimina_api_key_env {
+                    Some(var) => Some(kimina_api_key(var)?),
+                    None => None,
+                };
+                let client =
+                    KiminaCluster::new(&options.kimina_url, options.timeout, backoff, api_key);
                 let identity = client.identity();
                 (Runner::Kimina(client), identity)
             }
@@ -413,5 +418,16 @@ mod tests {
     fn checker_is_send_and_sync() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Checker>();
+    }
+}
+
+/// The kimina API key from the environment variable `checker.kimina_api_key_env` names.
+fn kimina_api_key(var: &str) -> anyhow::Result<String> {
+    match std::env::var(var) {
+        Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_string()),
+        _ => bail!(
+            "environment variable {var} (checker.kimina_api_key_env) is unset or empty: export \
+             the kimina servers' API key (their LEAN_SERVER_API_KEY) in it"
+        ),
     }
 }

@@ -48,6 +48,9 @@ pub struct CheckerOptions {
     /// Attempts per proof over the kimina servers, with backoff, before the proof's verdict
     /// is `checker_unavailable`.
     pub kimina_attempts: u32,
+    /// Environment variable holding the kimina servers' API key (their `LEAN_SERVER_API_KEY`),
+    /// sent as `Authorization: Bearer`; `None` for servers without one.
+    pub kimina_api_key_env: Option<String>,
     /// A check stops with an error once this many proofs in a row were
     /// `checker_unavailable` (0 = never).
     pub max_unavailable: usize,
@@ -84,6 +87,7 @@ impl Default for CheckerOptions {
             memory_mb: 8192,
             kimina_url: Vec::new(),
             kimina_attempts: 4,
+            kimina_api_key_env: None,
             max_unavailable: 16,
             allow_native_decide: false,
             heartbeats_cap: 1_000_000,

@@ -32,6 +32,8 @@ pub struct KiminaCluster {
     backoff: Backoff,
     /// Rotates which server wins a tie of in-flight counts, so a sequential check spreads too.
     turn: AtomicUsize,
+    /// Sent as `Authorization: Bearer` (the servers' `LEAN_SERVER_API_KEY`).
+    api_key: Option<String>,
 }
 
 /// How long to wait before asking again.
@@ -84,7 +86,12 @@ enum Failure {
 }
 
 impl KiminaCluster {
-    pub fn new(urls: &[String], timeout: f64, backoff: Backoff) -> KiminaCluster {
+    pub fn new(
+        urls: &[String],
+        timeout: f64,
+        backoff: Backoff,
+        api_key: Option<String>,
+    ) -> KiminaCluster {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             // The server may queue the snippet before its own timeout starts.
@@ -108,6 +115,7 @@ impl KiminaCluster {
             timeout,
             backoff,
             turn: AtomicUsize::new(0),
+            api_key,
         }
     }
 
@@ -134,6 +142,12 @@ impl KiminaCluster {
             server.in_flight.fetch_add(1, Ordering::SeqCst);
             let answer = self.post(server, &request);
             server.in_flight.fetch_sub(1, Ordering::SeqCst);
+            // The server's own trouble (no free REPL, a REPL it could not start) says nothing
+            // about the proof: another server, or this one later, may check it.
+            let answer = answer.and_then(|body| match server_fault(&body, id) {
+                Some(why) => Err(Failure::Server(why)),
+                None => Ok(body),
+            });
             match answer {
                 Ok(body) => {
                     server.mark_up();
@@ -195,7 +209,11 @@ impl KiminaCluster {
         // The server mounts its check router under `/api` (only `/health` and the old
         // `/verify` are at the root).
         let endpoint = format!("{}/api/check", server.url);
-        match self.agent.post(&endpoint).send_json(request) {
+        let mut post = self.agent.post(&endpoint);
+        if let Some(key) = &self.api_key {
+            post = post.set("Authorization", &format!("Bearer {key}"));
+        }
+        match post.send_json(request) {
             Ok(response) => response.into_json().map_err(|e| {
                 Failure::Server(format!(
                     "{endpoint} answered something that is not JSON ({e})"
@@ -235,6 +253,29 @@ impl Server {
         health.failures += 1;
         health.retry_at = Some(Instant::now() + backoff.after(health.failures - 1));
     }
+}
+
+/// Errors kimina-lean-server gives a snippet when it could not run it at all (its
+/// `routers/check.py`): no free REPL, or a REPL it failed to start or prepare.
+const SERVER_FAULTS: [&str; 4] = [
+    "No available REPLs",
+    "Failed to get REPL",
+    "Failed to get replacement REPL",
+    "REPL prep failed",
+];
+
+/// The server-side error of snippet `id`'s result, if it is one of [`SERVER_FAULTS`].
+fn server_fault(body: &Value, id: &str) -> Option<String> {
+    let results = body.get("results")?.as_array()?;
+    let result = results
+        .iter()
+        .find(|r| r.get("id").and_then(Value::as_str) == Some(id))
+        .or_else(|| (results.len() == 1).then(|| &results[0]))?;
+    let error = result.get("error")?.as_str()?;
+    SERVER_FAULTS
+        .iter()
+        .any(|fault| error.starts_with(fault))
+        .then(|| format!("the server could not run the proof: {error}"))
 }
 
 fn read_result(
