@@ -410,17 +410,6 @@ fn local_command(
     Ok(command)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checker_is_send_and_sync() {
-        fn assert_send_sync<T: Send + Sync>() {}
-        assert_send_sync::<Checker>();
-    }
-}
-
 /// The kimina API key from the environment variable `checker.kimina_api_key_env` names.
 fn kimina_api_key(var: &str) -> anyhow::Result<String> {
     match std::env::var(var) {
@@ -429,5 +418,16 @@ fn kimina_api_key(var: &str) -> anyhow::Result<String> {
             "environment variable {var} (checker.kimina_api_key_env) is unset or empty: export \
              the kimina servers' API key (their LEAN_SERVER_API_KEY) in it"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checker_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Checker>();
     }
 }
