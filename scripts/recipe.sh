@@ -103,7 +103,7 @@ fi
 
 evaluate test "$out/rl/adapter" "$out/eval-test"
 
-pass() { python3 -c 'import json,sys; print(f"{100 * json.load(open(sys.argv[1]))["pass_at_k"]["1"]:.1f}%")' "$1"; }
+pass() { python3 -c 'import json,sys; print("%.1f%%" % (100 * json.load(open(sys.argv[1]))["pass_at_k"]["1"]))' "$1"; }
 echo "train split after SFT: pass@1 $(pass "$out/eval-train/summary.json")"
 echo "filtered: $(wc -l < "$filtered") problems ($filtered)"
 echo "test split after RL:   pass@1 $(pass "$out/eval-test/summary.json")"
