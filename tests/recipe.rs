@@ -64,7 +64,10 @@ fn the_recipe_runs_every_stage_once_and_resumes() {
         .and_then(|rest| rest.lines().next())
         .unwrap_or_default();
     let number = figure.strip_suffix('%').and_then(|n| n.parse::<f64>().ok());
-    assert!(number.is_some_and(|n| (0.0..=100.0).contains(&n)), "{stdout}");
+    assert!(
+        number.is_some_and(|n| (0.0..=100.0).contains(&n)),
+        "{stdout}"
+    );
 
     // Everything there: every stage is skipped.
     let again = recipe(&lean, &out);

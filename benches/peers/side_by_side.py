@@ -136,9 +136,16 @@ def phase_trl_step(checkpointing):
 
 
 def run_phase(name):
-    """`name` in a fresh interpreter: its own peak RSS."""
-    out = subprocess.run([sys.executable, __file__, "--phase", name], check=True,
+    """`name` in a fresh interpreter: its own peak RSS. A phase the kernel kills (the OOM killer
+    on a machine too small for it) is a result too: `{"killed": ...}`, its figures None."""
+    out = subprocess.run([sys.executable, __file__, "--phase", name],
                          capture_output=True, text=True)
+    if out.returncode < 0:
+        print(f"phase {name} killed by signal {-out.returncode}", file=sys.stderr)
+        return {"killed": f"signal {-out.returncode} (SIGKILL: the OOM killer, see dmesg)"
+                if out.returncode == -9 else f"signal {-out.returncode}"}
+    if out.returncode != 0:
+        sys.exit(f"phase {name} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -147,6 +154,8 @@ def main():
     p.add_argument("--lean-grpo", default="target/release/lean-grpo")
     p.add_argument("--bench-json", help="a `lean-grpo bench` summary of this run's machine, "
                    "instead of running the bench here (full mode, same shapes)")
+    p.add_argument("--save-bench", help="write the bench summary this run makes to this file "
+                   "(to rerun the peers alone with --bench-json)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.phase:
@@ -165,6 +174,9 @@ def main():
     else:
         out = subprocess.run([a.lean_grpo, "bench"], check=True, capture_output=True, text=True)
         bench = json.loads(out.stdout)
+        if a.save_bench:
+            with open(a.save_bench, "w") as f:
+                f.write(out.stdout)
     plan = bench["settings"]["model"]
     assert plan["shape"] == "Qwen2.5-0.5B", "the bench must run in full mode"
     assert (plan["memory_prompt_tokens"], plan["memory_group_size"],
@@ -175,19 +187,19 @@ def main():
     import peft, torch, transformers, trl
     rows = [
         ("sampling tokens/s (higher is better)", ours["sampling_tokens_per_second"],
-         theirs["generate"]["tokens_per_second"]),
+         theirs["generate"].get("tokens_per_second")),
         ("sampling peak RSS GiB", ours["sampling_peak_rss_gib"],
-         theirs["generate"]["peak_rss_gib"]),
+         theirs["generate"].get("peak_rss_gib")),
         ("training step s, full graph (first update)", ours["training_step_seconds"],
-         theirs["trl-step"]["first_seconds"]),
+         theirs["trl-step"].get("first_seconds")),
         ("training step s, checkpointed (first update)",
          ours["training_step_checkpointed_seconds"],
-         theirs["trl-step-checkpointed"]["first_seconds"]),
+         theirs["trl-step-checkpointed"].get("first_seconds")),
         ("training step peak RSS GiB, full graph", ours["training_step_peak_rss_gib"],
-         theirs["trl-step"]["peak_rss_gib"]),
+         theirs["trl-step"].get("peak_rss_gib")),
         ("training step peak RSS GiB, checkpointed",
          ours["training_step_checkpointed_peak_rss_gib"],
-         theirs["trl-step-checkpointed"]["peak_rss_gib"]),
+         theirs["trl-step-checkpointed"].get("peak_rss_gib")),
     ]
     summary = {
         "date": bench["date"],
@@ -195,13 +207,15 @@ def main():
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "peft": peft.__version__},
         "peers": theirs,
-        "rows": [{"figure": f, "lean_grpo": o, "peer": t, "ratio": o / t} for f, o, t in rows],
+        "rows": [{"figure": f, "lean_grpo": o, "peer": t, "ratio": o / t if t else None}
+                 for f, o, t in rows],
     }
     print(json.dumps(summary, indent=2))
     print(f"\n| figure | lean-grpo | transformers / TRL | ratio |\n|---|---|---|---|",
           file=sys.stderr)
     for f, o, t in rows:
-        print(f"| {f} | {o:.2f} | {t:.2f} | {o / t:.2f} |", file=sys.stderr)
+        peer, ratio = (f"{t:.2f}", f"{o / t:.2f}") if t else ("killed (out of memory)", "-")
+        print(f"| {f} | {o:.2f} | {peer} | {ratio} |", file=sys.stderr)
 
 
 if __name__ == "__main__":
