@@ -303,7 +303,9 @@ fn logprob_gaps(
     choices: &[Vec<Choice>],
 ) -> Result<Vec<Option<LogprobGap>>> {
     let vocab = setup.policy.config().vocab_size;
-    let mut rows: Vec<(Vec<u32>, Vec<u32>, Vec<f64>)> = Vec::new();
+    // The scored completions as three parallel lists (the policy's input and the server's
+    // figures), and for every completion its row there, if it has one.
+    let (mut row_prompts, mut row_tokens, mut server) = (Vec::new(), Vec::new(), Vec::new());
     let mut row_of = Vec::new();
     for (&id, group) in theorem_ids.iter().zip(choices) {
         for choice in group {
@@ -317,39 +319,32 @@ fn logprob_gaps(
                     .filter(|t| !t.is_empty())
                     .map(|t| t.into_iter().unzip())
             });
-            row_of.push(scored.map(|(ids, server)| {
-                rows.push((prompts[id].clone(), ids, server));
-                rows.len() - 1
+            row_of.push(scored.map(|(ids, logprobs)| {
+                row_prompts.push(prompts[id].clone());
+                row_tokens.push(ids);
+                server.push(logprobs);
+                server.len() - 1
             }));
         }
     }
-    if rows.is_empty() {
+    if server.is_empty() {
         return Ok(row_of.iter().map(|_| None).collect());
     }
-    let (row_prompts, row_tokens): (Vec<Vec<u32>>, Vec<Vec<u32>>) =
-        rows.iter().map(|(p, t, _)| (p.clone(), t.clone())).unzip();
     let local = setup
         .policy
         .logprobs(&row_prompts, &row_tokens, 1.0, false, true)
         .context("scoring the server's samples with the policy")?
         .to_dtype(DType::F64)?
         .to_vec2::<f64>()?;
-    Ok(row_of
-        .into_iter()
-        .map(|row| {
-            row.map(|r| {
-                let server = &rows[r].2;
-                LogprobGap {
-                    abs_sum: server
-                        .iter()
-                        .zip(&local[r])
-                        .map(|(s, l)| (s - l).abs())
-                        .sum(),
-                    tokens: server.len(),
-                }
-            })
-        })
-        .collect())
+    let gap = |r: usize| LogprobGap {
+        abs_sum: server[r]
+            .iter()
+            .zip(&local[r])
+            .map(|(s, l)| (s - l).abs())
+            .sum(),
+        tokens: server[r].len(),
+    };
+    Ok(row_of.into_iter().map(|row| row.map(gap)).collect())
 }
 
 /// The seed of the `index`-th request of a rollout: distinct per request and step, within the
