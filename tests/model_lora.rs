@@ -700,8 +700,7 @@ fn sample_dtype_must_be_the_model_dtype_or_f16_on_the_cpu() {
 /// the same.
 #[test]
 fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
-    use lean_grpo::model::lora::{LoraLinear, LoraPair, Pass};
-    use lean_grpo::model::quant::Frozen;
+    use lean_grpo::model::lora::Pass;
     use std::sync::Mutex;
     let (inp, out, r, p, scale) = (24, 20, 4, 0.3, 2.0);
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -711,16 +710,7 @@ fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
         let a = Var::from_tensor(&random(&[r, inp], 0.5, &mut rng, DType::F64)).unwrap();
         let b = Var::from_tensor(&random(&[out, r], 0.5, &mut rng, DType::F64)).unwrap();
         let x = Var::from_tensor(&random(&[rows, inp], 1.0, &mut rng, DType::F64)).unwrap();
-        let lin = LoraLinear::new(
-            Frozen::Dense(w.clone()),
-            Some(bias.clone()),
-            Some(LoraPair {
-                a: a.clone(),
-                b: b.clone(),
-                scale,
-                dropout: p,
-            }),
-        );
+        let lin = dense_lora_linear(&w, &bias, (&a, &b), scale, p);
         let seed = 5;
         let dropout_rng = Mutex::new(ChaCha8Rng::seed_from_u64(seed));
         let pass = Pass {
@@ -780,6 +770,93 @@ fn lora_linear_with_dropout_matches_its_definition_with_gradients() {
                 d < 1e-12,
                 "{rows} rows: gradient w.r.t. {name} differs by {d}"
             );
+        }
+    }
+}
+
+/// A linear layer with dense frozen weight `w`, `bias` and the adapter `(A, B)`.
+fn dense_lora_linear(
+    w: &Tensor,
+    bias: &Tensor,
+    (a, b): (&Var, &Var),
+    scale: f64,
+    dropout: f64,
+) -> lean_grpo::model::lora::LoraLinear {
+    use lean_grpo::model::lora::{LoraLinear, LoraPair};
+    use lean_grpo::model::quant::Frozen;
+    let adapter = LoraPair {
+        a: a.clone(),
+        b: b.clone(),
+        scale,
+        dropout,
+    };
+    LoraLinear::new(Frozen::Dense(w.clone()), Some(bias.clone()), Some(adapter))
+}
+
+/// The fused down projection of the gated MLP, `forward_swiglu`, keeps `gate` and `up` instead
+/// of their activation and recomputes it in the backward: its values and its gradients w.r.t.
+/// `gate`, `up`, `A` and `B` are those of the definition `(silu(gate)·up)·Wᵀ + b + ((silu(gate)·up)·Aᵀ)·Bᵀ·s`,
+/// fused (40 rows) and composed (12 rows, and with dropout on, where it takes `forward`).
+#[test]
+fn lora_linear_of_a_swiglu_matches_its_definition_with_gradients() {
+    use lean_grpo::model::lora::Pass;
+    use std::sync::Mutex;
+    let (inp, out, r, scale) = (24, 20, 4, 2.0);
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let w = random(&[out, inp], 0.5, &mut rng, DType::F64);
+    let bias = random(&[out], 0.5, &mut rng, DType::F64);
+    let dropout_rng = Mutex::new(ChaCha8Rng::seed_from_u64(1));
+    for (rows, dropout) in [(40, 0.0), (12, 0.0), (40, 0.3)] {
+        let mut var =
+            |shape: &[usize]| Var::from_tensor(&random(shape, 1.0, &mut rng, DType::F64)).unwrap();
+        let (a, b) = (var(&[r, inp]), var(&[out, r]));
+        let (gate, up) = (var(&[rows, inp]), var(&[rows, inp]));
+        let lin = dense_lora_linear(&w, &bias, (&a, &b), scale, dropout);
+        let pass = Pass {
+            adapters: true,
+            grad: true,
+            dropout_rng: Some(&dropout_rng),
+        };
+        let (g, u) = (gate.as_tensor(), up.as_tensor());
+        let act = (g.silu().unwrap() * u).unwrap();
+        let want = if dropout > 0.0 {
+            // Dropout draws a mask: the reference is `forward` from the same RNG state.
+            let state = dropout_rng.lock().unwrap().clone();
+            let y = lin.forward(&act, &pass).unwrap();
+            *dropout_rng.lock().unwrap() = state;
+            y
+        } else {
+            let low = act.matmul(&a.as_tensor().t().unwrap()).unwrap();
+            let branch = (low.matmul(&b.as_tensor().t().unwrap()).unwrap() * scale).unwrap();
+            let base = act.matmul(&w.t().unwrap()).unwrap();
+            (base.broadcast_add(&bias).unwrap() + branch).unwrap()
+        };
+        let y = lin.forward_swiglu(g, u, &pass).unwrap();
+        let case = format!("{rows} rows, dropout {dropout}");
+        assert!(
+            max_diff(&y, &want) < 1e-12,
+            "{case}: values differ by {}",
+            max_diff(&y, &want)
+        );
+        let weights = random(&[rows, out], 1.0, &mut rng, DType::F64);
+        let grads = |y: &Tensor| {
+            (y * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let (got, exp) = (grads(&y), grads(&want));
+        let named = [
+            ("gate", g),
+            ("up", u),
+            ("A", a.as_tensor()),
+            ("B", b.as_tensor()),
+        ];
+        for (name, t) in named {
+            let d = max_diff(got.get(t).unwrap(), exp.get(t).unwrap());
+            assert!(d < 1e-12, "{case}: gradient w.r.t. {name} differs by {d}");
         }
     }
 }
@@ -866,11 +943,20 @@ fn trainable_vars(p: &Policy) -> Vec<candle_core::Var> {
         .collect()
 }
 
+/// With and without dropout: without, the full graph fuses the MLP's activation into its down
+/// projection and recomputes each layer's attention in the backward (src/model/recompute.rs),
+/// while the checkpointed backward keeps the attention of the one layer it recomputes.
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout_masks() {
+    for dropout in [0.3, 0.0] {
+        checkpointed_gradients_equal_plain_ones(dropout);
+    }
+}
+
+fn checkpointed_gradients_equal_plain_ones(dropout: f64) {
     let lora = LoraOptions {
         r: 4,
-        lora_dropout: 0.3,
+        lora_dropout: dropout,
         ..LoraOptions::default()
     };
     let moved = |checkpointing: bool| {
@@ -903,7 +989,7 @@ fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout_masks()
             let diff = max_diff(a, b);
             assert!(
                 diff <= 1e-9 * largest.max(1.0),
-                "pass {pass}, tensor {i}: {diff}"
+                "dropout {dropout}, pass {pass}, tensor {i}: {diff}"
             );
         }
     }

@@ -194,7 +194,10 @@ impl Decoder {
         batch: &SharedBatch,
         pass: &Pass,
     ) -> Result<(Tensor, LayerTape)> {
-        let span = self.shared_span(batch)?;
+        let span = SharedSpan {
+            recompute_attention: false,
+            ..self.shared_span(batch)?
+        };
         let tokens = Tensor::cat(
             &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
             0,
@@ -312,6 +315,7 @@ impl Decoder {
             sin: self.sin.narrow(0, 0, p)?,
             mask: causal_mask(p, &self.device, self.dtype)?,
             tail,
+            recompute_attention: true,
         })
     }
 

@@ -438,11 +438,29 @@ impl CustomOp2 for Swiglu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let d_gate = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad { up: false })?;
-        let d_up = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad { up: true })?;
+        let (d_gate, d_up) = swiglu_grads(gate, up, grad)?;
         Ok((Some(d_gate), Some(d_up)))
     }
+}
+
+/// `silu(gate) · up` of contiguous CPU storages (f32, f64), without a graph: for ops that fuse
+/// the activation into what consumes it (`super::lora`).
+pub(crate) fn swiglu_storage(
+    g: &CpuStorage,
+    lg: &Layout,
+    u: &CpuStorage,
+    lu: &Layout,
+) -> Result<CpuStorage> {
+    Ok(Swiglu.cpu_fwd(g, lg, u, lu)?.0)
+}
+
+/// The gradients w.r.t. `gate` and `up` of `silu(gate) · up` for the output gradient `grad`
+/// (contiguous CPU tensors, f32 or f64), without a graph.
+pub(crate) fn swiglu_grads(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    let grad = grad.contiguous()?;
+    let d_gate = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad { up: false })?;
+    let d_up = gate.apply_op3_no_bwd(up, &grad, &SwigluGrad { up: true })?;
+    Ok((d_gate, d_up))
 }
 
 /// The gradient w.r.t. `up` (`dy·silu(g)`) or w.r.t. the gate

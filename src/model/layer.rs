@@ -11,6 +11,7 @@ use super::attention;
 use super::config::ModelConfig;
 use super::fused;
 use super::lora::{LoraLinear, LoraPair, Pass};
+use super::recompute::recompute3;
 use super::weights::Weights;
 use candle_core::{Result, Tensor};
 use candle_nn::ops::{rms_norm, softmax_last_dim};
@@ -65,31 +66,31 @@ pub enum Kernels<'a> {
 }
 
 impl Kernels<'_> {
+    /// The kernel set alone, without the adapters' pass.
+    pub fn math(self) -> Math {
+        match self {
+            Kernels::Train(_) => Math::Train,
+            Kernels::Decode(..) => Math::Decode,
+        }
+    }
+
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
-        match self {
-            Kernels::Train(_) => fused::rms_norm(x, w, eps),
-            Kernels::Decode(..) => rms_norm(&x.contiguous()?, w, eps),
-        }
+        self.math().rms_norm(x, w, eps)
     }
 
-    /// RoPE of `x` `[b, heads, t, d]` (see [`fused::rope`] for the table shapes).
-    fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    /// `linear(lin, slot, silu(gate) · up)`: the gated MLP's down projection, which a
+    /// training pass fuses with its activation ([`LoraLinear::forward_swiglu`]).
+    fn swiglu_linear(
+        self,
+        lin: &LoraLinear,
+        slot: usize,
+        gate: &Tensor,
+        up: &Tensor,
+    ) -> Result<Tensor> {
         match self {
-            Kernels::Train(_) => fused::rope(x, cos, sin),
-            Kernels::Decode(..) => rope(&x.contiguous()?, cos, sin),
+            Kernels::Train(pass) => lin.forward_swiglu(gate, up, pass),
+            Kernels::Decode(..) => self.linear(lin, slot, &fused::swiglu(gate, up)?),
         }
-    }
-
-    fn softmax(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Kernels::Train(_) => fused::softmax_last_dim(x),
-            Kernels::Decode(..) => softmax_last_dim(x),
-        }
-    }
-
-    /// The same kernel in both passes: candle's own `swiglu` is two ops, this one is one.
-    fn swiglu(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        fused::swiglu(gate, up)
     }
 
     /// `x · Wᵀ (+ b)` through `lin`, the `slot`-th of [`LORA_MODULES`].
@@ -100,29 +101,8 @@ impl Kernels<'_> {
         }
     }
 
-    /// Scaled dot-product attention with GQA folding: the `n_rep` query heads that share a
-    /// key head are folded into the row dimension of one matmul, so repeated keys are never
-    /// materialised. `q` `[b, H, t, d]`, `k`/`v` `[b, KV, L, d]`, `mask` broadcastable to
-    /// `[b, H, t, L]`. Returns `[b, t, H·d]`.
-    fn attend(self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, nh, t, hd) = q.dims4()?;
-        let (_, nkv, l, _) = k.dims4()?;
-        let rep = nh / nkv;
-        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let mut scores = scores.reshape((b, nh, t, l))?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let p = self.softmax(&scores)?;
-        let o = p.reshape((b, nkv, rep * t, l))?.matmul(v)?;
-        o.reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))
-    }
-
-    /// [`Self::attend`] over cached keys whose first `key_pad[r]` columns row `r` does not
-    /// see; a sampling pass takes [`attention::decode_step`] where it applies.
+    /// [`attention`] over cached keys whose first `key_pad[r]` columns row `r` does not see;
+    /// a sampling pass takes [`attention::decode_step`] where it applies.
     fn attend_cached(
         self,
         q: &Tensor,
@@ -136,8 +116,69 @@ impl Kernels<'_> {
                 return Ok(o);
             }
         }
-        self.attend(q, k, v, mask)
+        attention(q, k, v, mask, self.math())
     }
+}
+
+/// The kernels of a pass without its adapters: what a piece of the forward that has no
+/// linear layer computes with, and can own (see [`SharedAttention`]).
+#[derive(Clone, Copy)]
+pub enum Math {
+    /// Differentiable kernels ([`super::fused`]).
+    Train,
+    /// candle's fused kernels, which have no backward.
+    Decode,
+}
+
+impl Math {
+    pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        match self {
+            Math::Train => fused::rms_norm(x, w, eps),
+            Math::Decode => rms_norm(&x.contiguous()?, w, eps),
+        }
+    }
+
+    /// RoPE of `x` `[b, heads, t, d]` (see [`fused::rope`] for the table shapes).
+    fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        match self {
+            Math::Train => fused::rope(x, cos, sin),
+            Math::Decode => rope(&x.contiguous()?, cos, sin),
+        }
+    }
+
+    fn softmax(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Math::Train => fused::softmax_last_dim(x),
+            Math::Decode => softmax_last_dim(x),
+        }
+    }
+}
+
+/// Scaled dot-product attention with GQA folding: the `n_rep` query heads that share a key
+/// head are folded into the row dimension of one matmul, so repeated keys are never
+/// materialised. `q` `[b, H, t, d]`, `k`/`v` `[b, KV, L, d]`, `mask` broadcastable to
+/// `[b, H, t, L]`. Returns `[b, t, H·d]`.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    math: Math,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, l, _) = k.dims4()?;
+    let rep = nh / nkv;
+    let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let mut scores = scores.reshape((b, nh, t, l))?;
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    let p = math.softmax(&scores)?;
+    let o = p.reshape((b, nkv, rep * t, l))?.matmul(v)?;
+    o.reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))
 }
 
 /// Whether a product of `x` (`[..., in]`) reads merged sampling weights: few rows, where
@@ -183,10 +224,25 @@ pub struct Attention {
     /// Qwen3's per-head RMS-norm of queries and keys.
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    heads: Heads,
+    eps: f32,
+}
+
+/// The head layout of an attention layer.
+#[derive(Clone, Copy)]
+struct Heads {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    eps: f32,
+}
+
+impl Heads {
+    /// `[b, n, t, d]` view of the `b × t` rows of `x` (`[rows, n·d]`) from `start`.
+    fn view(self, x: &Tensor, start: usize, (b, t): (usize, usize), n: usize) -> Result<Tensor> {
+        x.narrow(0, start, b * t)?
+            .reshape((b, t, n, self.head_dim))?
+            .transpose(1, 2)
+    }
 }
 
 impl Attention {
@@ -215,9 +271,11 @@ impl Attention {
             o_proj,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
-            num_heads: nh,
-            num_kv_heads: nkv,
-            head_dim: hd,
+            heads: Heads {
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+            },
             eps: cfg.rms_norm_eps as f32,
         })
     }
@@ -226,7 +284,19 @@ impl Attention {
     pub fn forward(&self, h: &Tensor, span: Span, kernels: Kernels) -> Result<Tensor> {
         let (q, k, v) = self.qkv(h, kernels)?;
         let o = match span {
-            Span::Shared(s) => self.attend_shared(s, (&q, &k, &v), kernels)?,
+            Span::Shared(s) => {
+                let core = SharedAttention {
+                    span: s.clone(),
+                    heads: self.heads,
+                    math: kernels.math(),
+                };
+                if s.recompute_attention {
+                    // The graph keeps q, k, v and the output, not what lies between.
+                    recompute3(&q, &k, &v, Box::new(move |q, k, v| core.forward(q, k, v)))?
+                } else {
+                    core.forward(&q, &k, &v)?
+                }
+            }
             Span::Step(s, cache) => self.attend_step(s, cache, (&q, &k, &v), kernels)?,
         };
         kernels.linear(&self.o_proj, O, &o)
@@ -241,7 +311,7 @@ impl Attention {
         let mut k = flat(kernels.linear(&self.k_proj, K, h)?)?;
         let v = flat(kernels.linear(&self.v_proj, V, h)?)?;
         let norm = |x: &Tensor, w: &Tensor| {
-            let heads = x.reshape((rows, (), self.head_dim))?;
+            let heads = x.reshape((rows, (), self.heads.head_dim))?;
             kernels.rms_norm(&heads, w, self.eps)?.reshape((rows, ()))
         };
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -249,43 +319,6 @@ impl Attention {
             k = norm(&k, kn)?;
         }
         Ok((q, k, v))
-    }
-
-    /// `[b, heads, t, d]` view of the `b × t` rows of `x` (`[rows, heads·d]`) from `start`.
-    fn heads(&self, x: &Tensor, start: usize, (b, t): (usize, usize), n: usize) -> Result<Tensor> {
-        x.narrow(0, start, b * t)?
-            .reshape((b, t, n, self.head_dim))?
-            .transpose(1, 2)
-    }
-
-    /// Prompt rows attend causally to their prompt; each tail row attends to its prompt's
-    /// keys, then causally to its own. Returns `[k·P + B·C, H·d]`.
-    fn attend_shared(
-        &self,
-        s: &SharedSpan,
-        (q, k, v): (&Tensor, &Tensor, &Tensor),
-        kernels: Kernels,
-    ) -> Result<Tensor> {
-        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let prompts = (s.prompts, s.prompt_len);
-        let np = s.prompts * s.prompt_len;
-        let qp = kernels.rope(&self.heads(q, 0, prompts, nh)?, &s.cos, &s.sin)?;
-        let kp = kernels.rope(&self.heads(k, 0, prompts, nkv)?, &s.cos, &s.sin)?;
-        let vp = self.heads(v, 0, prompts, nkv)?.contiguous()?;
-        let o = kernels
-            .attend(&qp, &kp, &vp, Some(&s.mask))?
-            .reshape((np, nh * hd))?;
-        let Some(tail) = &s.tail else {
-            return Ok(o);
-        };
-        let tails = (tail.rows.dim(0)?, tail.len);
-        let qt = kernels.rope(&self.heads(q, np, tails, nh)?, &tail.cos, &tail.sin)?;
-        let kt = kernels.rope(&self.heads(k, np, tails, nkv)?, &tail.cos, &tail.sin)?;
-        let vt = self.heads(v, np, tails, nkv)?.contiguous()?;
-        let keys = Tensor::cat(&[&kp.index_select(&tail.rows, 0)?, &kt], 2)?;
-        let values = Tensor::cat(&[&vp.index_select(&tail.rows, 0)?, &vt], 2)?;
-        let ot = kernels.attend(&qt, &keys, &values, Some(&tail.mask))?;
-        Tensor::cat(&[o, ot.reshape((tails.0 * tails.1, nh * hd))?], 0)
     }
 
     /// Writes the step's keys and values into `cache` at column `s.start`, then attends over
@@ -297,20 +330,57 @@ impl Attention {
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         kernels: Kernels,
     ) -> Result<Tensor> {
-        let (n, t) = (s.rows, s.len);
-        let q = kernels.rope(&self.heads(q, 0, (n, t), self.num_heads)?, &s.cos, &s.sin)?;
-        let k = kernels.rope(
-            &self.heads(k, 0, (n, t), self.num_kv_heads)?,
-            &s.cos,
-            &s.sin,
-        )?;
-        let v = self.heads(v, 0, (n, t), self.num_kv_heads)?;
+        let (n, t, h) = (s.rows, s.len, self.heads);
+        let math = kernels.math();
+        let q = math.rope(&h.view(q, 0, (n, t), h.num_heads)?, &s.cos, &s.sin)?;
+        let k = math.rope(&h.view(k, 0, (n, t), h.num_kv_heads)?, &s.cos, &s.sin)?;
+        let v = h.view(v, 0, (n, t), h.num_kv_heads)?;
         let (ck, cv) = (ck.narrow(0, 0, n)?, cv.narrow(0, 0, n)?);
         ck.slice_set(&k, 2, s.start)?;
         cv.slice_set(&v.contiguous()?, 2, s.start)?;
         let total = s.start + t;
         let (k_all, v_all) = (ck.narrow(2, 0, total)?, cv.narrow(2, 0, total)?);
         kernels.attend_cached(&q, &k_all, &v_all, s.key_pad, s.mask.as_ref())
+    }
+}
+
+/// The attention of a [`SharedSpan`] between the projections and `o_proj`: RoPE, then prompt
+/// rows attend causally to their prompt, and each tail row to its prompt's keys, then causally
+/// to its own.
+///
+/// Why a value of its own: it is a pure function of `q`, `k`, `v`, so a training forward can
+/// keep just those and its output and recompute the rest in the backward (the rotated copies,
+/// the prompt keys gathered per tail, and the `heads × t × L` scores, most of a layer's
+/// activations for long prompts).
+#[derive(Clone)]
+struct SharedAttention {
+    span: SharedSpan,
+    heads: Heads,
+    math: Math,
+}
+
+impl SharedAttention {
+    /// `q` `[k·P + B·C, H·d]`, `k`/`v` `[k·P + B·C, KV·d]` → `[k·P + B·C, H·d]`.
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (s, h, math) = (&self.span, self.heads, self.math);
+        let (nh, nkv) = (h.num_heads, h.num_kv_heads);
+        let prompts = (s.prompts, s.prompt_len);
+        let np = s.prompts * s.prompt_len;
+        let qp = math.rope(&h.view(q, 0, prompts, nh)?, &s.cos, &s.sin)?;
+        let kp = math.rope(&h.view(k, 0, prompts, nkv)?, &s.cos, &s.sin)?;
+        let vp = h.view(v, 0, prompts, nkv)?.contiguous()?;
+        let o = attention(&qp, &kp, &vp, Some(&s.mask), math)?.reshape((np, ()))?;
+        let Some(tail) = &s.tail else {
+            return Ok(o);
+        };
+        let tails = (tail.rows.dim(0)?, tail.len);
+        let qt = math.rope(&h.view(q, np, tails, nh)?, &tail.cos, &tail.sin)?;
+        let kt = math.rope(&h.view(k, np, tails, nkv)?, &tail.cos, &tail.sin)?;
+        let vt = h.view(v, np, tails, nkv)?.contiguous()?;
+        let keys = Tensor::cat(&[&kp.index_select(&tail.rows, 0)?, &kt], 2)?;
+        let values = Tensor::cat(&[&vp.index_select(&tail.rows, 0)?, &vt], 2)?;
+        let ot = attention(&qt, &keys, &values, Some(&tail.mask), math)?;
+        Tensor::cat(&[o, ot.reshape((tails.0 * tails.1, ()))?], 0)
     }
 }
 
@@ -339,7 +409,7 @@ impl Mlp {
     pub fn forward(&self, h: &Tensor, kernels: Kernels) -> Result<Tensor> {
         let gate = kernels.linear(&self.gate_proj, GATE, h)?;
         let up = kernels.linear(&self.up_proj, UP, h)?;
-        kernels.linear(&self.down_proj, DOWN, &kernels.swiglu(&gate, &up)?)
+        kernels.swiglu_linear(&self.down_proj, DOWN, &gate, &up)
     }
 }
 
@@ -394,6 +464,7 @@ impl DecoderLayer {
 
 /// What the layers of `Decoder::forward_shared` attend over: `prompts` right-padded prompts
 /// of `prompt_len` positions, then the tails that continue them.
+#[derive(Clone)]
 pub(crate) struct SharedSpan {
     pub(crate) prompts: usize,
     pub(crate) prompt_len: usize,
@@ -403,9 +474,15 @@ pub(crate) struct SharedSpan {
     /// `[P, P]` causal mask.
     pub(crate) mask: Tensor,
     pub(crate) tail: Option<TailSpan>,
+    /// Whether a forward with a graph keeps each layer's attention as q, k, v and its output
+    /// and recomputes the rest in the backward (src/model/recompute.rs): on for the full
+    /// graph, off where the whole layer is recomputed (gradient checkpointing) and its graph
+    /// lives for that layer's backward only.
+    pub(crate) recompute_attention: bool,
 }
 
 /// The `B` tails of `len` positions of a [`SharedSpan`].
+#[derive(Clone)]
 pub(crate) struct TailSpan {
     /// `[B]` u32: the prompt each tail continues.
     pub(crate) rows: Tensor,

@@ -10,7 +10,7 @@ use super::ops::frozen_matmul;
 use super::quant::Frozen;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var,
+    bail, Context, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var,
 };
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -166,16 +166,7 @@ impl LoraLinear {
         };
         let (inner, out) = self.dims();
         let rows = x.elem_count() / inner.max(1);
-        let fused = match &self.weight {
-            Frozen::Dense(w) => Some(w).filter(|_| {
-                x.device().is_cpu()
-                    && x.dtype() == a.dtype()
-                    && matches!(x.dtype(), DType::F32 | DType::F64)
-                    && rows > super::gemv::MAX_ROWS
-            }),
-            Frozen::Quantized(_) => None,
-        };
-        if let Some(weight) = fused {
+        if let Some(weight) = self.fusable(x, &a) {
             let mut dims = x.dims().to_vec();
             let x2 = x.reshape((rows, inner))?;
             let mask = mask.map(|m| m.reshape((rows, inner))).transpose()?;
@@ -202,6 +193,59 @@ impl LoraLinear {
         y + up
     }
 
+    /// `forward(silu(gate) · up)`: the gated MLP's down projection.
+    ///
+    /// Why: a training forward would keep the activation (`[rows, intermediate]`, the largest
+    /// tensor of a layer) for this product's backward, beside `gate` and `up` that it is
+    /// computed from. Fused here, the graph keeps `gate` and `up` only and the backward
+    /// recomputes the activation, one pass over memory. Where [`Self::forward`] would compose
+    /// (other devices, a quantized weight, few rows, no adapter) or dropout is on, it composes.
+    pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let adapter = self.adapter.as_ref().filter(|ad| {
+            pass.grad && pass.adapters && (pass.dropout_rng.is_none() || ad.dropout == 0.0)
+        });
+        let fused = adapter.and_then(|ad| Some((ad, self.fusable(gate, ad.a.as_tensor())?)));
+        let Some((ad, weight)) = fused else {
+            return self.forward(&super::fused::swiglu(gate, up)?, pass);
+        };
+        let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
+        let (inner, out) = self.dims();
+        let mut dims = gate.dims().to_vec();
+        let rows = gate.elem_count() / inner.max(1);
+        let flat = |x: &Tensor| x.reshape((rows, inner))?.contiguous();
+        // A custom op takes three inputs: the adapter travels as one, [A.flatten(), B.flatten()].
+        let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
+        let op = SwigluLoraMatmul {
+            lora: LoraMatmul {
+                weight: weight.clone(),
+                x_in: None,
+                mask: None,
+                scale: ad.scale,
+            },
+            rank: a.dim(0)?,
+        };
+        let y = flat(gate)?.apply_op3(&flat(up)?, &ab, op)?;
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        self.add_bias(y.reshape(dims)?)
+    }
+
+    /// The dense weight, when a product of `x` with adapter `a` runs as one [`LoraMatmul`]:
+    /// on the CPU in f32 or f64, with more rows than decoding has.
+    fn fusable(&self, x: &Tensor, a: &Tensor) -> Option<&Tensor> {
+        let rows = x.elem_count() / self.dims().0.max(1);
+        match &self.weight {
+            Frozen::Dense(w) => Some(w).filter(|_| {
+                x.device().is_cpu()
+                    && x.dtype() == a.dtype()
+                    && matches!(x.dtype(), DType::F32 | DType::F64)
+                    && rows > super::gemv::MAX_ROWS
+            }),
+            Frozen::Quantized(_) => None,
+        }
+    }
+
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -225,19 +269,13 @@ struct LoraMatmul {
     scale: f64,
 }
 
-impl CustomOp3 for LoraMatmul {
-    fn name(&self) -> &'static str {
-        "lora-matmul"
-    }
-
-    fn cpu_fwd(
+impl LoraMatmul {
+    /// The forward on CPU storages: `x` `[m, k]`, `a` `[r, k]`, `b` `[n, r]` → `[m, n]`.
+    fn product(
         &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        a: &CpuStorage,
-        la: &Layout,
-        b: &CpuStorage,
-        lb: &Layout,
+        (x, lx): (&CpuStorage, &Layout),
+        (a, la): (&CpuStorage, &Layout),
+        (b, lb): (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (r, _) = la.shape().dims2()?;
@@ -276,6 +314,48 @@ impl CustomOp3 for LoraMatmul {
         Ok((y, Shape::from((m, n))))
     }
 
+    /// `(dL/dx, dL/dA, dL/dB)` for the output gradient `grad`; `dL/dx` only when `need_dx`.
+    fn grads(
+        &self,
+        x: &Tensor,
+        (a, b): (&Tensor, &Tensor),
+        grad: &Tensor,
+        need_dx: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let (a, b, g) = (a.detach(), b.detach(), grad.detach());
+        let x_in = self.x_in.clone().unwrap_or_else(|| x.detach());
+        let gb = (g.matmul(&b)? * self.scale)?;
+        let da = gb.t()?.matmul(&x_in)?;
+        let db = (g.t()?.matmul(&x_in.matmul(&a.t()?)?)? * self.scale)?;
+        if !need_dx {
+            return Ok((None, da, db));
+        }
+        let mut branch = gb.matmul(&a)?;
+        if let Some(mask) = &self.mask {
+            branch = (branch * mask)?;
+        }
+        let dx = (g.matmul(&self.weight)? + branch)?;
+        Ok((Some(dx), da, db))
+    }
+}
+
+impl CustomOp3 for LoraMatmul {
+    fn name(&self) -> &'static str {
+        "lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.product((x, lx), (a, la), (b, lb))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -284,22 +364,78 @@ impl CustomOp3 for LoraMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (a, b, g) = (a.detach(), b.detach(), grad.detach());
-        let x_in = self.x_in.clone().unwrap_or_else(|| x.detach());
-        let gb = (g.matmul(&b)? * self.scale)?;
-        let da = gb.t()?.matmul(&x_in)?;
-        let db = (g.t()?.matmul(&x_in.matmul(&a.t()?)?)? * self.scale)?;
         // The first layer's input (normed embeddings) has no gradient to carry: skipping its
         // dx saves one frozen product of every adapted projection of that layer.
-        if !x.track_op() {
-            return Ok((None, Some(da), Some(db)));
+        let (dx, da, db) = self.grads(x, (a, b), grad, x.track_op())?;
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+/// [`LoraMatmul`] of `silu(gate) · up` as one node whose inputs are `gate`, `up` and the
+/// adapter packed as `[A.flatten(), B.flatten()]`: the activation is computed in the forward
+/// and again in the backward, never kept (see [`LoraLinear::forward_swiglu`]).
+struct SwigluLoraMatmul {
+    lora: LoraMatmul,
+    rank: usize,
+}
+
+impl SwigluLoraMatmul {
+    /// The layouts of `A` `[r, k]` and `B` `[n, r]` inside the packed adapter.
+    fn unpack(&self, lab: &Layout, k: usize) -> Result<(Layout, Layout)> {
+        let Some((start, _)) = lab.contiguous_offsets() else {
+            bail!("swiglu-lora-matmul: the packed adapter is not contiguous")
+        };
+        let (n, r) = (self.lora.weight.dim(0)?, self.rank);
+        if lab.shape().elem_count() != r * (k + n) {
+            bail!("swiglu-lora-matmul: packed adapter of {:?}", lab.shape());
         }
-        let mut branch = gb.matmul(&a)?;
-        if let Some(mask) = &self.mask {
-            branch = (branch * mask)?;
-        }
-        let dx = (g.matmul(&self.weight)? + branch)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((
+            Layout::contiguous_with_offset((r, k), start),
+            Layout::contiguous_with_offset((n, r), start + r * k),
+        ))
+    }
+}
+
+impl CustomOp3 for SwigluLoraMatmul {
+    fn name(&self) -> &'static str {
+        "swiglu-lora-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        lg: &Layout,
+        up: &CpuStorage,
+        lu: &Layout,
+        ab: &CpuStorage,
+        lab: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = lg.shape().dims2()?;
+        let act = super::fused::swiglu_storage(gate, lg, up, lu)?;
+        let (la, lb) = self.unpack(lab, k)?;
+        self.lora
+            .product((&act, &Layout::contiguous((m, k))), (ab, &la), (ab, &lb))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        ab: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gate, up) = (gate.detach(), up.detach());
+        let k = gate.dim(1)?;
+        let (n, r) = (self.lora.weight.dim(0)?, self.rank);
+        let a = ab.narrow(0, 0, r * k)?.reshape((r, k))?;
+        let b = ab.narrow(0, r * k, n * r)?.reshape((n, r))?;
+        let act = super::fused::swiglu(&gate, &up)?;
+        let (d_act, da, db) = self.lora.grads(&act, (&a, &b), grad, true)?;
+        let d_act = d_act.context("swiglu-lora-matmul: no input gradient")?;
+        let (d_gate, d_up) = super::fused::swiglu_grads(&gate, &up, &d_act)?;
+        let d_ab = Tensor::cat(&[da.flatten_all()?, db.flatten_all()?], 0)?;
+        Ok((Some(d_gate), Some(d_up), Some(d_ab)))
     }
 }
 
