@@ -166,12 +166,12 @@ impl LoraLinear {
         };
         let (inner, out) = self.dims();
         let rows = x.elem_count() / inner.max(1);
-        if let Some(weight) = self.fusable(x, &a) {
+        if self.fusable(x, &a) {
             let mut dims = x.dims().to_vec();
             let x2 = x.reshape((rows, inner))?;
             let mask = mask.map(|m| m.reshape((rows, inner))).transpose()?;
             let op = LoraMatmul {
-                weight: weight.clone(),
+                weight: self.weight.clone(),
                 x_in: mask.as_ref().map(|m| x2.detach() * m).transpose()?,
                 mask,
                 scale: ad.scale,
@@ -199,13 +199,13 @@ impl LoraLinear {
     /// tensor of a layer) for this product's backward, beside `gate` and `up` that it is
     /// computed from. Fused here, the graph keeps `gate` and `up` only and the backward
     /// recomputes the activation, one pass over memory. Where [`Self::forward`] would compose
-    /// (other devices, a quantized weight, few rows, no adapter) or dropout is on, it composes.
+    /// (other devices, few rows, no adapter) or dropout is on, it composes.
     pub fn forward_swiglu(&self, gate: &Tensor, up: &Tensor, pass: &Pass) -> Result<Tensor> {
         let adapter = self.adapter.as_ref().filter(|ad| {
             pass.grad && pass.adapters && (pass.dropout_rng.is_none() || ad.dropout == 0.0)
         });
-        let fused = adapter.and_then(|ad| Some((ad, self.fusable(gate, ad.a.as_tensor())?)));
-        let Some((ad, weight)) = fused else {
+        let fused = adapter.filter(|ad| self.fusable(gate, ad.a.as_tensor()));
+        let Some(ad) = fused else {
             return self.forward(&super::fused::swiglu(gate, up)?, pass);
         };
         let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
@@ -217,7 +217,7 @@ impl LoraLinear {
         let ab = Tensor::cat(&[a.flatten_all()?, b.flatten_all()?], 0)?;
         let op = SwigluLoraMatmul {
             lora: LoraMatmul {
-                weight: weight.clone(),
+                weight: self.weight.clone(),
                 x_in: None,
                 mask: None,
                 scale: ad.scale,
@@ -231,19 +231,15 @@ impl LoraLinear {
         self.add_bias(y.reshape(dims)?)
     }
 
-    /// The dense weight, when a product of `x` with adapter `a` runs as one [`LoraMatmul`]:
-    /// on the CPU in f32 or f64, with more rows than decoding has.
-    fn fusable(&self, x: &Tensor, a: &Tensor) -> Option<&Tensor> {
+    /// Whether a product of `x` with adapter `a` runs as one [`LoraMatmul`]: on the CPU, in
+    /// f32 or f64 (f32 for a quantized weight), with more rows than decoding has.
+    fn fusable(&self, x: &Tensor, a: &Tensor) -> bool {
         let rows = x.elem_count() / self.dims().0.max(1);
-        match &self.weight {
-            Frozen::Dense(w) => Some(w).filter(|_| {
-                x.device().is_cpu()
-                    && x.dtype() == a.dtype()
-                    && matches!(x.dtype(), DType::F32 | DType::F64)
-                    && rows > super::gemv::MAX_ROWS
-            }),
-            Frozen::Quantized(_) => None,
-        }
+        let dtype = match &self.weight {
+            Frozen::Dense(_) => matches!(x.dtype(), DType::F32 | DType::F64),
+            Frozen::Quantized(_) => x.dtype() == DType::F32,
+        };
+        x.device().is_cpu() && x.dtype() == a.dtype() && dtype && rows > super::gemv::MAX_ROWS
     }
 
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
@@ -254,14 +250,15 @@ impl LoraLinear {
     }
 }
 
-/// `x·Wᵀ + s·(x_in·Aᵀ)·Bᵀ` for a frozen `W` as one autograd node, on the CPU (f32, f64);
-/// `x_in` is `x` or its dropout. Why: composed, a LoRA linear is five nodes (frozen product,
-/// two products, scale, add), and in the backward every node's output gradient is a zeroed
-/// buffer plus an add, over `[rows, out]` (out = 4864 for an MLP projection), and the input
-/// gradient gathers two contributions. Here the forward adds the branch in place and the
-/// backward returns `dL/dx`, `dL/dA` and `dL/dB` at once.
+/// `x·Wᵀ + s·(x_in·Aᵀ)·Bᵀ` for a frozen `W` as one autograd node, on the CPU (f32, f64; f32
+/// for a quantized `W`, through src/model/quant.rs's kernels); `x_in` is `x` or its dropout.
+/// Why: composed, a LoRA linear is five nodes (frozen product, two products, scale, add), each
+/// kept by the graph, and in the backward every node's output gradient is a zeroed buffer
+/// plus an add, over `[rows, out]` (out = 4864 for an MLP projection), and the input gradient
+/// gathers two contributions. Here the forward adds the branch in place and the backward
+/// returns `dL/dx`, `dL/dA` and `dL/dB` at once.
 struct LoraMatmul {
-    weight: Tensor,
+    weight: Frozen,
     /// `x` with dropout applied, when dropout is on (no gradient flows through the mask).
     x_in: Option<Tensor>,
     /// The dropout mask (zeros and `1/(1-p)`), for `dL/dx` of the branch.
@@ -280,11 +277,7 @@ impl LoraMatmul {
         let (m, k) = lx.shape().dims2()?;
         let (r, _) = la.shape().dims2()?;
         let (n, _) = lb.shape().dims2()?;
-        let (w, lw) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*w else {
-            bail!("lora-matmul: the frozen weight is not on the CPU")
-        };
-        let y = x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)?;
+        let y = self.weight.cpu_product(x, lx)?;
         let x_in = self.x_in.as_ref().map(Tensor::storage_and_layout);
         let (xs, lxs) = match &x_in {
             Some((s, l)) => match &**s {
@@ -334,7 +327,7 @@ impl LoraMatmul {
         if let Some(mask) = &self.mask {
             branch = (branch * mask)?;
         }
-        let dx = (g.matmul(&self.weight)? + branch)?;
+        let dx = (self.weight.input_grad(&g)? + branch)?;
         Ok((Some(dx), da, db))
     }
 }
@@ -385,7 +378,7 @@ impl SwigluLoraMatmul {
         let Some((start, _)) = lab.contiguous_offsets() else {
             bail!("swiglu-lora-matmul: the packed adapter is not contiguous")
         };
-        let (n, r) = (self.lora.weight.dim(0)?, self.rank);
+        let (n, r) = (self.lora.weight.dims()?.0, self.rank);
         if lab.shape().elem_count() != r * (k + n) {
             bail!("swiglu-lora-matmul: packed adapter of {:?}", lab.shape());
         }
@@ -427,7 +420,7 @@ impl CustomOp3 for SwigluLoraMatmul {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gate, up) = (gate.detach(), up.detach());
         let k = gate.dim(1)?;
-        let (n, r) = (self.lora.weight.dim(0)?, self.rank);
+        let (n, r) = (self.lora.weight.dims()?.0, self.rank);
         let a = ab.narrow(0, 0, r * k)?.reshape((r, k))?;
         let b = ab.narrow(0, r * k, n * r)?.reshape((n, r))?;
         let act = super::fused::swiglu(&gate, &up)?;

@@ -129,6 +129,32 @@ impl Frozen {
         }
     }
 
+    /// `g · W` (`[m, out]` → `[m, in]`): the input gradient of a product with this weight,
+    /// without a graph.
+    pub fn input_grad(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => g.matmul(w),
+            Frozen::Quantized(q) => input_grad(q, g),
+        }
+    }
+
+    /// `x · Wᵀ` of a CPU storage `x` `[m, in]` (f32 for a quantized weight), without a graph:
+    /// for ops that fuse more around the product (`super::lora`).
+    pub(crate) fn cpu_product(&self, x: &CpuStorage, lx: &Layout) -> Result<CpuStorage> {
+        let (m, k) = lx.shape().dims2()?;
+        match self {
+            Frozen::Dense(w) => {
+                let n = w.dim(0)?;
+                let (w, lw) = w.storage_and_layout();
+                let Storage::Cpu(w) = &*w else {
+                    bail!("frozen product: the weight is not on the CPU")
+                };
+                x.matmul(w, (1, m, n, k), lx, &lw.transpose(0, 1)?)
+            }
+            Frozen::Quantized(q) => Ok(QuantizedLinear(q.clone()).cpu_fwd(x, lx)?.0),
+        }
+    }
+
     /// `x · Wᵀ` for a quantized weight, `x` `[..., in]`, with the gradient to `x`.
     pub fn quantized_matmul(q: &Arc<QTensor>, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
