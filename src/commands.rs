@@ -336,6 +336,10 @@ fn bench(args: crate::cli::BenchArgs) -> Result<Outcome> {
     // Printed first: minutes of measurement are not lost to an unwritable --output.
     println!("{json}");
     if let Some(path) = &args.output {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
         std::fs::write(path, format!("{json}\n"))
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
