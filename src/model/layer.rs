@@ -5,7 +5,8 @@
 //! Training, shared-prompt scoring and decoding run the same layer body. What differs between
 //! them is said by two values built once per forward by [`super::decoder::Decoder`]: a [`Span`]
 //! (which positions the rows hold and what they attend to) and [`Kernels`] (which kernels and
-//! weights compute it). [`Kernels`] is the only place in a layer that picks a kernel.
+//! weights compute it). [`Kernels`], with [`Math`] (its kernels without the adapters), is the only
+//! place in a layer that picks a kernel.
 
 use super::attention;
 use super::config::ModelConfig;
@@ -101,7 +102,7 @@ impl Kernels<'_> {
         }
     }
 
-    /// [`attention`] over cached keys whose first `key_pad[r]` columns row `r` does not see;
+    /// [`attention()`] over cached keys whose first `key_pad[r]` columns row `r` does not see;
     /// a sampling pass takes [`attention::decode_step`] where it applies.
     fn attend_cached(
         self,
