@@ -164,10 +164,9 @@ impl LoraLinear {
             }
             _ => None,
         };
-        let (inner, out) = self.dims();
-        let rows = x.elem_count() / inner.max(1);
         if self.fusable(x, &a) {
-            let mut dims = x.dims().to_vec();
+            let (inner, _) = self.dims();
+            let rows = x.elem_count() / inner.max(1);
             let x2 = x.reshape((rows, inner))?;
             let mask = mask.map(|m| m.reshape((rows, inner))).transpose()?;
             let op = LoraMatmul {
@@ -176,11 +175,7 @@ impl LoraLinear {
                 mask,
                 scale: ad.scale,
             };
-            let y = x2.apply_op3(&a, &b, op)?;
-            if let Some(last) = dims.last_mut() {
-                *last = out;
-            }
-            return self.add_bias(y.reshape(dims)?);
+            return self.unflatten(x2.apply_op3(&a, &b, op)?, x);
         }
         let y = self.add_bias(self.frozen_product(x)?)?;
         let mut xin = x.to_dtype(a.dtype())?;
@@ -209,8 +204,7 @@ impl LoraLinear {
             return self.forward(&super::fused::swiglu(gate, up)?, pass);
         };
         let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
-        let (inner, out) = self.dims();
-        let mut dims = gate.dims().to_vec();
+        let (inner, _) = self.dims();
         let rows = gate.elem_count() / inner.max(1);
         let flat = |x: &Tensor| x.reshape((rows, inner))?.contiguous();
         // A custom op takes three inputs: the adapter travels as one, [A.flatten(), B.flatten()].
@@ -224,9 +218,15 @@ impl LoraLinear {
             },
             rank: a.dim(0)?,
         };
-        let y = flat(gate)?.apply_op3(&flat(up)?, &ab, op)?;
+        self.unflatten(flat(gate)?.apply_op3(&flat(up)?, &ab, op)?, gate)
+    }
+
+    /// A fused op's output `y` (`[rows, out]`) in the leading dimensions of its input `x`
+    /// (`[..., in]`), plus the bias.
+    fn unflatten(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
         if let Some(last) = dims.last_mut() {
-            *last = out;
+            *last = self.dims().1;
         }
         self.add_bias(y.reshape(dims)?)
     }
