@@ -11,7 +11,8 @@
 #     contract test (tests/lean_kimina_server.rs). Only when scripts/fetch-kimina.sh finds a
 #     package registry unreachable (or no Python >= 3.12) is that test skipped, with the reason
 #     printed; any other failure of the fetch stops this script.
-# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test train_e2e`).
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test train_e2e`); without them the
+# API docs are also built with warnings as errors, so a broken doc link fails CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LEAN_GRPO_TEST_LEAN="$(scripts/test-lean.sh)"
@@ -34,3 +35,6 @@ echo "real Lean: $LEAN_GRPO_TEST_LEAN"
 echo "Qwen tokenizer: $LEAN_GRPO_QWEN_TOKENIZER"
 echo "SmolLM2 GGUF: $LEAN_GRPO_SMOLLM2_GGUF"
 cargo test --locked "$@"
+if [[ $# -eq 0 ]]; then
+    RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps
+fi

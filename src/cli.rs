@@ -1,5 +1,5 @@
 //! Command-line types. Every flag that has a configuration key maps onto it in one place
-//! ([`ConfigArgs::overrides`] and friends), so precedence is always defaults < file < flags.
+//! (the `overrides` method of each argument group), so precedence is always defaults < file < flags.
 
 use std::path::PathBuf;
 

@@ -2,7 +2,7 @@
 //!
 //! The pipeline reads top to bottom in the module tree:
 //! [`data`] → [`model`] (sample) → [`lean`] (verify) → [`reward`] → [`algo`] (advantages, loss)
-//! → [`train`]; [`eval`] measures pass@k with the same sampling and checking; [`bench`] times
+//! → [`train`]; [`eval`] measures pass@k with the same sampling and checking; [`bench`](mod@bench) times
 //! each stage.
 
 pub mod algo;

@@ -9,7 +9,7 @@ use super::config::AlgoConfig;
 /// Σ_pairs softplus(−z_wl) / `total_pairs` and the number of pairs in this batch.
 ///
 /// `pairs` are this batch's pairs ([`super::StepBatch::dpo_pairs`]) as (winner, loser) rows of
-/// `seq_logp` and `seq_logp_ref`, which are S_i and S^ref_i, shape [b] (the latter `None` when
+/// `seq_logp` and `seq_logp_ref`, which are S_i and S^ref_i, shape `[b]` (the latter `None` when
 /// reference-free: S^ref := 0). `total_pairs` is the step-batch pair count, so micro-batch terms
 /// add up to the step's mean. Returns `None` when this batch has no pair.
 pub fn dpo_term(

@@ -145,9 +145,9 @@ struct Masks {
     mask: Tensor,
     /// W [b, T] of §3.8: the reduction weight of each token (0 off the loss mask).
     weights: Tensor,
-    /// Σ_t W_{i,t}, [b].
+    /// Σ_t W_{i,t}, `[b]`.
     row_weights: Tensor,
-    /// 1 / max(1, |o_i|), [b].
+    /// 1 / max(1, |o_i|), `[b]`.
     inv_len: Tensor,
     /// A_i, [b, 1].
     advantages: Tensor,

@@ -10,7 +10,7 @@
 //!    sampling keeps, advantages. [`Prepared::kept_rows`] gives the rows to train on.
 //! 3. [`StepBatch::split`] into `num_minibatches` optimizer-step batches (and again into memory
 //!    micro-batches); [`Denominators::new`] on each optimizer-step batch.
-//! 4. [`loss`] on each micro-batch with the step's denominators; `backward` on
+//! 4. [`loss()`] on each micro-batch with the step's denominators; `backward` on
 //!    [`LossOutput::loss`] accumulates exactly the step-batch gradient. [`loss_rows`] is the
 //!    same loss when log-probs were computed only for [`StepBatch::rows_with_gradient`]: the
 //!    trainer spends no forward or backward on rows that cannot change the gradient.

@@ -1,5 +1,5 @@
 //! The registry: each algorithm is a named preset of `algorithm_config` keys (docs/algorithms.md
-//! §4, §5) plus the words `lean-grpo algorithms` shows for it (see [`super::catalog`]). Data
+//! §4, §5) plus the words `lean-grpo algorithms` shows for it (see the `catalog` module). Data
 //! only: resolving a preset into an [`super::AlgoConfig`] is the configuration's job.
 
 use serde_json::Value;

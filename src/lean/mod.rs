@@ -1,9 +1,9 @@
 //! The Lean checker: source assembly, screening, backends and verdicts.
 //!
 //! A [`Job`] (theorem + completion) goes through: [`extract_proof`] (last fenced block,
-//! restated statement compared and cut) → [`screen`] (forbidden constructs, before any process
+//! restated statement compared and cut) → [`screen()`] (forbidden constructs, before any process
 //! runs) → [`Source`] (preamble + statement + proof + the checker's own `#print axioms`) → a
-//! backend (`lean` processes, `repl` workers, `kimina` HTTP) → [`judge`](verdict) → [`Verdict`].
+//! backend (`lean` processes, `repl` workers, `kimina` HTTP) → `verdict::judge` → [`Verdict`].
 //! [`Checker`] runs batches in parallel with a verdict cache; [`run_check`] is `lean-grpo check`.
 
 mod audit;

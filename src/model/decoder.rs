@@ -1,12 +1,12 @@
 //! The Llama-family decoder (Llama 2/3, Qwen2/2.5, Qwen3) with LoRA built in: embeddings, the
-//! layers of [`super::layer`], the final norm and the LM head, and the rotary tables and masks
+//! layers of `super::layer`, the final norm and the LM head, and the rotary tables and masks
 //! the layers read.
 //!
 //! One architecture with switches, in the style of candle-transformers' model files: attention
 //! biases (Qwen2), per-head q/k RMS-norm (Qwen3), tied embeddings, RoPE theta and Llama-3
 //! scaling, GQA.
 //!
-//! Two entry points run the same layers with different [`Kernels`], because candle's fused
+//! Two entry points run the same layers with different `Kernels`, because candle's fused
 //! kernels have no backward (see docs/design.md, the model section):
 //! * [`Decoder::forward_shared`] (and [`Decoder::forward_train`], its case without shared
 //!   prompts): differentiable kernels, all positions, for log-probs with or without gradient.

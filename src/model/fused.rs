@@ -17,8 +17,8 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-/// `run` (a kernel call whose slices come from [`slice`]) in the float type of `storage`,
-/// wrapped back into a storage; inputs of another dtype than `storage` fail in [`slice`].
+/// `run` (a kernel call whose slices come from [`slice()`]) in the float type of `storage`,
+/// wrapped back into a storage; inputs of another dtype than `storage` fail in [`slice()`].
 macro_rules! per_float {
     ($op:literal, $storage:expr, $run:expr) => {
         match $storage {

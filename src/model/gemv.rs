@@ -10,7 +10,7 @@
 //! copy, see `Policy`) halves the bytes to read.
 //!
 //! Each thread walks its weight rows one after the other, so it reads one sequential stream,
-//! and asks for the bytes [`PREFETCH_BYTES`] ahead before it needs them. Reading 2-4 rows
+//! and asks for the bytes `PREFETCH_BYTES` ahead before it needs them. Reading 2-4 rows
 //! side by side (short interleaved streams) instead left an f16 Qwen2.5-0.5B-shaped step at
 //! ~100 ms of matmuls at 1 row (~12 GB/s); one stream with prefetch takes ~68 ms (~18.5 GB/s,
 //! what this machine's two cores can read), and at 8 rows 123 ms became 110.

@@ -19,7 +19,7 @@ use candle_nn::ops::{rms_norm, softmax_last_dim};
 use candle_nn::rotary_emb::rope;
 
 /// The module names an adapter can target, in the order of a layer's linear layers: the order
-/// of [`DecoderLayer::linears`], of the merged sampling weights and of the default
+/// of `DecoderLayer::linears`, of the merged sampling weights and of the default
 /// `lora.target_modules`.
 pub const LORA_MODULES: [&str; 7] = [
     "q_proj",

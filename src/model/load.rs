@@ -1,7 +1,7 @@
 //! Where the weights come from: a local directory in Hugging Face layout (`config.json` +
 //! `*.safetensors`, sharded through `model.safetensors.index.json`), a GGUF file (dequantised),
 //! or a hub id resolved through the `hf-hub` cache. Every source ends as the same
-//! [`ModelFiles`]: a [`ModelConfig`] and a [`WeightSource`] by HF tensor name.
+//! [`ModelFiles`]: a [`ModelConfig`] and a [`WeightSource`](super::weights::WeightSource) by HF tensor name.
 
 use super::config::ModelConfig;
 use super::gguf;

@@ -1,7 +1,7 @@
 //! The policy: a Llama/Qwen2/Qwen3 decoder with LoRA adapters, sampling and log-probs.
 //!
 //! Read in this order: [`device`] (where it runs), [`config`] and [`load`] (what is loaded),
-//! [`decoder`] with its layers ([`layer`]), [`lora`], [`ops`], [`fused`] and [`recompute`] (the
+//! [`decoder`] with its layers (`layer`), [`lora`], [`ops`], [`fused`] and `recompute` (the
 //! maths), [`policy`] (what the trainer calls).
 //! Around it: [`tokenizer`] (text and chat template), [`sampler`] (one token from logits),
 //! [`optim`] (AdamW, schedules, clipping) and [`adapter`] (PEFT save/load, merged export).

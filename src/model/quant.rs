@@ -230,7 +230,7 @@ const STRIP_ELEMS: usize = 1 << 20;
 /// `g · W` (`[m, out]` · `[out, in]` → `[m, in]`) for a quantized `W`.
 ///
 /// On the CPU, by strips of `W`'s columns whole blocks wide: each strip's blocks are gathered
-/// from every row, dequantized (`out × width` f32, about [`STRIP_ELEMS`]) and multiplied, and
+/// from every row, dequantized (`out × width` f32, about `STRIP_ELEMS`) and multiplied, and
 /// the strips of `dL/dx` are joined. On CUDA candle has no partial dequantization, so the
 /// layer's weight is dequantized to f16 for the product and dropped after it: one layer at a
 /// time, never the model.

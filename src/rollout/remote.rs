@@ -3,7 +3,7 @@
 //!
 //! The server answers with text. Each completion is tokenized with the policy's tokenizer into
 //! the ids the policy would have had to emit to write it, and from there on it is an ordinary
-//! [`Completion`]: checked by Lean, rewarded, and trained on with ℓ^old recomputed by the
+//! [`Completion`](super::Completion): checked by Lean, rewarded, and trained on with ℓ^old recomputed by the
 //! current policy exactly as for local samples (docs/algorithms.md §2, step 1).
 //!
 //! Without `train.endpoint_adapter_dir` the server never sees the LoRA updates: it keeps
