@@ -377,9 +377,11 @@ impl Checker {
         }
         let n = self.unavailable_in_a_row.fetch_add(1, Ordering::SeqCst) + 1;
         let limit = self.options.max_unavailable;
+        // Workers race on the counter, so the one that reports may have counted past the limit;
+        // the message names the limit, which is what was crossed, the same on every run.
         if limit > 0 && n >= limit {
             bail!(
-                "{n} proofs in a row got no verdict: no kimina server answered ({}). Last: {}. \
+                "{limit} proofs in a row got no verdict: no kimina server answered ({}). Last: {}. \
                  Start or fix the servers (or raise checker.max_unavailable) and resume",
                 self.options.kimina_url.join(", "),
                 verdict.evidence.detail.as_deref().unwrap_or("no detail")
