@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build lean-grpo with candle's CUDA backend (`cargo build --release --features cuda`) using the
-# CUDA 13.2 compiler and libraries from PyPI, so no system CUDA toolkit is needed.
+# CUDA 13.0 compiler and libraries from PyPI, so no system CUDA toolkit is needed.
 #
 #   scripts/build-cuda.sh [EXTRA CARGO ARGS]
 #
@@ -28,16 +28,21 @@
 # apart.
 set -euo pipefail
 
-# The versions this script was last run with to a successful build (2026-11-29).
+# CUDA 13.0 (update 2), the release of driver 580. candle's kernels ship as PTX that the driver
+# compiles when the binary first opens the GPU, and a driver accepts PTX only up to the ISA of its
+# own CUDA release: PTX from a newer nvcc (13.2 was pinned here until 2026-12-06, never run on a
+# GPU) fails to load on driver 580 with CUDA_ERROR_UNSUPPORTED_PTX_VERSION. A binary built with
+# 13.0 ran on an H200 with driver 580; a newer driver runs it too. Raise these only together with
+# the oldest driver you support.
 WHEELS=(
-    nvidia-cuda-nvcc==13.2.78   # the cu12 nvcc wheel has no `nvcc` binary
-    nvidia-cuda-runtime==13.2.86
-    nvidia-cuda-crt==13.2.86
-    nvidia-nvvm==13.2.86
-    nvidia-cuda-cccl==13.2.86
-    nvidia-cuda-nvrtc==13.2.86
-    nvidia-cublas==13.10.0.20
-    nvidia-curand==10.4.5.25
+    nvidia-cuda-nvcc==13.0.88   # the cu12 nvcc wheel has no `nvcc` binary
+    nvidia-cuda-runtime==13.0.96
+    nvidia-cuda-crt==13.0.88
+    nvidia-nvvm==13.0.88
+    nvidia-cuda-cccl==13.0.85
+    nvidia-cuda-nvrtc==13.0.88
+    nvidia-cublas==13.1.0.3
+    nvidia-curand==10.4.0.35
 )
 # Libraries candle links by their unversioned name; the wheels ship only the versioned sonames.
 LINKED_LIBS=(cudart cublas cublasLt curand nvrtc)

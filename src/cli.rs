@@ -225,8 +225,9 @@ pub struct ModelArgs {
     /// model on the CPU (about 1.4x faster decoding there). Default: through the adapters.
     #[arg(long, value_name = "DTYPE")]
     pub sample_dtype: Option<String>,
-    /// The frozen base of the linear layers: none (dequantized, exact), keep (a GGUF's
-    /// quantized tensors stay quantized, QLoRA-style) or q8_0 / q4_k (quantized at load).
+    /// The frozen base of the linear layers (and of an embedding table not tied to the head):
+    /// none (dequantized, exact), keep (a GGUF's quantized tensors stay quantized, QLoRA-style)
+    /// or q8_0 / q4_k (quantized at load).
     #[arg(long, value_name = "FORMAT")]
     pub quantize: Option<String>,
 }

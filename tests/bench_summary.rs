@@ -86,6 +86,7 @@ fn reduced_bench_prints_every_figure() {
             .expect("model RSS");
         for phase in [
             "sampling_peak_rss_gib",
+            "resident_after_sampling_gib",
             "training_step_peak_rss_gib",
             "training_step_checkpointed_peak_rss_gib",
         ] {
@@ -95,11 +96,19 @@ fn reduced_bench_prints_every_figure() {
                 "{phase} is {peak:?} with the model at {model} GiB"
             );
         }
+        // What sampling leaves is measured after it, at most its peak.
+        let after = figures["memory"]["resident_after_sampling_gib"].as_f64();
+        let peak = figures["memory"]["sampling_peak_rss_gib"].as_f64();
+        assert!(
+            after.zip(peak).is_some_and(|(a, p)| a <= p),
+            "resident after sampling {after:?} above its peak {peak:?}"
+        );
         for section in ["memory", "quantized"] {
             expected.extend(
                 [
                     "model_rss_gib",
                     "sampling_peak_rss_gib",
+                    "resident_after_sampling_gib",
                     "training_step_peak_rss_gib",
                     "training_step_checkpointed_peak_rss_gib",
                 ]

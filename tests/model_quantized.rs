@@ -79,7 +79,8 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// The tiny Qwen2 (q/k/v biases, tied head) and the tiny Llama (q/k rows permuted by
-/// llama.cpp's converter) as GGUF files with their linear layers in `format`.
+/// llama.cpp's converter, untied head) as GGUF files with their linear layers, and the Llama's
+/// embedding table, in `format`.
 fn ggufs(tmp: &Path, format: GgmlDType) -> Vec<PathBuf> {
     let plain = tmp.join("plain-llama");
     if !plain.exists() {
@@ -105,6 +106,15 @@ fn a_gguf_kept_quantized_computes_what_its_dequantized_weights_compute() {
             let (dense_bytes, none) = dense.decoder().frozen_linear_bytes();
             let (kept_bytes, all) = kept.decoder().frozen_linear_bytes();
             assert_eq!((none, all), (0, 7 * layers), "{path:?}");
+            // The untied Llama's embedding table stays quantized too; the tied Qwen2's is the
+            // head, dense.
+            let untied = path.to_string_lossy().contains("llama");
+            assert_eq!(
+                kept.decoder().embed_tokens().is_quantized(),
+                untied,
+                "{path:?}"
+            );
+            assert!(!dense.decoder().embed_tokens().is_quantized());
             // 8.5 bits a weight for Q8_0, 4.5 to 5 for Q4_0/Q4_1, against 32.
             assert!(
                 kept_bytes * 3 < dense_bytes,

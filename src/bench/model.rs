@@ -95,6 +95,11 @@ pub struct MemoryFigures {
     pub sampling_peak_rss_gib: Option<f64>,
     /// Its speed, prefill of the long prompt included.
     pub sampling_tokens_per_second: f64,
+    /// Resident after sampling, once the allocator has returned its free pages: what sampling
+    /// leaves held for the rest of the run. With a Q4_K/Q8_0 base on an x86 CPU with VNNI this is
+    /// candle's repacked copy of the weights that its decode kernel builds on first use
+    /// (docs/model.md §8), which the training step's peak then includes.
+    pub resident_after_sampling_gib: Option<f64>,
     /// The training update of that group (GRPO), the whole graph kept for the backward.
     pub training_step_peak_rss_gib: Option<f64>,
     /// The same update with `train.gradient_checkpointing`.
@@ -265,16 +270,18 @@ fn memory(policy: &mut Policy, plan: &ModelPlan) -> Result<MemoryFigures> {
     let (training_step_peak_rss_gib, training_step_seconds) = step_memory(policy, plan, false)?;
     let (checkpointed_peak, checkpointed_seconds) = step_memory(policy, plan, true)?;
     tracing::info!(
-        "bench: memory: model {:?} GiB, sampling peak {:?}, training step peak \
-         {training_step_peak_rss_gib:?} ({training_step_seconds:.1} s), checkpointed \
+        "bench: memory: model {:?} GiB, sampling peak {:?} (resident after {:?}), training \
+         step peak {training_step_peak_rss_gib:?} ({training_step_seconds:.1} s), checkpointed \
          {checkpointed_peak:?} ({checkpointed_seconds:.1} s)",
         sampled.model_rss_gib,
-        sampled.peak_rss_gib
+        sampled.peak_rss_gib,
+        sampled.after_rss_gib
     );
     Ok(MemoryFigures {
         model_rss_gib: sampled.model_rss_gib,
         sampling_peak_rss_gib: sampled.peak_rss_gib,
         sampling_tokens_per_second: sampled.tokens_per_second,
+        resident_after_sampling_gib: sampled.after_rss_gib,
         training_step_peak_rss_gib,
         training_step_checkpointed_peak_rss_gib: checkpointed_peak,
         training_step_seconds,
@@ -287,6 +294,8 @@ struct SampledMemory {
     /// Resident memory before sampling: the weights, mostly.
     model_rss_gib: Option<f64>,
     peak_rss_gib: Option<f64>,
+    /// Resident afterwards, free pages returned.
+    after_rss_gib: Option<f64>,
     tokens_per_second: f64,
 }
 
@@ -317,9 +326,11 @@ fn sampling_memory(policy: &Policy, plan: &ModelPlan) -> Result<SampledMemory> {
             Ok(gens.iter().map(|g| g.tokens.len()).sum::<usize>())
         })
     })?;
+    crate::model::device::release_cpu_memory();
     Ok(SampledMemory {
         model_rss_gib,
         peak_rss_gib,
+        after_rss_gib: super::memory::rss_gib(),
         tokens_per_second: tokens as f64 / seconds,
     })
 }
@@ -360,6 +371,11 @@ pub struct QuantizedFigures {
     pub model_rss_gib: Option<f64>,
     pub sampling_peak_rss_gib: Option<f64>,
     pub sampling_tokens_per_second: f64,
+    /// Resident after sampling, once the allocator has returned its free pages: what sampling
+    /// leaves held for the rest of the run. With a Q4_K/Q8_0 base on an x86 CPU with VNNI this is
+    /// candle's repacked copy of the weights that its decode kernel builds on first use
+    /// (docs/model.md §8), which the training step's peak then includes.
+    pub resident_after_sampling_gib: Option<f64>,
     /// The whole graph kept for the backward; `None` where the plan skips it (the 7B shape,
     /// whose activations alone would not fit the bench machine).
     pub training_step_peak_rss_gib: Option<f64>,
@@ -414,13 +430,14 @@ pub fn measure_quantized(plan: &QuantizedPlan) -> Result<QuantizedFigures> {
     let (checkpointed_peak, checkpointed_seconds) = step_memory(&mut policy, &plan.model, true)?;
     tracing::info!(
         "bench: quantized {}: linear weights {:.2} GiB, model {:?} GiB, sampling peak {:?} \
-         ({:.1} tokens/s), training step peak {:?}, checkpointed {checkpointed_peak:?} \
-         ({checkpointed_seconds:.1} s)",
+         ({:.1} tokens/s, resident after {:?}), training step peak {:?}, checkpointed \
+         {checkpointed_peak:?} ({checkpointed_seconds:.1} s)",
         plan.model.shape,
         gib(bytes),
         sampled.model_rss_gib,
         sampled.peak_rss_gib,
         sampled.tokens_per_second,
+        sampled.after_rss_gib,
         full.0
     );
     Ok(QuantizedFigures {
@@ -431,6 +448,7 @@ pub fn measure_quantized(plan: &QuantizedPlan) -> Result<QuantizedFigures> {
         model_rss_gib: sampled.model_rss_gib,
         sampling_peak_rss_gib: sampled.peak_rss_gib,
         sampling_tokens_per_second: sampled.tokens_per_second,
+        resident_after_sampling_gib: sampled.after_rss_gib,
         training_step_peak_rss_gib: full.0,
         training_step_seconds: full.1,
         training_step_checkpointed_peak_rss_gib: checkpointed_peak,

@@ -22,6 +22,7 @@ use super::layer::{
 };
 pub use super::layer::{LoraSpec, LORA_MODULES};
 use super::lora::{LoraLinear, Pass};
+use super::quant::Frozen;
 use super::weights::{WeightSource, Weights};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
@@ -40,7 +41,9 @@ pub struct SampleWeights {
 /// The whole model: frozen weights, adapters, rotary tables.
 pub struct Decoder {
     cfg: ModelConfig,
-    embed_tokens: Tensor,
+    /// `[vocab, hidden]`; quantized under `--quantize` when the head is not tied to it (a tied
+    /// head needs it dense anyway, for the training products).
+    embed_tokens: Frozen,
     layers: Vec<DecoderLayer>,
     norm: Tensor,
     /// `[vocab, hidden]`; the embedding matrix itself when tied.
@@ -67,13 +70,15 @@ impl Decoder {
         let h = cfg.hidden_size;
         let root = Weights::new(weights);
         let model = root.pp("model");
-        let embed_tokens = model
-            .pp("embed_tokens")
-            .get("weight", &[cfg.vocab_size, h])?;
-        let lm_head = if cfg.tie_word_embeddings || !root.contains("lm_head.weight") {
-            embed_tokens.clone()
+        let table = model.pp("embed_tokens");
+        let shape = [cfg.vocab_size, h];
+        let (embed_tokens, lm_head) = if cfg.tie_word_embeddings || !root.contains("lm_head.weight")
+        {
+            let tied = table.get("weight", &shape)?;
+            (Frozen::Dense(tied.clone()), tied)
         } else {
-            root.get("lm_head.weight", &[cfg.vocab_size, h])?
+            let head = root.get("lm_head.weight", &shape)?;
+            (table.get_frozen("weight", &shape)?, head)
         };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, model.pp(format!("layers.{i}")), lora.as_mut()))
@@ -115,6 +120,11 @@ impl Decoder {
         weights.fold((0, 0), |(bytes, quantized), w| {
             (bytes + w.bytes(), quantized + usize::from(w.is_quantized()))
         })
+    }
+
+    /// The embedding table, `[vocab, hidden]`.
+    pub fn embed_tokens(&self) -> &Frozen {
+        &self.embed_tokens
     }
 
     /// `[vocab, hidden]`.
@@ -173,7 +183,7 @@ impl Decoder {
             &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
             0,
         )?;
-        let mut x = self.embed_tokens.index_select(&tokens, 0)?;
+        let mut x = self.embed_tokens.rows(&tokens, self.dtype)?;
         let kernels = Kernels::Train(pass);
         for layer in &self.layers {
             x = layer.forward(&x, Span::Shared(&span), kernels)?;
@@ -202,7 +212,7 @@ impl Decoder {
             &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
             0,
         )?;
-        let mut x = self.embed_tokens.index_select(&tokens, 0)?;
+        let mut x = self.embed_tokens.rows(&tokens, self.dtype)?;
         let no_graph = Pass {
             adapters: pass.adapters,
             grad: false,
@@ -444,7 +454,7 @@ impl Decoder {
         let (b, t) = tokens.dims2()?;
         let ids = tokens.flatten_all()?;
         self.embed_tokens
-            .index_select(&ids, 0)?
+            .rows(&ids, self.dtype)?
             .reshape((b, t, self.cfg.hidden_size))
     }
 

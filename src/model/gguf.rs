@@ -1,7 +1,8 @@
 //! GGUF checkpoints (llama.cpp's format): metadata to [`ModelConfig`], tensors renamed to their
 //! Hugging Face names, so the decoder never knows where weights came from. Tensors are
-//! dequantised, except the linear layers' quantized weights under `--quantize keep` (or
-//! `q8_0`/`q4_k`), which stay in their format (src/model/quant.rs).
+//! dequantised, except under `--quantize keep` (or `q8_0`/`q4_k`) the linear layers' quantized
+//! weights and, when the head is not tied to it, the embedding table's, which stay in their
+//! format (src/model/quant.rs).
 //!
 //! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` of the `llama` architecture to
 //! suit its interleaved RoPE; we undo that so the rotate-half RoPE of the decoder applies.
@@ -19,8 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Loads a `.gguf` file; quantised tensors are dequantised to f32 then cast to `dtype`, but
-/// for `quantize` other than [`Quantize::None`] the linear layers' quantized weights stay
-/// quantized.
+/// for `quantize` other than [`Quantize::None`] those of [`kept`] stay quantized.
 pub fn load_gguf(
     path: &Path,
     device: &Device,
@@ -56,7 +56,7 @@ pub fn load_gguf(
             _ => None,
         };
         let heads = heads.filter(|_| hf.ends_with(".weight"));
-        if quantize.keeps() && is_linear(&hf) && quant::supported(t.dtype()) {
+        if quantize.keeps() && kept(&hf, tied) && quant::supported(t.dtype()) {
             let t = match heads {
                 Some(h) => quant::reorder_rows(&t, &unpermuted_rows(t.shape().dims()[0], h))?,
                 None => t,
@@ -87,10 +87,16 @@ pub fn load_gguf(
     })
 }
 
-/// A linear layer's weight, the tensors `--quantize` applies to (embeddings, norms and the
-/// head stay dense).
+/// A linear layer's weight: a quantized one `--quantize keep` cannot keep is an error.
 fn is_linear(hf: &str) -> bool {
     hf.starts_with("model.layers.") && hf.ends_with("_proj.weight") && !hf.contains("_norm")
+}
+
+/// What `--quantize keep` keeps quantized: the linear layers' weights, and the embedding table
+/// when the head is a tensor of its own (a tied head is the training's LM-head product, which
+/// reads it dense). Norms and the head stay dense.
+fn kept(hf: &str, tied: bool) -> bool {
+    is_linear(hf) || (!tied && hf == "model.embed_tokens.weight")
 }
 
 /// A tensor `--quantize keep` does not keep, dequantised; a quantized linear weight in a

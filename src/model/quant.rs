@@ -26,7 +26,8 @@ use candle_core::{
 };
 use serde::{Deserialize, Serialize};
 
-/// What happens to the base weights of the linear layers at load.
+/// What happens at load to the base weights of the linear layers, and of the embedding table
+/// when the head is not tied to it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Quantize {
     /// Dequantize a GGUF's tensors; keep a safetensors model as it is (the exact path).
@@ -118,6 +119,15 @@ impl Frozen {
         match self {
             Frozen::Dense(w) => w.to_dtype(dtype),
             Frozen::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+        }
+    }
+
+    /// Rows `ids` (`[n]`, u32) of the weight in `dtype`, `[n, in]`: an embedding lookup. A
+    /// quantized table dequantizes just those rows, to the values the dequantized table holds.
+    pub fn rows(&self, ids: &Tensor, dtype: DType) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => w.index_select(ids, 0)?.to_dtype(dtype),
+            Frozen::Quantized(q) => q.embedding(ids)?.to_dtype(dtype),
         }
     }
 

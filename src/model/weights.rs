@@ -18,8 +18,9 @@ use super::quant::Frozen;
 pub trait WeightSource {
     fn get(&self, name: &str, shape: &[usize]) -> anyhow::Result<Tensor>;
     fn contains(&self, name: &str) -> bool;
-    /// A linear layer's frozen `[out, in]` weight: quantized where the source keeps or
-    /// quantizes it (`model.quantize`), dense otherwise.
+    /// A frozen matrix (a linear layer's `[out, in]` weight, or an embedding table not tied to
+    /// the head): quantized where the source keeps or quantizes it (`model.quantize`), dense
+    /// otherwise.
     fn get_frozen(&self, name: &str, shape: &[usize]) -> anyhow::Result<Frozen> {
         Ok(Frozen::Dense(self.get(name, shape)?))
     }
@@ -123,8 +124,8 @@ impl WeightSource for SafetensorsWeights {
 /// Tensors already in memory (GGUF after dequantisation, generated weights in benches).
 pub struct TensorMap {
     pub tensors: HashMap<String, Tensor>,
-    /// Linear weights kept quantized (a GGUF's with `--quantize keep`, generated ones in the
-    /// quantized bench), by HF name; they are not in `tensors`.
+    /// Linear weights and an untied embedding table kept quantized (a GGUF's with `--quantize
+    /// keep`, generated ones in the quantized bench), by HF name; they are not in `tensors`.
     pub quantized: HashMap<String, Arc<QTensor>>,
     /// Dense linear weights are quantized to this format when read.
     pub quantize: Option<GgmlDType>,

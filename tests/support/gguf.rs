@@ -8,7 +8,9 @@ use lean_grpo::model::ModelConfig;
 use std::path::Path;
 
 /// Writes the model in `model_dir` as a GGUF file with llama.cpp's tensor names, metadata and
-/// q/k permutation, the linear layers' weights in `linear` (norms and embeddings in f32).
+/// q/k permutation, the linear layers' weights in `linear`, and the embedding table too when
+/// the head is a tensor of its own, as llama.cpp quantizes `token_embd` (norms, the head and a
+/// tied embedding table in f32).
 pub fn write_gguf(model_dir: &Path, arch: &str, path: &Path, linear: GgmlDType) {
     let cfg = ModelConfig::from_file(&model_dir.join("config.json")).unwrap();
     let tensors =
@@ -49,7 +51,9 @@ pub fn write_gguf(model_dir: &Path, arch: &str, path: &Path, linear: GgmlDType) 
             ("llama", _, true) => permute(t, cfg.num_key_value_heads).unwrap(),
             _ => t.clone(),
         };
-        let format = if hf.ends_with("_proj.weight") {
+        let untied_table =
+            hf == "model.embed_tokens.weight" && tensors.contains_key("lm_head.weight");
+        let format = if hf.ends_with("_proj.weight") || untied_table {
             linear
         } else {
             GgmlDType::F32
