@@ -49,9 +49,12 @@ fn randomize_b(p: &Policy, scale: f64, seed: u64) {
     p.set_lora_weights(&w).unwrap();
 }
 
+/// Prompts and their completions, row by row.
+type Rows = (Vec<Vec<u32>>, Vec<Vec<u32>>);
+
 /// Prompts of different lengths, two of them shared by two rows (as a group shares one), and
 /// completions of 0 to 6 tokens.
-fn batch() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+fn batch() -> Rows {
     let a = vec![295, 266, 269, 62, 15];
     let c = vec![5, 6, 7];
     let prompts = vec![a.clone(), vec![72, 77], a, c.clone(), c];
@@ -62,6 +65,21 @@ fn batch() -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
         vec![],
         vec![9],
     ];
+    (prompts, completions)
+}
+
+/// Distinct prompts that share a long start (instructions and preamble, then the statement),
+/// which the log-prob pass computes once for all rows (src/model/prefix.rs).
+fn preamble_batch() -> Rows {
+    let preamble = [295, 266, 269, 62, 15, 72, 77, 5, 6, 7, 300, 41, 8, 19];
+    let prompt = |end: &[u32]| [&preamble[..], end].concat();
+    let prompts = vec![
+        prompt(&[90, 91]),
+        prompt(&[90]),
+        prompt(&[]),
+        prompt(&[12, 13]),
+    ];
+    let completions = vec![vec![62, 17, 256], vec![67, 315], vec![17, 62, 5, 9], vec![]];
     (prompts, completions)
 }
 
@@ -208,6 +226,15 @@ fn logprobs_are_log_softmax_of_logits_at_the_completion_tokens() {
 
 #[test]
 fn rows_sharing_a_prompt_match_rows_computed_alone_with_gradients() {
+    rows_sharing_prompt_tokens_match_rows_alone(batch());
+}
+
+#[test]
+fn prompts_sharing_their_start_match_rows_computed_alone_with_gradients() {
+    rows_sharing_prompt_tokens_match_rows_alone(preamble_batch());
+}
+
+fn rows_sharing_prompt_tokens_match_rows_alone((prompts, completions): Rows) {
     let p = policy(
         "tiny-qwen3",
         DType::F64,
@@ -217,7 +244,6 @@ fn rows_sharing_a_prompt_match_rows_computed_alone_with_gradients() {
         },
     );
     randomize_b(&p, 0.2, 4);
-    let (prompts, completions) = batch();
     let vars = trainable_vars(&p);
     let weights: Vec<f64> = (0..prompts.len()).map(|i| 1.0 + i as f64).collect();
     let weighted = |lp: Tensor, w: f64| (lp.sum_all().unwrap() * w).unwrap();
@@ -949,11 +975,13 @@ fn trainable_vars(p: &Policy) -> Vec<candle_core::Var> {
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout_masks() {
     for dropout in [0.3, 0.0] {
-        checkpointed_gradients_equal_plain_ones(dropout);
+        checkpointed_gradients_equal_plain_ones(dropout, batch());
     }
+    // Prompts computed as one common prefix and tails that finish them.
+    checkpointed_gradients_equal_plain_ones(0.0, preamble_batch());
 }
 
-fn checkpointed_gradients_equal_plain_ones(dropout: f64) {
+fn checkpointed_gradients_equal_plain_ones(dropout: f64, (prompts, completions): Rows) {
     let lora = LoraOptions {
         r: 4,
         lora_dropout: dropout,
@@ -966,7 +994,6 @@ fn checkpointed_gradients_equal_plain_ones(dropout: f64) {
         p
     };
     let (plain, checkpointed) = (moved(false), moved(true));
-    let (prompts, completions) = batch();
     let gradients = |p: &Policy| {
         let forward = p.train_logprobs(&prompts, &completions, 0.8).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(3);

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Loads a `.gguf` file; quantised tensors are dequantised to f32 then cast to `dtype`, but
-/// for `quantize` other than [`Quantize::None`] those of [`kept`] stay quantized.
+/// for `quantize` other than [`Quantize::None`] those of `kept` stay quantized.
 pub fn load_gguf(
     path: &Path,
     device: &Device,

@@ -23,6 +23,7 @@ pub mod ops;
 pub mod optim;
 mod options;
 pub mod policy;
+mod prefix;
 pub mod quant;
 mod recompute;
 

@@ -10,13 +10,13 @@ use super::load::{load_model, HubSettings};
 use super::lora::Pass;
 use super::ops::{lm_head_logprobs, logp_dtype};
 use super::options::{LoraOptions, ModelOptions};
+use super::prefix::{PrefixLayout, Slot};
 use super::weights::{ModelFiles, WeightSource};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 
@@ -397,11 +397,13 @@ impl Policy {
     /// token (docs/algorithms.md §1). With `grad` the result carries gradient to the adapters;
     /// `adapters = false` gives the reference policy.
     ///
-    /// Rows with the same prompt share its computation: each distinct prompt of length P goes
-    /// through the model once, and its rows' completions (up to C tokens) attend to it.
+    /// Prompt tokens are computed once per prefix (src/model/prefix.rs): each distinct prompt
+    /// of length P goes through the model once and its rows' completions (up to C tokens)
+    /// attend to it, or, where that computes fewer positions, the prompts' common start is the
+    /// one prefix and the rest of each prompt joins its row's tail.
     ///
-    /// Memory: a gradient pass keeps, per layer, attention scores of heads × (distinct
-    /// prompts × P² + B × C × (P + C)) floats; the trainer bounds B with micro-batches. Without gradient, rows are processed
+    /// Memory: a gradient pass keeps, per layer, attention scores of heads × (prefixes × P² +
+    /// B × C × (P + C)) floats (P, C as laid out); the trainer bounds B with micro-batches. Without gradient, rows are processed
     /// a few at a time.
     pub fn logprobs(
         &self,
@@ -482,36 +484,22 @@ impl Policy {
             bail!("prompt {i} is empty: a completion needs at least one prompt token before it");
         }
         self.check_vocab(completions)?;
-        // Each distinct prompt is computed once (a group's completions share theirs).
-        let mut seen: HashMap<&[u32], usize> = HashMap::new();
-        let mut unique: Vec<Vec<u32>> = Vec::new();
-        let prefix_of: Vec<usize> = prompts
-            .iter()
-            .map(|p| {
-                *seen.entry(p.as_slice()).or_insert_with(|| {
-                    unique.push(p.clone());
-                    unique.len() - 1
-                })
-            })
-            .collect();
-        // A completion's last token is only a target: no position reads it.
-        let tails: Vec<Vec<u32>> = completions
-            .iter()
-            .map(|c| c[..c.len().saturating_sub(1)].to_vec())
-            .collect();
-        let (prefixes, p) = self.right_padded(&unique)?;
-        let (tails, c) = self.right_padded(&tails)?;
+        // Prompt tokens are computed once per prefix: a group's shared prompt, or the batch's
+        // common start (src/model/prefix.rs).
+        let layout = PrefixLayout::new(prompts, completions);
+        let (prefixes, p) = self.right_padded(&layout.prefixes)?;
+        let (tails, c) = self.right_padded(&layout.tails)?;
         let pass = Pass {
             adapters,
             grad,
             dropout_rng: grad.then_some(&self.dropout_rng),
         };
-        let prefix_rows = unique.len() * p;
+        let prefix_rows = layout.prefixes.len() * p;
         let batch = SharedBatch {
             prefixes,
-            prefix_lens: unique.iter().map(Vec::len).collect(),
+            prefix_lens: layout.prefixes.iter().map(Vec::len).collect(),
             tails,
-            prefix_of,
+            prefix_of: layout.prefix_of.clone(),
         };
         let (hidden, tape) = match mode {
             Mode::Checkpointed => {
@@ -520,8 +508,8 @@ impl Policy {
             }
             _ => (self.decoder.forward_shared(&batch, &pass)?, None),
         };
-        // Row of `hidden` predicting each completion token, and where it goes in the output:
-        // the prompt's last position for the first token, the tail's positions after it.
+        // Row of `hidden` predicting each completion token (the position before it), and
+        // where it goes in the output.
         let mut pick = Vec::new();
         let mut targets = Vec::new();
         let n_total: usize = completions.iter().map(Vec::len).sum();
@@ -529,11 +517,10 @@ impl Policy {
         for (i, (prompt, comp)) in prompts.iter().zip(completions).enumerate() {
             for (j, &tok) in comp.iter().enumerate() {
                 place[i * width + j] = pick.len() as u32;
-                pick.push(if j == 0 {
-                    (batch.prefix_of[i] * p + prompt.len() - 1) as u32
-                } else {
-                    (prefix_rows + i * c + j - 1) as u32
-                });
+                pick.push(match layout.slot(i, prompt.len() - 1 + j) {
+                    Slot::Prefix(k, at) => k * p + at,
+                    Slot::Tail(row, at) => prefix_rows + row * c + at,
+                } as u32);
                 targets.push(tok);
             }
         }
