@@ -653,7 +653,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub reduced: bool,
     /// Also measure a Qwen2.5-7B-shaped model with a Q4_K base: memory of sampling and of one
-    /// checkpointed training step (about 9 GB resident; many minutes on a laptop CPU).
+    /// checkpointed training step (a peak of about 13 GB; many minutes on a laptop CPU).
     #[arg(long)]
     pub large: bool,
     /// Also write the JSON summary here.
