@@ -13,6 +13,8 @@
 //! Both give the same log-probs up to float summation order: a tail token attends to the same
 //! keys at the same positions either way.
 
+use std::collections::HashMap;
+
 /// The prefixes and tails of a batch of rows, and where each predicting position lands.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PrefixLayout {
@@ -38,22 +40,31 @@ impl PrefixLayout {
     /// The cheaper of the two splits; ties go to per prompt. Prompts must not be empty.
     pub(crate) fn new(prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Self {
         let per_prompt = Self::per_prompt(prompts, completions);
-        match Self::common_prefix(prompts, completions) {
-            Some(common) if common.positions() < per_prompt.positions() => common,
-            _ => per_prompt,
+        let common = common_len(prompts);
+        // The common layout's positions, counted before building it.
+        let longest_tail = prompts
+            .iter()
+            .zip(completions)
+            .map(|(p, c)| p.len() - common + without_last(c).len())
+            .max()
+            .unwrap_or(0);
+        if common > 0 && common + prompts.len() * longest_tail < per_prompt.positions() {
+            Self::common_prefix(prompts, completions, common)
+        } else {
+            per_prompt
         }
     }
 
     fn per_prompt(prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Self {
+        let mut seen: HashMap<&[u32], usize> = HashMap::new();
         let mut prefixes: Vec<Vec<u32>> = Vec::new();
         let prefix_of = prompts
             .iter()
-            .map(|p| match prefixes.iter().position(|q| q == p) {
-                Some(k) => k,
-                None => {
+            .map(|p| {
+                *seen.entry(p.as_slice()).or_insert_with(|| {
                     prefixes.push(p.clone());
                     prefixes.len() - 1
-                }
+                })
             })
             .collect();
         let tails = completions
@@ -67,29 +78,19 @@ impl PrefixLayout {
         }
     }
 
-    /// `None` when the prompts share no token.
-    fn common_prefix(prompts: &[Vec<u32>], completions: &[Vec<u32>]) -> Option<Self> {
-        let first = prompts.first()?;
-        let len = prompts.iter().fold(first.len(), |len, p| {
-            first[..len]
-                .iter()
-                .zip(p)
-                .take_while(|(a, b)| a == b)
-                .count()
-        });
-        if len == 0 {
-            return None;
-        }
+    /// The first `len` tokens of every prompt as the one prefix (`len` ≥ 1, at most
+    /// `common_len`).
+    fn common_prefix(prompts: &[Vec<u32>], completions: &[Vec<u32>], len: usize) -> Self {
         let tails = prompts
             .iter()
             .zip(completions)
             .map(|(p, c)| [&p[len..], without_last(c)].concat())
             .collect();
-        Some(Self {
-            prefixes: vec![first[..len].to_vec()],
+        Self {
+            prefixes: vec![prompts[0][..len].to_vec()],
             prefix_of: vec![0; prompts.len()],
             tails,
-        })
+        }
     }
 
     /// Padded positions the layers compute: prefixes × longest prefix + rows × longest tail.
@@ -108,6 +109,20 @@ impl PrefixLayout {
             Slot::Tail(i, pos - len)
         }
     }
+}
+
+/// The length of the prompts' longest common prefix (0 for no prompt).
+fn common_len(prompts: &[Vec<u32>]) -> usize {
+    let Some(first) = prompts.first() else {
+        return 0;
+    };
+    prompts.iter().fold(first.len(), |len, p| {
+        first[..len]
+            .iter()
+            .zip(p)
+            .take_while(|(a, b)| a == b)
+            .count()
+    })
 }
 
 fn without_last(c: &[u32]) -> &[u32] {
