@@ -71,8 +71,7 @@ fn batch() -> Rows {
 /// Distinct prompts that share a long start (instructions and preamble, then the statement),
 /// which the log-prob pass computes once for all rows (src/model/prefix.rs).
 fn preamble_batch() -> Rows {
-    let preamble = [295, 266, 269, 62, 15, 72, 77, 5, 6, 7, 300, 41, 8, 19];
-    let prompt = |end: &[u32]| [&preamble[..], end].concat();
+    let prompt = after_preamble;
     let prompts = vec![
         prompt(&[90, 91]),
         prompt(&[90]),
@@ -80,6 +79,28 @@ fn preamble_batch() -> Rows {
         prompt(&[12, 13]),
     ];
     let completions = vec![vec![62, 17, 256], vec![67, 315], vec![17, 62, 5, 9], vec![]];
+    (prompts, completions)
+}
+
+/// A prompt: the same instructions and preamble as every other, then `end` (the statement).
+fn after_preamble(end: &[u32]) -> Vec<u32> {
+    let preamble = [295, 266, 269, 62, 15, 72, 77, 5, 6, 7, 300, 41, 8, 19];
+    [&preamble[..], end].concat()
+}
+
+/// Two groups of rows whose prompts share a long start, as an RL step of two theorems: the pass
+/// computes the common start once, then each distinct prompt's rest once, then the completions
+/// (src/model/prefix.rs: 14 + 2 × 2 + 5 × 3 positions instead of 2 × 16 + 5 × 3 per prompt).
+fn groups_batch() -> Rows {
+    let (a, b) = (after_preamble(&[90, 91]), after_preamble(&[12]));
+    let prompts = vec![a.clone(), a.clone(), a, b.clone(), b];
+    let completions = vec![
+        vec![62, 17, 256, 9],
+        vec![67],
+        vec![17, 62],
+        vec![],
+        vec![5, 9, 300],
+    ];
     (prompts, completions)
 }
 
@@ -232,6 +253,11 @@ fn rows_sharing_a_prompt_match_rows_computed_alone_with_gradients() {
 #[test]
 fn prompts_sharing_their_start_match_rows_computed_alone_with_gradients() {
     rows_sharing_prompt_tokens_match_rows_alone(preamble_batch());
+}
+
+#[test]
+fn groups_whose_prompts_share_their_start_match_rows_computed_alone_with_gradients() {
+    rows_sharing_prompt_tokens_match_rows_alone(groups_batch());
 }
 
 fn rows_sharing_prompt_tokens_match_rows_alone((prompts, completions): Rows) {
@@ -979,6 +1005,8 @@ fn gradient_checkpointing_gives_the_same_gradients_with_the_same_dropout_masks()
     }
     // Prompts computed as one common prefix and tails that finish them.
     checkpointed_gradients_equal_plain_ones(0.0, preamble_batch());
+    // A common start, then each group's prompt rest, then the completions.
+    checkpointed_gradients_equal_plain_ones(0.0, groups_batch());
 }
 
 fn checkpointed_gradients_equal_plain_ones(dropout: f64, (prompts, completions): Rows) {

@@ -18,7 +18,7 @@
 
 use super::config::ModelConfig;
 use super::layer::{
-    few_rows, DecoderLayer, Kernels, KvLayer, SharedSpan, Span, StepSpan, TailSpan,
+    few_rows, DecoderLayer, Kernels, KvLayer, LevelSpan, SharedSpan, Span, StepSpan,
 };
 pub use super::layer::{LoraSpec, LORA_MODULES};
 use super::lora::{LoraLinear, Pass};
@@ -160,29 +160,28 @@ impl Decoder {
     pub fn forward_train(&self, tokens: &Tensor, pass: &Pass) -> Result<Tensor> {
         let (b, t) = tokens.dims2()?;
         let batch = SharedBatch {
-            prefixes: tokens.clone(),
-            prefix_lens: vec![t; b],
-            tails: Tensor::zeros((0, 0), DType::U32, &self.device)?,
-            prefix_of: Vec::new(),
+            levels: vec![BatchLevel {
+                tokens: tokens.clone(),
+                lens: vec![t; b],
+                parent: Vec::new(),
+            }],
         };
         self.forward_shared(&batch, pass)?
             .reshape((b, t, self.cfg.hidden_size))
     }
 
-    /// Final hidden states of a batch whose rows share prompts, differentiable w.r.t. the
-    /// adapters when `pass.grad`: `[k·P + B·C, hidden]`, the `k × P` prefix positions row by
-    /// row, then the `B × C` tail positions.
+    /// Final hidden states of a batch whose rows share prompt tokens, differentiable w.r.t.
+    /// the adapters when `pass.grad`: `[Σ n·W, hidden]`, the `n × W` positions of each level
+    /// in turn, row by row.
     ///
     /// Why: a group's G completions continue one prompt, and prompts are long (a Mathlib
-    /// header and instructions: hundreds of tokens). Each prompt's positions go through the
-    /// model once instead of G times, forward and backward, and the attention scores kept for
-    /// the backward are `C × (P + C)` per row instead of `(P + C)²`.
+    /// header and instructions: hundreds of tokens), most of them the same for every theorem.
+    /// Each shared token goes through the model once instead of once per row, forward and
+    /// backward, and the attention scores kept for the backward are `C × (P + C)` per
+    /// completion instead of `(P + C)²`.
     pub fn forward_shared(&self, batch: &SharedBatch, pass: &Pass) -> Result<Tensor> {
         let span = self.shared_span(batch)?;
-        let tokens = Tensor::cat(
-            &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
-            0,
-        )?;
+        let tokens = batch.tokens()?;
         let mut x = self.embed_tokens.rows(&tokens, self.dtype)?;
         let kernels = Kernels::Train(pass);
         for layer in &self.layers {
@@ -208,10 +207,7 @@ impl Decoder {
             recompute_attention: false,
             ..self.shared_span(batch)?
         };
-        let tokens = Tensor::cat(
-            &[batch.prefixes.flatten_all()?, batch.tails.flatten_all()?],
-            0,
-        )?;
+        let tokens = batch.tokens()?;
         let mut x = self.embed_tokens.rows(&tokens, self.dtype)?;
         let no_graph = Pass {
             adapters: pass.adapters,
@@ -288,66 +284,110 @@ impl Decoder {
 
     /// The positions, rotary tables and masks of `batch`, after checking it is consistent.
     fn shared_span(&self, batch: &SharedBatch) -> Result<SharedSpan> {
-        let (k, p) = batch.prefixes.dims2()?;
-        let (bt, c) = batch.tails.dims2()?;
-        if batch.prefix_lens.len() != k || batch.prefix_of.len() != bt {
-            candle_core::bail!(
-                "{k} prefixes with {} lengths, {bt} tails with {} prefix indices",
-                batch.prefix_lens.len(),
-                batch.prefix_of.len()
-            );
-        }
-        if let Some(&u) = batch.prefix_of.iter().find(|&&u| u >= k) {
-            candle_core::bail!("a tail continues prefix {u} of {k}");
-        }
-        let tail_pos: Vec<u32> = batch
-            .prefix_of
-            .iter()
-            .flat_map(|&u| (0..c).map(move |j| (batch.prefix_lens[u] + j) as u32))
-            .collect();
-        let longest = tail_pos.iter().map(|&q| q as usize + 1).max().unwrap_or(0);
-        if p.max(longest) > self.max_positions() {
-            candle_core::bail!(
-                "sequence of {} tokens exceeds the {} positions of the model",
-                p.max(longest),
-                self.max_positions()
-            );
-        }
-        let tail = if bt * c == 0 {
-            None
-        } else {
-            Some(self.tail_span(batch, &tail_pos, c)?)
+        let Some((root, rest)) = batch.levels.split_first() else {
+            candle_core::bail!("a shared batch needs at least one level");
         };
+        let (k, p) = root.tokens.dims2()?;
+        self.check_level(0, root, k, p, None)?;
+        self.check_positions(p)?;
+        // Per row of the level before: where its continuation starts, and which of its key
+        // columns (its ancestors' and its own, padded) hold real tokens.
+        let mut ends = root.lens.clone();
+        let mut real: Vec<Vec<bool>> = root.lens.iter().map(|&n| real_columns(n, p)).collect();
+        let mut levels = Vec::with_capacity(rest.len());
+        for (l, level) in rest.iter().enumerate() {
+            let (n, c) = level.tokens.dims2()?;
+            self.check_level(l + 1, level, n, c, Some(ends.len()))?;
+            if n * c == 0 {
+                if l + 1 < rest.len() {
+                    candle_core::bail!("level {} is empty and continued", l + 1);
+                }
+                break;
+            }
+            let pos: Vec<u32> = (level.parent.iter())
+                .flat_map(|&u| (ends[u]..ends[u] + c).map(|q| q as u32))
+                .collect();
+            self.check_positions(pos.iter().map(|&q| q as usize + 1).max().unwrap_or(0))?;
+            levels.push(self.level_span(level, &pos, &real, c)?);
+            real = (level.parent.iter().zip(&level.lens))
+                .map(|(&u, &len)| [&real[u][..], &real_columns(len, c)].concat())
+                .collect();
+            ends = (level.parent.iter().zip(&level.lens))
+                .map(|(&u, &len)| ends[u] + len)
+                .collect();
+        }
         Ok(SharedSpan {
-            prompts: k,
-            prompt_len: p,
+            roots: k,
+            root_len: p,
             cos: self.cos.narrow(0, 0, p)?,
             sin: self.sin.narrow(0, 0, p)?,
             mask: causal_mask(p, &self.device, self.dtype)?,
-            tail,
+            levels,
             recompute_attention: true,
         })
     }
 
-    /// The tails of `batch`, of `c` positions each, at positions `tail_pos` (row by row).
-    fn tail_span(&self, batch: &SharedBatch, tail_pos: &[u32], c: usize) -> Result<TailSpan> {
-        let bt = batch.prefix_of.len();
-        let pos = Tensor::new(tail_pos, &self.device)?;
+    /// Level `l` of a shared batch has `n` rows of width `w`, a length per row within it and,
+    /// below level 0, a parent per row among the `parents` rows of the level before.
+    fn check_level(
+        &self,
+        l: usize,
+        level: &BatchLevel,
+        n: usize,
+        w: usize,
+        parents: Option<usize>,
+    ) -> Result<()> {
+        let want_parents = if parents.is_some() { n } else { 0 };
+        if level.lens.len() != n || level.parent.len() != want_parents {
+            candle_core::bail!(
+                "level {l}: {n} rows with {} lengths and {} parents",
+                level.lens.len(),
+                level.parent.len()
+            );
+        }
+        if let Some(&len) = level.lens.iter().find(|&&len| len > w) {
+            candle_core::bail!("level {l}: a row of {len} tokens in a width of {w}");
+        }
+        match (
+            parents,
+            level.parent.iter().find(|&&u| u >= parents.unwrap_or(0)),
+        ) {
+            (Some(k), Some(&u)) => candle_core::bail!("level {l}: a row continues row {u} of {k}"),
+            _ => Ok(()),
+        }
+    }
+
+    fn check_positions(&self, longest: usize) -> Result<()> {
+        if longest > self.max_positions() {
+            candle_core::bail!(
+                "sequence of {longest} tokens exceeds the {} positions of the model",
+                self.max_positions()
+            );
+        }
+        Ok(())
+    }
+
+    /// A level of `c` positions per row, at positions `pos` (row by row), whose rows attend to
+    /// the real key columns `real` of their parents.
+    fn level_span(
+        &self,
+        level: &BatchLevel,
+        pos: &[u32],
+        real: &[Vec<bool>],
+        c: usize,
+    ) -> Result<LevelSpan> {
+        let n = level.parent.len();
+        let at = Tensor::new(pos, &self.device)?;
         let half = self.cfg.head_dim / 2;
-        let table = |t: &Tensor| t.index_select(&pos, 0)?.reshape((bt, c, half));
-        let rows: Vec<u32> = batch.prefix_of.iter().map(|&u| u as u32).collect();
-        let lens: Vec<usize> = batch
-            .prefix_of
-            .iter()
-            .map(|&u| batch.prefix_lens[u])
-            .collect();
-        let p = batch.prefixes.dim(1)?;
-        Ok(TailSpan {
+        let table = |t: &Tensor| t.index_select(&at, 0)?.reshape((n, c, half));
+        let rows: Vec<u32> = level.parent.iter().map(|&u| u as u32).collect();
+        let parents: Vec<&[bool]> = level.parent.iter().map(|&u| &real[u][..]).collect();
+        Ok(LevelSpan {
             rows: Tensor::new(rows, &self.device)?,
             len: c,
             cos: table(&self.cos)?,
             sin: table(&self.sin)?,
-            mask: tail_mask(&lens, p, c, &self.device, self.dtype)?,
+            mask: continuation_mask(&parents, c, &self.device, self.dtype)?,
         })
     }
 
@@ -502,17 +542,32 @@ fn rope_tables(cfg: &ModelConfig, device: &Device, dtype: DType) -> Result<(Tens
     Ok((table(cos)?, table(sin)?))
 }
 
-/// A training batch for [`Decoder::forward_shared`]: prompts, each computed once, and the rows
-/// that continue them.
+/// A training batch for [`Decoder::forward_shared`]: levels of token rows, each row computed
+/// once; a row of a later level continues a row of the level before and attends to its keys
+/// and its ancestors' (how rows are split into levels: src/model/prefix.rs).
 pub struct SharedBatch {
-    /// `[k, P]` u32 prompts, right-padded.
-    pub prefixes: Tensor,
-    /// The true length of each prompt.
-    pub prefix_lens: Vec<usize>,
-    /// `[B, C]` u32 continuations, right-padded.
-    pub tails: Tensor,
-    /// Which prompt each continuation continues.
-    pub prefix_of: Vec<usize>,
+    /// Level 0, whose rows attend causally to themselves, then the levels that continue it.
+    pub levels: Vec<BatchLevel>,
+}
+
+/// One level of a [`SharedBatch`].
+pub struct BatchLevel {
+    /// `[n, W]` u32 rows, right-padded.
+    pub tokens: Tensor,
+    /// The true length of each row.
+    pub lens: Vec<usize>,
+    /// The row of the level before that each row continues (empty at level 0).
+    pub parent: Vec<usize>,
+}
+
+impl SharedBatch {
+    /// Every level's tokens, flattened in order: the rows the layers compute.
+    fn tokens(&self) -> Result<Tensor> {
+        let flat = (self.levels.iter())
+            .map(|l| l.tokens.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&flat, 0)
+    }
 }
 
 /// What [`Decoder::backward_checkpointed`] needs of a checkpointed forward.
@@ -537,18 +592,32 @@ fn set_rng_state(pass: &Pass, state: &Option<ChaCha8Rng>) {
     }
 }
 
-/// `[B, 1, C, P + C]` mask for tails after right-padded prefixes: key column `j < P` is
-/// visible to row `r` when it is a real prefix token (`j < lens[r]`), tail column `P + j'`
-/// when it is not in the future (`j' <= i`).
-fn tail_mask(lens: &[usize], p: usize, c: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-    let mut m = Vec::with_capacity(lens.len() * c * (p + c));
-    for &len in lens {
+/// `[n, 1, c, W + c]` mask for the rows of a level, each after its parent's `W` key columns:
+/// parent column `j` is visible to row `r` when it holds a real token (`parents[r][j]`), the
+/// row's own column `j'` when it is not in the future (`j' <= i`).
+fn continuation_mask(
+    parents: &[&[bool]],
+    c: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let w = parents.first().map_or(0, |r| r.len());
+    let mut m = Vec::with_capacity(parents.len() * c * (w + c));
+    for real in parents {
         for i in 0..c {
-            m.extend((0..p).map(|j| if j < len { 0.0 } else { f32::NEG_INFINITY }));
+            m.extend(
+                real.iter()
+                    .map(|&r| if r { 0.0 } else { f32::NEG_INFINITY }),
+            );
             m.extend((0..c).map(|j| if j <= i { 0.0 } else { f32::NEG_INFINITY }));
         }
     }
-    Tensor::from_vec(m, (lens.len(), 1, c, p + c), device)?.to_dtype(dtype)
+    Tensor::from_vec(m, (parents.len(), 1, c, w + c), device)?.to_dtype(dtype)
+}
+
+/// Which of `w` right-padded columns hold the `len` real tokens.
+fn real_columns(len: usize, w: usize) -> Vec<bool> {
+    (0..w).map(|j| j < len).collect()
 }
 
 /// `[t, t]`: 0 on and below the diagonal, −∞ above.

@@ -345,13 +345,13 @@ impl Attention {
     }
 }
 
-/// The attention of a [`SharedSpan`] between the projections and `o_proj`: RoPE, then prompt
-/// rows attend causally to their prompt, and each tail row to its prompt's keys, then causally
-/// to its own.
+/// The attention of a [`SharedSpan`] between the projections and `o_proj`: RoPE, then rows
+/// of level 0 attend causally to themselves, and each row of a later level to its parent's
+/// keys (its ancestors' and the parent's own), then causally to its own.
 ///
 /// Why a value of its own: it is a pure function of `q`, `k`, `v`, so a training forward can
 /// keep just those and its output and recompute the rest in the backward (the rotated copies,
-/// the prompt keys gathered per tail, and the `heads × t × L` scores, most of a layer's
+/// the parent keys gathered per row, and the `heads × t × L` scores, most of a layer's
 /// activations for long prompts).
 #[derive(Clone)]
 struct SharedAttention {
@@ -361,27 +361,29 @@ struct SharedAttention {
 }
 
 impl SharedAttention {
-    /// `q` `[k·P + B·C, H·d]`, `k`/`v` `[k·P + B·C, KV·d]` → `[k·P + B·C, H·d]`.
+    /// `q` `[Σ n·W, H·d]`, `k`/`v` `[Σ n·W, KV·d]` → `[Σ n·W, H·d]`.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (s, h, math) = (&self.span, self.heads, self.math);
         let (nh, nkv) = (h.num_heads, h.num_kv_heads);
-        let prompts = (s.prompts, s.prompt_len);
-        let np = s.prompts * s.prompt_len;
-        let qp = math.rope(&h.view(q, 0, prompts, nh)?, &s.cos, &s.sin)?;
-        let kp = math.rope(&h.view(k, 0, prompts, nkv)?, &s.cos, &s.sin)?;
-        let vp = h.view(v, 0, prompts, nkv)?.contiguous()?;
-        let o = attention(&qp, &kp, &vp, Some(&s.mask), math)?.reshape((np, ()))?;
-        let Some(tail) = &s.tail else {
-            return Ok(o);
-        };
-        let tails = (tail.rows.dim(0)?, tail.len);
-        let qt = math.rope(&h.view(q, np, tails, nh)?, &tail.cos, &tail.sin)?;
-        let kt = math.rope(&h.view(k, np, tails, nkv)?, &tail.cos, &tail.sin)?;
-        let vt = h.view(v, np, tails, nkv)?.contiguous()?;
-        let keys = Tensor::cat(&[&kp.index_select(&tail.rows, 0)?, &kt], 2)?;
-        let values = Tensor::cat(&[&vp.index_select(&tail.rows, 0)?, &vt], 2)?;
-        let ot = attention(&qt, &keys, &values, Some(&tail.mask), math)?;
-        Tensor::cat(&[o, ot.reshape((tails.0 * tails.1, ()))?], 0)
+        let roots = (s.roots, s.root_len);
+        let mut start = s.roots * s.root_len;
+        let qr = math.rope(&h.view(q, 0, roots, nh)?, &s.cos, &s.sin)?;
+        let mut keys = math.rope(&h.view(k, 0, roots, nkv)?, &s.cos, &s.sin)?;
+        let mut values = h.view(v, 0, roots, nkv)?.contiguous()?;
+        let o = attention(&qr, &keys, &values, Some(&s.mask), math)?;
+        let mut out = vec![o.reshape((start, ()))?];
+        for level in &s.levels {
+            let shape = (level.rows.dim(0)?, level.len);
+            let ql = math.rope(&h.view(q, start, shape, nh)?, &level.cos, &level.sin)?;
+            let kl = math.rope(&h.view(k, start, shape, nkv)?, &level.cos, &level.sin)?;
+            let vl = h.view(v, start, shape, nkv)?.contiguous()?;
+            keys = Tensor::cat(&[&keys.index_select(&level.rows, 0)?, &kl], 2)?;
+            values = Tensor::cat(&[&values.index_select(&level.rows, 0)?, &vl], 2)?;
+            let o = attention(&ql, &keys, &values, Some(&level.mask), math)?;
+            start += shape.0 * shape.1;
+            out.push(o.reshape((shape.0 * shape.1, ()))?);
+        }
+        Tensor::cat(&out, 0)
     }
 }
 
@@ -463,18 +465,19 @@ impl DecoderLayer {
     }
 }
 
-/// What the layers of `Decoder::forward_shared` attend over: `prompts` right-padded prompts
-/// of `prompt_len` positions, then the tails that continue them.
+/// What the layers of `Decoder::forward_shared` attend over: `roots` right-padded rows of
+/// `root_len` positions (level 0), then the levels that continue them.
 #[derive(Clone)]
 pub(crate) struct SharedSpan {
-    pub(crate) prompts: usize,
-    pub(crate) prompt_len: usize,
-    /// `[P, head_dim / 2]`: every prompt at positions `0..P`.
+    pub(crate) roots: usize,
+    pub(crate) root_len: usize,
+    /// `[P, head_dim / 2]`: every root row at positions `0..P`.
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     /// `[P, P]` causal mask.
     pub(crate) mask: Tensor,
-    pub(crate) tail: Option<TailSpan>,
+    /// The levels after level 0 (none empty).
+    pub(crate) levels: Vec<LevelSpan>,
     /// Whether a forward with a graph keeps each layer's attention as q, k, v and its output
     /// and recomputes the rest in the backward (src/model/recompute.rs): on for the full
     /// graph, off where the whole layer is recomputed (gradient checkpointing) and its graph
@@ -482,16 +485,17 @@ pub(crate) struct SharedSpan {
     pub(crate) recompute_attention: bool,
 }
 
-/// The `B` tails of `len` positions of a [`SharedSpan`].
+/// A level of `n` rows of `len` positions of a [`SharedSpan`], continuing the level before.
 #[derive(Clone)]
-pub(crate) struct TailSpan {
-    /// `[B]` u32: the prompt each tail continues.
+pub(crate) struct LevelSpan {
+    /// `[n]` u32: the row of the level before that each row continues.
     pub(crate) rows: Tensor,
     pub(crate) len: usize,
-    /// `[B, C, head_dim / 2]`: each tail at its own positions, after its prompt's length.
+    /// `[n, len, head_dim / 2]`: each row at its own positions, after its ancestors' tokens.
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-    /// `[B, 1, C, P + C]` (see `decoder::tail_mask`).
+    /// `[n, 1, len, W + len]`, `W` the parent level's key columns (see
+    /// `decoder::continuation_mask`).
     pub(crate) mask: Tensor,
 }
 

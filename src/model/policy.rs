@@ -4,7 +4,9 @@
 
 use super::adapter::{load_adapter, Adapter, AdapterWeights};
 use super::config::ModelConfig;
-use super::decoder::{Decoder, LayerTape, LoraSpec, SampleWeights, SharedBatch, LORA_MODULES};
+use super::decoder::{
+    BatchLevel, Decoder, LayerTape, LoraSpec, SampleWeights, SharedBatch, LORA_MODULES,
+};
 use super::device::{model_dtype, tune_cpu_allocator};
 use super::load::{load_model, HubSettings};
 use super::lora::Pass;
@@ -20,9 +22,10 @@ use rand_chacha::ChaCha8Rng;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, MutexGuard};
 
-/// Rows per forward when log-probs are computed without gradient (bounds the attention
-/// scores, which grow as rows × heads × length²).
-const NO_GRAD_ROWS: usize = 8;
+/// Rows per forward when log-probs are computed without gradient: bounds the attention scores,
+/// which grow as rows × heads × C × (P + C). One RL step of the default 2 theorems × 8 fits in
+/// one pass, so the theorems' common prompt start is computed once for both.
+const NO_GRAD_ROWS: usize = 16;
 
 /// One sampled completion.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -397,14 +400,15 @@ impl Policy {
     /// token (docs/algorithms.md §1). With `grad` the result carries gradient to the adapters;
     /// `adapters = false` gives the reference policy.
     ///
-    /// Prompt tokens are computed once per prefix (src/model/prefix.rs): each distinct prompt
-    /// of length P goes through the model once and its rows' completions (up to C tokens)
-    /// attend to it, or, where that computes fewer positions, the prompts' common start is the
-    /// one prefix and the rest of each prompt joins its row's tail.
+    /// Prompt tokens are computed once (src/model/prefix.rs): each distinct prompt goes through
+    /// the model once and its rows' completions attend to it; where that computes fewer
+    /// positions, the prompts' common start goes through once, then the rest of each distinct
+    /// prompt (or of each row's prompt, followed by its completion).
     ///
-    /// Memory: a gradient pass keeps, per layer, attention scores of heads × (prefixes × P² +
-    /// B × C × (P + C)) floats (P, C as laid out); the trainer bounds B with micro-batches. Without gradient, rows are processed
-    /// a few at a time.
+    /// Memory: a gradient pass keeps, per layer, attention scores of heads × (Σ over levels of
+    /// rows × W × (keys before + W)) floats, about B × C × (P + C) for B completions of up to
+    /// C tokens after prompts of P; the trainer bounds B with micro-batches. Without gradient,
+    /// rows are processed [`NO_GRAD_ROWS`] at a time.
     pub fn logprobs(
         &self,
         prompts: &[Vec<u32>],
@@ -484,22 +488,14 @@ impl Policy {
             bail!("prompt {i} is empty: a completion needs at least one prompt token before it");
         }
         self.check_vocab(completions)?;
-        // Prompt tokens are computed once per prefix: a group's shared prompt, or the batch's
-        // common start (src/model/prefix.rs).
+        // Prompt tokens are computed once: a group's shared prompt, the batch's common start,
+        // or both (src/model/prefix.rs).
         let layout = PrefixLayout::new(prompts, completions);
-        let (prefixes, p) = self.right_padded(&layout.prefixes)?;
-        let (tails, c) = self.right_padded(&layout.tails)?;
+        let (batch, offsets) = self.shared_batch(&layout)?;
         let pass = Pass {
             adapters,
             grad,
             dropout_rng: grad.then_some(&self.dropout_rng),
-        };
-        let prefix_rows = layout.prefixes.len() * p;
-        let batch = SharedBatch {
-            prefixes,
-            prefix_lens: layout.prefixes.iter().map(Vec::len).collect(),
-            tails,
-            prefix_of: layout.prefix_of.clone(),
         };
         let (hidden, tape) = match mode {
             Mode::Checkpointed => {
@@ -517,10 +513,9 @@ impl Policy {
         for (i, (prompt, comp)) in prompts.iter().zip(completions).enumerate() {
             for (j, &tok) in comp.iter().enumerate() {
                 place[i * width + j] = pick.len() as u32;
-                pick.push(match layout.slot(i, prompt.len() - 1 + j) {
-                    Slot::Prefix(k, at) => k * p + at,
-                    Slot::Tail(row, at) => prefix_rows + row * c + at,
-                } as u32);
+                let Slot { level, row, at } = layout.slot(i, prompt.len() - 1 + j);
+                let (start, width) = offsets[level];
+                pick.push((start + row * width + at) as u32);
                 targets.push(tok);
             }
         }
@@ -537,6 +532,25 @@ impl Policy {
             .index_select(&Tensor::new(place.as_slice(), dev)?, 0)?
             .reshape((b, width))?;
         Ok((logp, tape))
+    }
+
+    /// The layout's levels as right-padded tensors, and where each level's rows start in the
+    /// hidden states of the forward and how wide they are.
+    fn shared_batch(&self, layout: &PrefixLayout) -> Result<(SharedBatch, Vec<(usize, usize)>)> {
+        let mut levels = Vec::with_capacity(layout.levels.len());
+        let mut offsets = Vec::with_capacity(layout.levels.len());
+        let mut start = 0;
+        for level in &layout.levels {
+            let (tokens, width) = self.right_padded(&level.rows)?;
+            offsets.push((start, width));
+            start += level.rows.len() * width;
+            levels.push(BatchLevel {
+                tokens,
+                lens: level.rows.iter().map(Vec::len).collect(),
+                parent: level.parent.clone(),
+            });
+        }
+        Ok((SharedBatch { levels }, offsets))
     }
 
     /// Logits of every position of right-padded `rows`: `[B, T, vocab]` f32 (no gradient).
