@@ -123,6 +123,27 @@ fn every_algorithm_trains_three_steps_and_writes_its_run_directory() {
                 s["theorem"].is_string() && s["verdict"].is_string() && s["reward"].is_number()
             );
         }
+        // Each computed completion carries its own KL to the base model, per token; the step's
+        // `kl_to_start` is their mean weighted by tokens, and a step without one has none.
+        for m in &metrics {
+            let step = m["step"].as_u64().unwrap();
+            let (mut sum, mut tokens) = (0.0, 0.0);
+            for s in samples.iter().filter(|s| s["step"].as_u64() == Some(step)) {
+                if let Some(kl) = s["kl_to_start"].as_f64() {
+                    let n = s["tokens"].as_f64().unwrap();
+                    sum += kl * n;
+                    tokens += n;
+                }
+            }
+            match m["kl_to_start"].as_f64() {
+                Some(kl) => assert!(
+                    tokens > 0.0 && (sum / tokens - kl).abs() <= 1e-9 * kl.max(1e-9),
+                    "{algorithm} step {step}: samples give {}, metrics {kl}",
+                    sum / tokens
+                ),
+                None => assert_eq!(tokens, 0.0, "{algorithm} step {step}"),
+            }
+        }
         let last = out.join("checkpoints/step-3");
         for file in [
             "adapter_config.json",

@@ -144,6 +144,11 @@ pub struct TrainSample {
     /// server sampled this completion with; absent for the served model or local sampling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adapter_version: Option<usize>,
+    /// KL to the base model per token of this completion (k3, as the step's `kl_to_start`),
+    /// for the completions the update computed: the estimator is heavy-tailed, and this names
+    /// the replies that carry a step's mean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_to_start: Option<f64>,
 }
 
 /// Everything one step produced, from which its metrics line and sample lines are built.
@@ -281,7 +286,8 @@ impl StepOutcome<'_> {
                     .map(move |(i, c)| (grp, i, c))
             })
             .zip(self.rewards)
-            .map(|((grp, index, c), &reward)| TrainSample {
+            .enumerate()
+            .map(|(row, ((grp, index, c), &reward))| TrainSample {
                 step: self.step,
                 theorem: theorems[grp.theorem].name.clone(),
                 index,
@@ -296,6 +302,7 @@ impl StepOutcome<'_> {
                 seconds: c.checked.seconds,
                 hole: theorems[grp.theorem].hole.clone(),
                 adapter_version: c.served.and_then(|s| s.adapter_version),
+                kl_to_start: self.update.kl_to_start_by_row.get(row).copied().flatten(),
             })
             .collect()
     }

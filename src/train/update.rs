@@ -39,6 +39,9 @@ pub(crate) struct UpdateOutcome {
     /// KL(π_old ‖ π_ref) per completion token of the computed rows (see [`kl_to_start`]);
     /// `None` when no row was computed.
     pub kl_to_start: Option<f64>,
+    /// The same per completion, by generation-batch row (`None` for rows not computed): the
+    /// estimator is heavy-tailed, and this names the replies that move a step's mean.
+    pub kl_to_start_by_row: Vec<Option<f64>>,
 }
 
 impl UpdateOutcome {
@@ -158,9 +161,10 @@ impl Update<'_> {
             }
         }
         outcome.average(steps, kl_sum, dpo_sum);
-        outcome.kl_to_start = reference
-            .as_ref()
-            .map(|r| kl_to_start(self.algo, &computed, old.as_ref().unwrap_or(&seen), r));
+        if let Some(r) = &reference {
+            let kl = kl_to_start(self.algo, &computed, old.as_ref().unwrap_or(&seen), r);
+            (outcome.kl_to_start, outcome.kl_to_start_by_row) = (Some(kl.mean), kl.by_row);
+        }
         Ok(outcome)
     }
 
@@ -283,24 +287,42 @@ struct StepSums {
 
 /// `kl_to_start`: the mean over the completion tokens of `computed` of Schulman's k3 estimator
 /// exp(Δ) − Δ − 1 with Δ = ℓ^ref − ℓ^old (docs/algorithms.md §3.6), i.e. KL(π_old ‖ π_ref)
-/// estimated on the tokens π_old sampled. Computed rows have no masked tokens, so their
-/// completion tokens are their loss tokens. Δ is clamped to ±`log_ratio_clamp` (§8).
+/// estimated on the tokens π_old sampled, and the same mean per row. Computed rows have no
+/// masked tokens, so their completion tokens are their loss tokens. Δ is clamped to
+/// ±`log_ratio_clamp` (§8).
+///
+/// Unbiased but heavy-tailed: a token the policy sampled at probability q that the base model
+/// gives p ≫ q adds p/q to the sum, so one rare token can carry a step (docs/learning.md).
 fn kl_to_start(
     cfg: &AlgoConfig,
     computed: &[Row],
     old: &LogProbTable,
     reference: &LogProbTable,
-) -> f64 {
+) -> KlToStart {
+    let mut by_row = vec![None; old.rows.len()];
     let (mut sum, mut tokens) = (0.0, 0usize);
     for row in computed {
         let (o, r) = (&old.rows[row.index], &reference.rows[row.index]);
-        for (&o, &r) in o.iter().zip(r).take(row.loss_len(cfg)) {
-            let delta = (r as f64 - o as f64).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp);
-            sum += delta.exp_m1() - delta;
-            tokens += 1;
+        let (row_sum, n) =
+            (o.iter().zip(r).take(row.loss_len(cfg))).fold((0.0, 0usize), |(sum, n), (&o, &r)| {
+                let delta = (r as f64 - o as f64).clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp);
+                (sum + delta.exp_m1() - delta, n + 1)
+            });
+        if n > 0 {
+            by_row[row.index] = Some(row_sum / n as f64);
         }
+        sum += row_sum;
+        tokens += n;
     }
-    sum / tokens.max(1) as f64
+    KlToStart {
+        mean: sum / tokens.max(1) as f64,
+        by_row,
+    }
+}
+
+struct KlToStart {
+    mean: f64,
+    by_row: Vec<Option<f64>>,
 }
 
 impl Rows<'_> {

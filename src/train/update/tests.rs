@@ -425,20 +425,22 @@ fn kl_to_start_is_k3_of_the_sampling_policy_to_the_base_model() {
             .to_vec2()
             .unwrap();
         let (mut sum, mut n) = (0.0, 0);
+        let mut want_by_row = vec![None; case.completions.len()];
         for (i, row) in computed.rows.iter().enumerate() {
-            for t in 0..row.length {
-                let d = reference[i][t] - old[i][t];
-                sum += d.exp() - d - 1.0;
-                n += 1;
-            }
+            let k3: Vec<f64> = (0..row.length)
+                .map(|t| reference[i][t] - old[i][t])
+                .map(|d| d.exp() - d - 1.0)
+                .collect();
+            want_by_row[row.index] = Some(k3.iter().sum::<f64>() / k3.len() as f64);
+            sum += k3.iter().sum::<f64>();
+            n += k3.len();
         }
         let want = sum / n as f64;
         let mut opt = optimizer(&p);
-        let got = update(&cfg, &p, 2)
+        let outcome = update(&cfg, &p, 2)
             .run_tokens(&prepared, &case.prompts, &case.completions, &mut opt)
-            .unwrap()
-            .kl_to_start
             .unwrap();
+        let got = outcome.kl_to_start.unwrap();
         assert!(
             want > 1e-4,
             "{algorithm}: random adapters differ from the base: {want}"
@@ -447,6 +449,21 @@ fn kl_to_start_is_k3_of_the_sampling_policy_to_the_base_model() {
             (got - want).abs() < 1e-5 * want,
             "{algorithm}: kl_to_start {got}, want {want}"
         );
+        // Per completion: the rows computed, each its own mean; the others none.
+        assert!(computed.rows.len() < case.completions.len());
+        assert_eq!(outcome.kl_to_start_by_row.len(), case.completions.len());
+        for (row, (got, want)) in outcome
+            .kl_to_start_by_row
+            .iter()
+            .zip(&want_by_row)
+            .enumerate()
+        {
+            match (got, want) {
+                (Some(g), Some(w)) => assert!((g - w).abs() < 1e-5 * w, "row {row}: {g}, {w}"),
+                (None, None) => {}
+                _ => panic!("{algorithm}: row {row}: kl {got:?}, want {want:?}"),
+            }
+        }
     }
 }
 
