@@ -408,7 +408,7 @@ impl Policy {
     /// Memory: a gradient pass keeps, per layer, attention scores of heads × (Σ over levels of
     /// rows × W × (keys before + W)) floats, about B × C × (P + C) for B completions of up to
     /// C tokens after prompts of P; the trainer bounds B with micro-batches. Without gradient,
-    /// rows are processed [`NO_GRAD_ROWS`] at a time.
+    /// rows are processed 16 at a time (`NO_GRAD_ROWS`).
     pub fn logprobs(
         &self,
         prompts: &[Vec<u32>],
