@@ -337,8 +337,7 @@ impl Decoder {
         w: usize,
         parents: Option<usize>,
     ) -> Result<()> {
-        let want_parents = if parents.is_some() { n } else { 0 };
-        if level.lens.len() != n || level.parent.len() != want_parents {
+        if level.lens.len() != n || level.parent.len() != parents.map_or(0, |_| n) {
             candle_core::bail!(
                 "level {l}: {n} rows with {} lengths and {} parents",
                 level.lens.len(),
@@ -348,11 +347,10 @@ impl Decoder {
         if let Some(&len) = level.lens.iter().find(|&&len| len > w) {
             candle_core::bail!("level {l}: a row of {len} tokens in a width of {w}");
         }
-        match (
-            parents,
-            level.parent.iter().find(|&&u| u >= parents.unwrap_or(0)),
-        ) {
-            (Some(k), Some(&u)) => candle_core::bail!("level {l}: a row continues row {u} of {k}"),
+        match (parents, level.parent.iter().max()) {
+            (Some(k), Some(&u)) if u >= k => {
+                candle_core::bail!("level {l}: a row continues row {u} of {k}")
+            }
             _ => Ok(()),
         }
     }
