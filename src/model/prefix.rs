@@ -128,26 +128,22 @@ impl PrefixLayout {
 
     /// The hidden state at position `pos` of row `i` (prompt and completion counted together).
     pub(crate) fn slot(&self, i: usize, pos: usize) -> Slot {
-        // The row's ancestors, from level 0 down to its own row in the last level.
-        let mut chain = vec![i];
-        for level in self.levels[1..].iter().rev() {
-            chain.push(level.parent[chain[chain.len() - 1]]);
+        let up = |(level, row): (usize, usize)| (level - 1, self.levels[level].parent[row]);
+        let len = |(level, row): (usize, usize)| self.levels[level].rows[row].len();
+        // From the row in the last level up to the ancestor that holds `pos`; `start` is the
+        // tokens of the ancestors above the current one.
+        let mut at = (self.levels.len() - 1, i);
+        let ancestors = std::iter::successors(Some(at), |&a| (a.0 > 0).then(|| up(a)));
+        let mut start: usize = ancestors.skip(1).map(len).sum();
+        while pos < start {
+            at = up(at);
+            start -= len(at);
         }
-        chain.reverse();
-        let last = self.levels.len() - 1;
-        let mut start = 0;
-        for (level, (&row, l)) in chain.iter().zip(&self.levels).enumerate() {
-            let len = l.rows[row].len();
-            if pos < start + len || level == last {
-                return Slot {
-                    level,
-                    row,
-                    at: pos - start,
-                };
-            }
-            start += len;
+        Slot {
+            level: at.0,
+            row: at.1,
+            at: pos - start,
         }
-        unreachable!("a layout has at least one level")
     }
 }
 
